@@ -1,0 +1,156 @@
+"""The `salve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from salve.config import ConfigError, apply_overrides, load
+from tasks import STAGE_ORDER, STAGES
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from salve.download import DownloadError, UnsafeArchiveError
+    from salve.io import ArtifactError
+    from salve.models import WeightsUnavailableError
+    from salve.train import DivergenceError
+    from tasks.runner import PipelineBusyError
+
+    return (
+        ArtifactError,
+        DownloadError,
+        UnsafeArchiveError,
+        DivergenceError,
+        WeightsUnavailableError,
+        PipelineBusyError,
+        FileNotFoundError,
+    )
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    root = Path(args.root).resolve()
+    params = root / "params.yaml"
+    if args.set:
+        apply_overrides(params, args.set)
+        print(f"params.yaml updated: {', '.join(args.set)}")
+    load(params)
+    return root
+
+
+def _print_rows(rows: list[dict], seconds: float) -> None:
+    print(f"\n{'stage':<10} {'status':<9} {'seconds':>8}  summary")
+    for r in rows:
+        print(f"{r['stage']:<10} {r['status']:<9} {r['seconds']:>8.2f}  {r['summary']}")
+    print(f"total {seconds:.1f} s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    root = _prepare(args)
+    os.chdir(root)
+    t0 = time.perf_counter()
+    from flows.pipeline import pipeline
+
+    rows = pipeline(
+        root=str(root),
+        stages=args.stages or None,
+        force=args.force or None,
+        progress=not args.no_progress,
+    )
+    _print_rows(rows, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    root = _prepare(args)
+    from tasks.runner import pipeline_lock, run_stage
+
+    with pipeline_lock(root):
+        outcome = run_stage(
+            args.name,
+            load(root / "params.yaml"),
+            root,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    _print_rows([outcome.row()], outcome.seconds)
+    return 0
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from tasks.dvcfile import render_dvc_yaml
+
+    text = render_dvc_yaml()
+    path = Path(args.root) / "dvc.yaml"
+    if args.check:
+        if not path.exists() or path.read_text() != text:
+            print("dvc.yaml is out of date: run `salve dvc-yaml`", file=sys.stderr)
+            return 1
+        return 0
+    from salve.io import write_text
+
+    write_text(path, text)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="salve",
+        description="SALVE pipeline: fine-tune, extract, fit an SAE, rank, edit, report.",
+    )
+    p.add_argument("--root", default=".", help="repository root (holds params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="validate, then write into params.yaml (as `dvc exp run -S`)",
+        )
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    r = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    common(r)
+    r.add_argument("--stages", nargs="+", choices=STAGE_ORDER, help="only these stages")
+    r.add_argument(
+        "--force",
+        nargs="+",
+        choices=STAGE_ORDER,
+        default=[],
+        help="rerun these stages even if up to date",
+    )
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("stage", help="run one stage (no Prefect), skipping it when up to date")
+    common(s)
+    s.add_argument("name", choices=list(STAGES))
+    s.add_argument("--force", action="store_true", help="rerun even if up to date")
+    s.set_defaults(func=cmd_stage)
+
+    d = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from the stage registry")
+    d.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
+    d.set_defaults(func=cmd_dvc_yaml)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

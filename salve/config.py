@@ -1,0 +1,276 @@
+"""Typed, validated parameters: one frozen dataclass per params.yaml section.
+
+Constraints live next to each field (`_f(default, min=..., max=..., choices=...)`), so validation,
+error messages and the failure-drill tests are all generated from this one schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
+
+
+def _f(
+    default: Any,
+    *,
+    help: str,
+    min: float | None = None,
+    max: float | None = None,  # noqa: A002
+    choices: tuple | None = None,
+    min_exclusive: bool = False,
+) -> Any:
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": choices,
+        "min_exclusive": min_exclusive,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class CommonConfig:
+    seed: int = _f(0, min=0, help="global seed (data split, init, SAE, AM)")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when present")
+    num_threads: int = _f(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f(
+        "digits",
+        choices=("digits", "imagenette", "cifar100", "imagefolder"),
+        help="dataset; digits is built in and offline",
+    )
+    variant: str = _f("160px", choices=("160px", "320px", "full"), help="imagenette archive")
+    path: str = _f("", help="imagefolder root (one folder per class), or a download folder")
+    image_size: int = _f(64, min=16, max=1024, help="square side images are resized to")
+    val_fraction: float = _f(
+        0.2,
+        min=0.0,
+        max=0.9,
+        min_exclusive=True,
+        help="held-out share when the source has no split",
+    )
+    max_per_class: int = _f(0, min=0, help="cap on train images per class; 0 = all")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    arch: str = _f("resnet18", choices=("resnet18", "vit_b_16"), help="torchvision backbone")
+    weights: str = _f("none", help="none | imagenet | path to a backbone .safetensors")
+    epochs: int = _f(4, min=1, max=1000, help="training epochs")
+    batch_size: int = _f(16, min=1, max=4096, help="small batches give more disentangled features")
+    lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="learning rate")
+    optimizer: str = _f("adamw", choices=("adamw", "sgd"), help="optimiser")
+    weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="decoupled weight decay")
+    augment: bool = _f(False, help="random crop + horizontal flip (off for digits)")
+    mixed_precision: bool = _f(True, help="bf16/fp16 autocast on CUDA; ignored on CPU")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    batch_size: int = _f(256, min=1, max=65536, help="inference batch size")
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    kind: str = _f(
+        "relu",
+        choices=("linear", "relu", "topk", "batchtopk", "jumprelu"),
+        help="linear is the paper's variant; the others go beyond it",
+    )
+    width: int = _f(64, min=1, max=1_000_000, help="number of latent features")
+    l1: float = _f(3e-3, min=0.0, help="lambda_1, l1 weight on codes (scaled, see README)")
+    k: int = _f(8, min=1, help="active latents for topk / batchtopk")
+    aux_l1: float = _f(0.0, min=0.0, help="topk: l1 on pre-activations outside the top-k")
+    l1_l2_ratio: float = _f(0.0, min=0.0, help="topk: scale-invariant l1/l2 penalty")
+    lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="Adam learning rate")
+    epochs: int = _f(300, min=1, max=100_000, help="passes over the training activations")
+    batch_size: int = _f(256, min=1, max=1_000_000, help="SAE batch size")
+    normalise_decoder: bool = _f(True, help="unit-norm decoder columns (sets alpha's scale)")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    cross_class_fraction: float = _f(
+        0.5,
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+        help="a feature is cross-class when its 2nd-largest positive class mean is at least "
+        "this fraction of its largest",
+    )
+    min_class_mean: float = _f(
+        0.0, min=0.0, help="ignore features whose largest class mean is below"
+    )
+    top_n: int = _f(5, min=1, max=1000, help="features listed per class")
+
+
+@dataclass(frozen=True)
+class Config:
+    common: CommonConfig = field(default_factory=CommonConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def sections() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def section_fields(section_cls: type) -> dict[str, tuple[type, dataclasses.Field]]:
+    hints = get_type_hints(section_cls)
+    return {f.name: (hints[f.name], f) for f in fields(section_cls)}
+
+
+def _check_value(where: str, value: Any, typ: type, fld: dataclasses.Field) -> Any:
+    meta = fld.metadata
+    type_ok = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+    )
+    if not type_ok:
+        raise ConfigError(
+            f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}. "
+            f"({meta['help']})"
+        )
+    if typ is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of: {allowed}")
+    lo, hi = meta["min"], meta["max"]
+    if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
+        op = ">" if meta["min_exclusive"] else ">="
+        raise ConfigError(
+            f"{where}: {value!r} is out of range; must be {op} {lo}"
+            + (f" and <= {hi}" if hi is not None else "")
+        )
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: {value!r} is out of range; must be <= {hi}")
+    return value
+
+
+def from_dict(raw: Any, source: str = "params.yaml") -> Config:
+    """Validate a parsed params mapping; missing keys take their defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    known = sections()
+    built = {}
+    for name, section in raw.items():
+        if name not in known:
+            raise ConfigError(
+                f"{source}: unknown section {name!r}; allowed sections: {', '.join(known)}"
+            )
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
+        spec = section_fields(known[name])
+        values = {}
+        for key, value in section.items():
+            if key not in spec:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key}; allowed keys in {name}: {', '.join(spec)}"
+                )
+            typ, fld = spec[key]
+            values[key] = _check_value(f"{source}: {name}.{key}", value, typ, fld)
+        built[name] = known[name](**values)
+    cfg = Config(**built)
+    _check_cross_field(cfg, source)
+    return cfg
+
+
+def _check_cross_field(cfg: Config, source: str) -> None:
+    if cfg.data.source == "imagefolder" and not cfg.data.path:
+        raise ConfigError(f"{source}: data.path must name a folder when data.source is imagefolder")
+    if cfg.finetune.arch == "vit_b_16" and cfg.data.image_size % 16:
+        raise ConfigError(
+            f"{source}: data.image_size={cfg.data.image_size} must be a multiple of 16 for "
+            "vit_b_16 (its patch size)"
+        )
+    if cfg.sae.kind in ("topk", "batchtopk") and cfg.sae.k > cfg.sae.width:
+        raise ConfigError(f"{source}: sae.k={cfg.sae.k} must be <= sae.width={cfg.sae.width}")
+
+
+def load(path: str | Path = "params.yaml") -> Config:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: not found. Run from the repository root, or pass --params.")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    return from_dict(raw, str(p))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, typed value), YAML-typed like `dvc exp run -S`."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. sae.width=128")
+    dotted, value_text = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: cannot parse value: {exc}") from exc
+    return section, key, value
+
+
+def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
+    """Validate overrides, then write them into params.yaml (comments kept), as `dvc exp run -S`.
+
+    Writing them to the file keeps DVC's record true: the values a stage ran with are the values
+    in params.yaml, which DVC records in dvc.lock. Nothing is written if any override is invalid.
+    """
+    from ruamel.yaml import YAML
+
+    p = Path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(p.read_text(encoding="utf-8")) if p.exists() else None
+    if doc is None:
+        doc = {}
+    plain = yaml.safe_load(p.read_text(encoding="utf-8")) if p.exists() else {}
+    plain = plain or {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if not isinstance(plain.get(section), dict):
+            plain[section] = {}
+        plain[section][key] = value
+    cfg = from_dict(plain, f"{p} with --set")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in doc or doc[section] is None:
+            doc[section] = {}
+        doc[section][key] = value
+    from salve.io import atomic_path
+
+    with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        rt.dump(doc, fh)
+    return cfg

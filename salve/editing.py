@@ -1,0 +1,349 @@
+"""Permanent head edits along an SAE feature's decoder column, and their closed-form evaluation.
+
+The classifier head is linear: ``logits = a @ W.T + b`` with ``W`` [K, M], ``b`` [K] and ``a`` the
+exact head input. A feature's decoder column ``c`` [M] edits ``W`` in one of two ways:
+
+- ``"paper"`` (SALVE): ``w'_ij = w_ij * max(0, 1 + s * alpha * |c_j|)``. One factor per activation
+  dimension, shared by all classes, so no weight ever changes sign.
+- ``"projection"`` (beyond the paper): ``W' = W (I + s * alpha * d d^T)``, ``d = c / ||c||``.
+
+``s = -1`` suppresses, ``s = +1`` enhances. The bias is never touched. Because the head is linear
+and ``a`` is its exact input, the edited model's logits for any alpha follow from cached
+activations, without re-running the backbone (:func:`edited_logits`, :func:`accuracy_curves`).
+
+Exactness: factors and edited weights are computed in float64 and rounded once to the weight's
+dtype. A factor of exactly 1.0 (alpha = 0) therefore returns the original weight bit for bit,
+and ``alpha = 0`` projection edits are skipped rather than added as ``+0.0`` (which would turn
+``-0.0`` into ``+0.0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+
+Sign = int | Literal["suppress", "enhance"]
+Mode = Literal["paper", "projection"]
+Alpha = float | Sequence[float] | torch.Tensor
+
+_SIGN_NAMES = {"suppress": -1, "enhance": 1}
+_MODES = ("paper", "projection")
+# Elements of the [A, n, K] logit block (plus [A, K, M] edited weights) per chunk over samples.
+_CHUNK_BUDGET = 1 << 22
+
+
+def resolve_sign(sign: Sign) -> int:
+    """Map ``-1``/``"suppress"`` to -1 and ``+1``/``"enhance"`` to +1; anything else is an error."""
+    if isinstance(sign, str):
+        key = sign.strip().lower()
+        if key not in _SIGN_NAMES:
+            raise ValueError(f"sign must be 'suppress' or 'enhance', got {sign!r}")
+        return _SIGN_NAMES[key]
+    if isinstance(sign, bool) or sign not in (-1, 1):
+        raise ValueError(f"sign must be -1, +1, 'suppress' or 'enhance', got {sign!r}")
+    return int(sign)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def _alphas64(alpha: Alpha) -> torch.Tensor:
+    """Alpha(s) as float64; strengths are finite and >= 0 (the sign gives the direction)."""
+    out = torch.as_tensor(alpha, dtype=torch.float64)
+    if not bool(torch.isfinite(out).all()) or bool((out < 0).any()):
+        raise ValueError("alpha must be finite and >= 0 (use sign for the direction)")
+    return out
+
+
+def paper_factors(col_m: torch.Tensor, alpha: Alpha, sign: Sign) -> torch.Tensor:
+    """Per-dimension column factors ``max(0, 1 + s * alpha * |c_j|)`` in float64.
+
+    ``alpha`` may be a scalar (returns [M]) or a 1-D grid [A] (returns [A, M]). At alpha = 0 every
+    factor is exactly 1.0, so multiplying by it is the identity bit for bit.
+    """
+    s = resolve_sign(sign)
+    abs_m = col_m.detach().to(torch.float64).abs()
+    alpha_t = _alphas64(alpha)
+    if alpha_t.dim() > 1:
+        raise ValueError("alpha must be a scalar or a 1-D grid")
+    scaled = alpha_t.unsqueeze(-1) * abs_m if alpha_t.dim() == 1 else alpha_t * abs_m
+    return (1.0 + s * scaled).clamp_min(0.0)
+
+
+def _cols_and_alphas(
+    cols: torch.Tensor, alpha: Alpha, weight_km: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise ``cols`` to [F, M] float64 and ``alpha`` to [F] float64."""
+    cols_fm = cols.detach().to(torch.float64)
+    if cols_fm.dim() == 1:
+        cols_fm = cols_fm.unsqueeze(0)
+    if cols_fm.dim() != 2 or cols_fm.shape[1] != weight_km.shape[1]:
+        raise ValueError(
+            f"cols must be [M] or [F, M] with M={weight_km.shape[1]}, got {tuple(cols.shape)}"
+        )
+    alphas_f = _alphas64(alpha)
+    if alphas_f.dim() == 0:
+        alphas_f = alphas_f.expand(cols_fm.shape[0])
+    if alphas_f.shape != (cols_fm.shape[0],):
+        raise ValueError(f"need one alpha or one per feature ({cols_fm.shape[0]})")
+    return cols_fm, alphas_f
+
+
+def _unit(col_m: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(col_m)
+    if not bool(norm > 0):
+        raise ValueError("projection edit needs a non-zero decoder column")
+    return col_m / norm
+
+
+def edit_head(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+) -> torch.Tensor:
+    """Return the edited head weight (a new tensor, same dtype); the bias is never changed.
+
+    ``cols`` is one decoder column [M] or several [F, M]; ``alpha`` is one strength or one per
+    feature. Several features:
+
+    - paper: the per-dimension factors multiply (float64 product, one rounding), i.e. the
+      sequential edits, which commute (up to the rounding of intermediate steps);
+    - projection: ``W (I + s a_1 d_1 d_1^T)(I + s a_2 d_2 d_2^T)...`` in the order given; these
+      commute only when the directions are parallel or orthogonal.
+    """
+    _check_mode(mode)
+    s = resolve_sign(sign)
+    cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
+    w64 = weight_km.detach().to(torch.float64)
+    if mode == "paper":
+        factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
+        for col_m, a in zip(cols_fm, alphas_f, strict=True):
+            factor_m = factor_m * paper_factors(col_m, a, s)
+        return (w64 * factor_m).to(weight_km.dtype)
+    for col_m, a in zip(cols_fm, alphas_f, strict=True):
+        if a == 0:  # skip: adding +0.0 would turn -0.0 weights into +0.0
+            continue
+        d_m = _unit(col_m)
+        w64 = w64 + (s * a) * torch.outer(w64 @ d_m, d_m)
+    return w64.to(weight_km.dtype)
+
+
+def invert_edit(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+) -> torch.Tensor:
+    """Undo :func:`edit_head` with the same arguments, where the edit is invertible.
+
+    Paper: divide by the factors; a factor of 0 (a clamped dimension) erased information, so it
+    raises. Projection: ``(I + s a d d^T)^{-1} = I - s a / (1 + s a) d d^T``, applied in reverse
+    order; ``1 + s a == 0`` is singular and raises.
+    """
+    _check_mode(mode)
+    s = resolve_sign(sign)
+    cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
+    w64 = weight_km.detach().to(torch.float64)
+    if mode == "paper":
+        factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
+        for col_m, a in zip(cols_fm, alphas_f, strict=True):
+            factor_m = factor_m * paper_factors(col_m, a, s)
+        if bool((factor_m == 0).any()):
+            raise ValueError("edit clamped some factors to 0: it cannot be inverted")
+        return (w64 / factor_m).to(weight_km.dtype)
+    for col_m, a in zip(reversed(cols_fm), reversed(alphas_f), strict=True):
+        if a == 0:
+            continue
+        denom = 1.0 + s * a
+        if denom == 0:
+            raise ValueError("projection edit with 1 + s*alpha == 0 is singular")
+        d_m = _unit(col_m)
+        w64 = w64 - (s * a / denom) * torch.outer(w64 @ d_m, d_m)
+    return w64.to(weight_km.dtype)
+
+
+def edited_weights(
+    weight_km: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+) -> torch.Tensor:
+    """Edited weights for a grid of alphas, [A, K, M], each bit-identical to ``edit_head``'s.
+
+    Vectorised over the grid (broadcast, no loop), float64 then one rounding to the weight dtype.
+    """
+    _check_mode(mode)
+    s = resolve_sign(sign)
+    alphas = _alphas64(alphas_a).reshape(-1)
+    col64 = col_m.detach().to(torch.float64)
+    if col64.shape != (weight_km.shape[1],):
+        raise ValueError(f"col_m must be [M={weight_km.shape[1]}], got {tuple(col_m.shape)}")
+    w64 = weight_km.detach().to(torch.float64)
+    if mode == "paper":
+        factor_am = paper_factors(col64, alphas, s)
+        return (w64.unsqueeze(0) * factor_am.unsqueeze(1)).to(weight_km.dtype)
+    if bool((alphas == 0).all()):
+        return weight_km.detach().unsqueeze(0).expand(len(alphas), -1, -1).clone()
+    d_m = _unit(col64)
+    delta_km = torch.outer(w64 @ d_m, d_m)
+    edited = w64.unsqueeze(0) + (s * alphas).view(-1, 1, 1) * delta_km.unsqueeze(0)
+    edited = torch.where((alphas == 0).view(-1, 1, 1), w64.unsqueeze(0), edited)
+    return edited.to(weight_km.dtype)
+
+
+def _logit_chunks(
+    acts_nm: torch.Tensor,
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode,
+    chunk_size: int | None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, logits [A, n, K])`` over sample chunks, bounding peak memory."""
+    if acts_nm.dim() != 2 or acts_nm.shape[1] != weight_km.shape[1]:
+        raise ValueError(f"acts_nm must be [N, M={weight_km.shape[1]}], got {tuple(acts_nm.shape)}")
+    dtype = torch.promote_types(acts_nm.dtype, weight_km.dtype)
+    weights_akm = edited_weights(weight_km, col_m, alphas_a, sign, mode).to(dtype)
+    weights_amk = weights_akm.transpose(1, 2)
+    bias = bias_k.detach().to(dtype)
+    n_alpha, n_class, _ = weights_akm.shape
+    n = acts_nm.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_BUDGET // max(1, n_alpha * n_class))
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        x_nm = acts_nm[start:stop].detach().to(dtype)
+        # [n, M] @ [A, M, K] -> [A, n, K]: the edited head applied to every alpha at once.
+        yield start, stop, torch.matmul(x_nm, weights_amk) + bias
+
+
+def edited_logits(
+    acts_nm: torch.Tensor,
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Logits [A, N, K] of the edited head for every alpha in the grid, from cached activations.
+
+    Exact because ``acts_nm`` is the head's input: the backbone does not depend on alpha.
+    Computed in the promoted dtype of ``acts_nm`` and ``weight_km``.
+    """
+    alphas = _alphas64(alphas_a).reshape(-1)
+    dtype = torch.promote_types(acts_nm.dtype, weight_km.dtype)
+    out = torch.empty(len(alphas), acts_nm.shape[0], weight_km.shape[0], dtype=dtype)
+    for start, stop, block in _logit_chunks(
+        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size
+    ):
+        out[:, start:stop] = block
+    return out
+
+
+def edited_predictions(
+    acts_nm: torch.Tensor,
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Argmax predictions [A, N] (int64) of the edited head, without holding all logits."""
+    alphas = _alphas64(alphas_a).reshape(-1)
+    out = torch.empty(len(alphas), acts_nm.shape[0], dtype=torch.int64)
+    for start, stop, block in _logit_chunks(
+        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size
+    ):
+        out[:, start:stop] = block.argmax(dim=-1)
+    return out
+
+
+def accuracy_curves(
+    acts_nm: torch.Tensor,
+    labels_n: torch.Tensor,
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = "paper",
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy of the edited head along an alpha grid, as fractions in [0, 1] (float64).
+
+    Returns ``(acc_ak, overall_a)``: per-class accuracy [A, K] (nan for a class with no samples)
+    and overall accuracy [A] (correct / N over all samples, not a mean of the per-class values).
+    """
+    k = weight_km.shape[0] if num_classes is None else int(num_classes)
+    labels = torch.as_tensor(labels_n).to(torch.int64).reshape(-1)
+    if labels.shape[0] != acts_nm.shape[0]:
+        raise ValueError("labels_n and acts_nm disagree on N")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in [0, {k})")
+    preds_an = edited_predictions(
+        acts_nm, weight_km, bias_k, col_m, alphas_a, sign, mode, chunk_size
+    )
+    correct_an = (preds_an == labels.unsqueeze(0)).to(torch.float64)
+    counts_k = torch.bincount(labels, minlength=k).to(torch.float64)
+    hits_ak = torch.zeros(correct_an.shape[0], k, dtype=torch.float64)
+    hits_ak.index_add_(1, labels, correct_an)
+    acc_ak = hits_ak / counts_k  # 0/0 -> nan for empty classes
+    n = max(1, labels.shape[0])
+    overall_a = correct_an.sum(dim=1) / n
+    return acc_ak, overall_a
+
+
+def selectivity(
+    acc_base_k: torch.Tensor,
+    acc_edited_k: torch.Tensor,
+    target_k: int | Sequence[int],
+) -> dict[str, float]:
+    """How selectively an edit hits its target class(es); all accuracies are fractions in [0, 1].
+
+    Keys: ``target_acc_base``, ``target_acc_edited`` (mean over the targets), ``target_drop``
+    (base - edited), ``off_target_mean_change`` (signed mean of edited - base over the other
+    classes), ``off_target_mean_abs_change``, ``off_target_max_abs_change``, and
+    ``score = target_drop - off_target_mean_abs_change``: 1 is a perfect surgical suppression
+    (target from 100% to 0%, nothing else moves); collateral damage or gains both count against it.
+    Classes with nan accuracy (no samples) are ignored. For an enhancing edit read ``target_drop``
+    with the opposite sign.
+    """
+    base = torch.as_tensor(acc_base_k, dtype=torch.float64).reshape(-1)
+    edited = torch.as_tensor(acc_edited_k, dtype=torch.float64).reshape(-1)
+    if base.shape != edited.shape:
+        raise ValueError("acc_base_k and acc_edited_k must have the same shape")
+    targets = [int(target_k)] if isinstance(target_k, int) else [int(t) for t in target_k]
+    if not targets or any(t < 0 or t >= base.numel() for t in targets):
+        raise ValueError(f"target classes must lie in [0, {base.numel()})")
+    is_target = torch.zeros(base.numel(), dtype=torch.bool)
+    is_target[targets] = True
+    change = edited - base
+    off = change[~is_target & ~torch.isnan(change)]
+    t_base = float(base[is_target].nanmean())
+    t_edit = float(edited[is_target].nanmean())
+    nan = float("nan")
+    mean_abs = float(off.abs().mean()) if off.numel() else nan
+    return {
+        "target_acc_base": t_base,
+        "target_acc_edited": t_edit,
+        "target_drop": t_base - t_edit,
+        "off_target_mean_change": float(off.mean()) if off.numel() else nan,
+        "off_target_mean_abs_change": mean_abs,
+        "off_target_max_abs_change": float(off.abs().max()) if off.numel() else nan,
+        "score": (t_base - t_edit) - mean_abs,
+    }

@@ -1,0 +1,65 @@
+"""The one place that imports torchvision.
+
+torchvision wheels on PyPI are CUDA builds. Against a CPU-only torch their compiled extension
+(`torchvision._C`) cannot load, and `import torchvision` then dies inside
+`torchvision/_meta_registrations.py`, which registers fake kernels for `torchvision::nms` and
+`torchvision::qnms`, operators that only the extension defines. Models, transforms and datasets
+are pure Python and work fine without it.
+
+`import_torchvision()` imports torchvision normally. Only if that import fails with exactly this
+missing-operator error does it define the operator schemas (no kernels) under the `torchvision`
+namespace, so the meta registrations succeed, and import again. A working CUDA or CPU install is
+never touched. `EXTENSION_STUBBED` records whether the fallback was used; the compiled ops (nms,
+roi_align, ...) remain unavailable in that case, and SALVE does not use them.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import torch
+
+EXTENSION_STUBBED = False
+_LIBRARY: torch.library.Library | None = None
+
+# `_meta_registrations.py` guards most fake kernels with `extension._has_ops()`; only these two
+# are registered unconditionally with `torch.library.register_fake`, so only these need a schema.
+_OP_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+
+
+def _is_missing_extension_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "torchvision::" in text and "does not exist" in text
+
+
+def _forget_partial_import() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def _define_op_schemas() -> None:
+    global _LIBRARY
+    _LIBRARY = torch.library.Library("torchvision", "DEF")  # noqa: TOR901 - kept alive on purpose
+    for schema in _OP_SCHEMAS:
+        _LIBRARY.define(schema)
+
+
+def import_torchvision() -> ModuleType:
+    """Import torchvision, stubbing the op schemas only when its compiled extension is unusable."""
+    global EXTENSION_STUBBED
+    if "torchvision" in sys.modules and hasattr(sys.modules["torchvision"], "models"):
+        return sys.modules["torchvision"]
+    try:
+        import torchvision
+    except RuntimeError as exc:
+        if not _is_missing_extension_error(exc):
+            raise
+        _forget_partial_import()
+        _define_op_schemas()
+        EXTENSION_STUBBED = True
+        import torchvision
+    return torchvision

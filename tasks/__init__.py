@@ -1,0 +1,69 @@
+"""Pipeline stages: each module's `run(cfg, root)` reads declared inputs, calls the `salve`
+library, writes declared outputs atomically and returns a small JSON-able summary.
+
+`STAGES` is the single description of the DAG: `dvc.yaml` is generated from it
+(`salve dvc-yaml`) and a test checks the committed file matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    params: tuple[str, ...]
+    code: tuple[str, ...]
+    upstream: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+    extra_deps: tuple[str, ...] = field(default=())
+
+    @property
+    def out_dir(self) -> str:
+        return f"results/{self.name}"
+
+    @property
+    def metrics_file(self) -> str:
+        return f"metrics/{self.name}.json"
+
+    @property
+    def deps(self) -> list[str]:
+        ups = [f"results/{u}" for u in self.upstream]
+        return (
+            ups
+            + list(self.extra_deps)
+            + [f"tasks/{self.name}.py", "tasks/common.py"]
+            + [f"salve/{c}.py" for c in self.code]
+        )
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec("fetch", ("data", "common.seed"), ("data", "download", "io")),
+        StageSpec(
+            "finetune",
+            ("finetune", "common"),
+            ("train", "models", "runtime", "tv"),
+            upstream=("fetch",),
+            plots=("plots/finetune/epochs.csv",),
+        ),
+        StageSpec(
+            "extract",
+            ("extract", "common"),
+            ("activations", "models", "runtime"),
+            upstream=("fetch", "finetune"),
+        ),
+        StageSpec(
+            "fit_sae",
+            ("sae", "common"),
+            ("sae", "runtime"),
+            upstream=("extract", "finetune"),
+            plots=("plots/fit_sae/loss.csv",),
+        ),
+        StageSpec("rank", ("rank",), ("ranking", "sae"), upstream=("extract", "fit_sae", "fetch")),
+    )
+}
+
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)

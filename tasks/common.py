@@ -1,0 +1,87 @@
+"""What every stage shares: paths, metadata sidecars, metrics/plots writing, artifact loading."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salve import __version__
+from salve.config import Config
+from salve.io import load_tensors, read_json, write_csv, write_json
+
+SCHEMA_VERSION = 1
+
+
+def stage_dir(root: Path, stage: str) -> Path:
+    return root / "results" / stage
+
+
+def git_revision(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        rev = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return rev + ("+dirty" if dirty and rev != "unknown" else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "safetensors", "numpy", "prefect", "dvc", "scikit-learn")
+    out = {"salve": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def run_metadata(root: Path, cfg: Config, device: torch.device, sections: tuple[str, ...]) -> dict:
+    """Provenance recorded next to every checkpoint (and in the report)."""
+    params = cfg.to_dict()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "git_revision": git_revision(root),
+        "libraries": library_versions(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "params": {s: params[s] for s in sections},
+    }
+
+
+def write_metrics(root: Path, stage: str, metrics: dict[str, Any]) -> None:
+    write_json(root / "metrics" / f"{stage}.json", metrics)
+
+
+def write_plot(root: Path, stage: str, name: str, rows: list[dict[str, Any]]) -> None:
+    header = list(rows[0]) if rows else []
+    write_csv(root / "plots" / stage / name, header, ([r[h] for h in header] for r in rows))
+
+
+def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    t = load_tensors(stage_dir(root, "fetch") / f"{split}.safetensors", ("images", "labels"))
+    return t["images"], t["labels"]
+
+
+def load_dataset_meta(root: Path) -> dict:
+    return read_json(stage_dir(root, "fetch") / "meta.json")
+
+
+def load_activations(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    t = load_tensors(stage_dir(root, "extract") / f"{split}.safetensors", ("acts", "labels"))
+    return t["acts"], t["labels"]

@@ -1,0 +1,40 @@
+"""extract: the exact head input for train and val, with labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from salve.activations import extract_activations
+from salve.config import Config
+from salve.io import save_tensors
+from salve.runtime import resolve_device, seed_everything
+from tasks.common import load_split, stage_dir, write_metrics
+from tasks.finetune import load_model
+
+
+def run(cfg: Config, root: Path, progress: bool = True) -> dict:
+    device = resolve_device(cfg.common.device)
+    seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
+    model, sidecar = load_model(root)
+    norm = sidecar["normalisation"]
+    summary = {}
+    for split in ("train", "val"):
+        images, labels = load_split(root, split)
+        acts = extract_activations(
+            model,
+            images,
+            tuple(norm["mean"]),
+            tuple(norm["std"]),
+            batch_size=cfg.extract.batch_size,
+            device=device,
+            progress=progress,
+            desc=f"extract {split}",
+        )
+        save_tensors(
+            stage_dir(root, "extract") / f"{split}.safetensors", {"acts": acts, "labels": labels}
+        )
+        summary[f"{split}_samples"] = int(acts.shape[0])
+        summary["dim"] = int(acts.shape[1])
+        summary[f"{split}_mean_norm"] = float(acts.norm(dim=1).mean())
+    write_metrics(root, "extract", summary)
+    return summary

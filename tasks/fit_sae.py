@@ -1,0 +1,82 @@
+"""fit_sae: fit the sparse autoencoder on train activations; quality metrics on val."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from salve.config import Config
+from salve.io import load_tensors, read_json, save_tensors, write_json
+from salve.models import head_of
+from salve.runtime import resolve_device, seed_everything
+from salve.sae import SaeSettings, SparseAutoencoder, fit_sae, quality_metrics, sae_from_tensors
+from tasks.common import load_activations, run_metadata, stage_dir, write_metrics, write_plot
+from tasks.finetune import load_model
+
+
+def run(cfg: Config, root: Path, progress: bool = True) -> dict:
+    s = cfg.sae
+    device = resolve_device(cfg.common.device)
+    seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
+    train_acts, train_labels = load_activations(root, "train")
+    val_acts, val_labels = load_activations(root, "val")
+    settings = SaeSettings(**asdict(s), seed=cfg.common.seed)
+    sae, history = fit_sae(train_acts, settings, device=device, progress=progress)
+    model, _ = load_model(root)
+    head = head_of(model)
+    metrics = {
+        split: quality_metrics(sae, acts, head=head, labels_n=labels)
+        for split, acts, labels in (
+            ("train", train_acts, train_labels),
+            ("val", val_acts, val_labels),
+        )
+    }
+    out = stage_dir(root, "fit_sae")
+    save_tensors(
+        out / "sae.safetensors",
+        {k: v for k, v in sae.state_dict().items()},
+        metadata={"kind": s.kind},
+    )
+    write_json(
+        out / "sae.json",
+        {
+            "format": "salve-sae",
+            "kind": s.kind,
+            "k": s.k,
+            "d_in": int(train_acts.shape[1]),
+            "d_latent": s.width,
+            "decoder_columns_normalised": s.normalise_decoder,
+            "hook_point": "head input (exact)",
+        }
+        | run_metadata(root, cfg, device, ("sae", "common")),
+    )
+    write_plot(root, "fit_sae", "loss.csv", history)
+    summary = {f"{split}_{k}": v for split, m in metrics.items() for k, v in m.items()}
+    summary["final_loss"] = history[-1]["loss"]
+    write_metrics(root, "fit_sae", summary)
+    return {
+        k: summary[k]
+        for k in (
+            "val_fvu",
+            "val_l0",
+            "val_dead_fraction",
+            "val_splice_accuracy",
+            "val_splice_agreement",
+        )
+    }
+
+
+def load_sae(root: Path) -> tuple[SparseAutoencoder, dict]:
+    out = stage_dir(root, "fit_sae")
+    info = read_json(out / "sae.json")
+    tensors = load_tensors(out / "sae.safetensors", ("encoder.weight", "decoder.weight"))
+    return sae_from_tensors(tensors, info["kind"], info.get("k", 0)), info
+
+
+@torch.no_grad()
+def encode_all(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    return torch.cat(
+        [sae.encode(acts[i : i + batch_size]) for i in range(0, len(acts), batch_size)]
+    )

@@ -1,0 +1,58 @@
+"""rank: class-mean codes, dominant feature per class, cross-class features (JSON + CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from salve.config import Config
+from salve.io import write_csv, write_json
+from salve.ranking import class_mean_codes, cross_class_features, dominant_features, top_features
+from tasks.common import load_activations, load_dataset_meta, stage_dir, write_metrics
+from tasks.fit_sae import encode_all, load_sae
+
+
+def run(cfg: Config, root: Path, progress: bool = True) -> dict:
+    r = cfg.rank
+    classes = load_dataset_meta(root)["classes"]
+    sae, _ = load_sae(root)
+    acts, labels = load_activations(root, "train")
+    codes = encode_all(sae, acts)
+    mu = class_mean_codes(codes, labels, len(classes))
+    dominant = dominant_features(mu).tolist()
+    top = top_features(mu, r.top_n).tolist()
+    cross = cross_class_features(mu, r.cross_class_fraction, r.min_class_mean)
+    out = stage_dir(root, "rank")
+    write_json(
+        out / "ranking.json",
+        {
+            "classes": classes,
+            "dominant": [
+                {
+                    "class": k,
+                    "name": classes[k],
+                    "feature": dominant[k],
+                    "class_mean": float(mu[k, dominant[k]]),
+                }
+                for k in range(len(classes))
+            ],
+            "top": {classes[k]: top[k] for k in range(len(classes))},
+            "cross_class": cross,
+            "rule": {
+                "cross_class_fraction": r.cross_class_fraction,
+                "min_class_mean": r.min_class_mean,
+            },
+        },
+    )
+    write_csv(
+        out / "class_means.csv",
+        ["class"] + [f"f{j}" for j in range(mu.shape[1])],
+        ([classes[k]] + [f"{v:.6g}" for v in mu[k].tolist()] for k in range(len(classes))),
+    )
+    distinct = len(set(dominant))
+    summary = {
+        "distinct_dominant_features": distinct,
+        "cross_class_features": len(cross),
+        "num_classes": len(classes),
+    }
+    write_metrics(root, "rank", summary)
+    return summary

@@ -1,0 +1,125 @@
+"""Run one stage with DVC as the freshness authority.
+
+For each stage: ask DVC whether it is up to date (skip if so); otherwise try DVC's run-cache
+(restores outputs produced earlier with the same deps and params, byte for byte); otherwise run
+`tasks.<stage>.run` in this process and `dvc commit` the stage, which records it in dvc.lock and
+the run-cache. After a pipeline run `dvc status` is clean and `dvc repro` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from salve.config import Config
+from salve.io import read_json
+from tasks import STAGES
+
+log = logging.getLogger("salve")
+
+
+class PipelineBusyError(RuntimeError):
+    """Another pipeline run holds this repository."""
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "skipped" | "restored" | "ran"
+    seconds: float
+    summary: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        brief = ", ".join(f"{k}={_fmt(v)}" for k, v in list(self.summary.items())[:6])
+        return {
+            "stage": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 2),
+            "summary": brief,
+        }
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path) -> Iterator[None]:
+    """One pipeline run per repository: a second one refuses at once with a clear message."""
+    path = root / ".salve" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise PipelineBusyError(
+                f"another salve run is in progress in {root} ({holder}); wait for it to finish "
+                "(runs in one repository cannot overlap: they share the workspace and DVC cache)."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def open_repo(root: Path):
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
+def stage_is_fresh(repo, name: str) -> bool:
+    return not repo.status(targets=[name])
+
+
+def restore_from_run_cache(repo, name: str) -> bool:
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    (stage,) = repo.stage.collect(name)
+    with repo.lock:
+        try:
+            repo.stage_cache.restore(stage)
+        except RunCacheNotFoundError:
+            return False
+    repo.commit(name, force=True)
+    return True
+
+
+def run_stage(
+    name: str, cfg: Config, root: Path, *, force: bool = False, progress: bool = True, repo=None
+) -> StageOutcome:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    t0 = time.perf_counter()
+    repo = repo or open_repo(root)
+    try:
+        if not force and stage_is_fresh(repo, name):
+            status = "skipped"
+        elif not force and restore_from_run_cache(repo, name):
+            status = "restored"
+        else:
+            module = importlib.import_module(f"tasks.{name}")
+            module.run(cfg, root, progress=progress)
+            repo.commit(name, force=True)
+            status = "ran"
+    finally:
+        if repo is not None:
+            repo.close()
+    seconds = time.perf_counter() - t0
+    metrics_path = root / STAGES[name].metrics_file
+    summary = read_json(metrics_path) if metrics_path.exists() else {}
+    log.info("stage %-9s %-8s in %6.2f s", name, status, seconds)
+    return StageOutcome(name, status, seconds, summary)

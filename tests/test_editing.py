@@ -1,0 +1,259 @@
+"""Oracle tests for salve.editing: hand-computed edits, exact identities and closed-form logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from salve.editing import (
+    accuracy_curves,
+    edit_head,
+    edited_logits,
+    edited_predictions,
+    edited_weights,
+    invert_edit,
+    paper_factors,
+    resolve_sign,
+    selectivity,
+)
+
+F64 = torch.float64
+MODES = ("paper", "projection")
+
+
+def _rand(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Raw bit pattern, so -0.0 and +0.0 differ (torch.equal treats them as equal)."""
+    return x.view({torch.float32: torch.int32, F64: torch.int64}[x.dtype])
+
+
+def test_resolve_sign() -> None:
+    assert resolve_sign("suppress") == -1 == resolve_sign(-1)
+    assert resolve_sign("Enhance") == 1 == resolve_sign(1)
+    for bad in (0, 2, "up", True):
+        with pytest.raises(ValueError):
+            resolve_sign(bad)
+
+
+def test_paper_factors_hand() -> None:
+    col = torch.tensor([0.5, -1.0, 2.0])
+    assert torch.equal(
+        paper_factors(col, 0.75, "suppress"), torch.tensor([0.625, 0.25, 0.0], dtype=F64)
+    )
+    assert torch.equal(
+        paper_factors(col, 0.5, "enhance"), torch.tensor([1.25, 1.5, 2.0], dtype=F64)
+    )
+    grid = paper_factors(col, torch.tensor([0.0, 0.75]), -1)
+    assert grid.shape == (2, 3)
+    assert torch.equal(grid[0], torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError):
+        paper_factors(col, -0.1, -1)
+
+
+def test_paper_rule_hand_2x3() -> None:
+    weight = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
+    col = torch.tensor([0.5, -1.0, 2.0])  # |c| = [0.5, 1, 2]; alpha 0.75 clamps the last column
+    got = edit_head(weight, col, 0.75, "suppress")
+    assert torch.equal(got, torch.tensor([[0.625, -0.5, 0.0], [-2.5, 1.25, 0.0]]))
+    assert got.dtype == weight.dtype and got.data_ptr() != weight.data_ptr()
+    # No weight changes sign: the product of signs is never negative.
+    assert bool((torch.sign(got) * torch.sign(weight) >= 0).all())
+    enhanced = edit_head(weight, col, 0.5, "enhance")
+    assert torch.equal(enhanced, torch.tensor([[1.25, -3.0, 6.0], [-5.0, 7.5, -12.0]]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sign", [-1, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_alpha_zero_is_bit_identical(mode: str, sign: int, dtype: torch.dtype) -> None:
+    weight = _rand(5, 16, seed=1, dtype=dtype)
+    weight[0, :3] = torch.tensor([-0.0, 0.0, 1e-40 if dtype == torch.float32 else 1e-310])
+    bias = _rand(5, seed=2, dtype=dtype)
+    acts = _rand(7, 16, seed=3, dtype=dtype).relu()
+    col = _rand(16, seed=4)
+    edited = edit_head(weight, col, 0.0, sign, mode)
+    assert torch.equal(_bits(edited), _bits(weight))
+    assert torch.equal(F.linear(acts, edited, bias), F.linear(acts, weight, bias))
+    grid = edited_weights(weight, col, torch.tensor([0.0, 0.3, 0.0]), sign, mode)
+    assert torch.equal(_bits(grid[0]), _bits(weight)) and torch.equal(_bits(grid[2]), _bits(weight))
+    several = edit_head(weight, torch.stack([col, -col * 2]), [0.0, 0.0], sign, mode)
+    assert torch.equal(_bits(several), _bits(weight))
+
+
+@pytest.mark.parametrize(
+    ("mode", "sign", "alpha"),
+    [("paper", -1, 0.3), ("paper", 1, 2.0), ("projection", -1, 0.7), ("projection", 1, 3.0)],
+)
+def test_edit_then_invert_restores(mode: str, sign: int, alpha: float) -> None:
+    weight = _rand(6, 20, seed=5)
+    col = _rand(20, seed=6) / 2.0  # |c| < 3.1 so 1 - 0.3|c| > 0: no clamp
+    assert bool((1 - 0.3 * col.abs() > 0).all())
+    edited = edit_head(weight, col, alpha, sign, mode)
+    assert not torch.allclose(edited, weight)
+    torch.testing.assert_close(
+        invert_edit(edited, col, alpha, sign, mode), weight, atol=1e-6, rtol=0
+    )
+    cols = torch.stack([col, _rand(20, seed=7) / 4.0])
+    edited2 = edit_head(weight, cols, [alpha, 0.2], sign, mode)
+    back = invert_edit(edited2, cols, [alpha, 0.2], sign, mode)
+    torch.testing.assert_close(back, weight, atol=1e-6, rtol=0)
+
+
+def test_invert_raises_when_not_invertible() -> None:
+    weight = _rand(3, 4, seed=8)
+    col = torch.tensor([1.0, 0.1, 0.0, 2.0])
+    with pytest.raises(ValueError, match="cannot be inverted"):
+        invert_edit(edit_head(weight, col, 0.6, -1), col, 0.6, -1)  # 1 - 0.6*2 < 0: clamped
+    with pytest.raises(ValueError, match="singular"):
+        invert_edit(weight, col, 1.0, -1, "projection")
+
+
+def test_projection_orthogonal_direction_changes_nothing() -> None:
+    weight = torch.zeros(4, 6, dtype=F64)
+    weight[:, :3] = _rand(4, 3, seed=9)  # every head row lives in the first three dims
+    col = torch.zeros(6, dtype=F64)
+    col[3:] = _rand(3, seed=10)
+    for sign in (-1, 1):
+        assert torch.equal(edit_head(weight, col, 0.9, sign, "projection"), weight)
+    # Along a row-space direction it does change, and shrinks W d by (1 - alpha) when suppressing.
+    d = torch.zeros(6, dtype=F64)
+    d[0] = 2.0
+    edited = edit_head(weight, d, 0.25, -1, "projection")
+    torch.testing.assert_close(edited[:, 0], 0.75 * weight[:, 0])
+    torch.testing.assert_close(edited[:, 1:], weight[:, 1:])
+
+
+def test_projection_rejects_zero_column() -> None:
+    with pytest.raises(ValueError):
+        edit_head(_rand(2, 3, seed=0), torch.zeros(3), 0.5, -1, "projection")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sign", ["suppress", "enhance"])
+def test_edited_logits_match_explicit_edit(mode: str, sign: str) -> None:
+    n, m, k = 37, 24, 5
+    acts, weight, bias = _rand(n, m, seed=11).relu(), _rand(k, m, seed=12), _rand(k, seed=13)
+    col = _rand(m, seed=14)
+    alphas = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.5, 10.0])
+    got = edited_logits(acts, weight, bias, col, alphas, sign, mode, chunk_size=8)
+    assert got.shape == (len(alphas), n, k)
+    for i, alpha in enumerate(alphas.tolist()):
+        want = acts @ edit_head(weight, col, alpha, sign, mode).T + bias
+        torch.testing.assert_close(got[i], want, atol=1e-12, rtol=1e-12)
+    preds = edited_predictions(acts, weight, bias, col, alphas, sign, mode, chunk_size=5)
+    assert torch.equal(preds, got.argmax(-1))
+
+
+def test_edited_logits_float32_alpha_zero_close() -> None:
+    acts, weight, bias = (
+        _rand(9, 8, seed=1, dtype=torch.float32),
+        _rand(3, 8, seed=2),
+        _rand(3, seed=3),
+    )
+    weight, bias = weight.float(), bias.float()
+    got = edited_logits(acts, weight, bias, _rand(8, seed=4), [0.0], -1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0], F.linear(acts, weight, bias))
+
+
+def test_accuracy_curves_hand() -> None:
+    # Identity head; the feature is dimension 0, so suppression scales a_0 by max(0, 1 - alpha).
+    weight = torch.eye(2, dtype=F64)
+    bias = torch.zeros(2, dtype=F64)
+    acts = torch.tensor([[2.0, 1.0], [1.0, 2.0], [3.0, 0.5]], dtype=F64)
+    labels = torch.tensor([0, 1, 0])
+    col = torch.tensor([1.0, 0.0], dtype=F64)
+    # Sample 0 flips once 2(1-alpha) < 1 (alpha > 0.5); sample 2 once 3(1-alpha) < 0.5 (> 5/6).
+    acc, overall = accuracy_curves(
+        acts, labels, weight, bias, col, [0.0, 0.6, 1.0], -1, num_classes=3
+    )
+    assert acc.dtype == F64 and acc.shape == (3, 3)
+    torch.testing.assert_close(
+        acc[:, :2], torch.tensor([[1.0, 1.0], [0.5, 1.0], [0.0, 1.0]], dtype=F64)
+    )
+    assert bool(torch.isnan(acc[:, 2]).all())  # class 2 has no samples
+    torch.testing.assert_close(overall, torch.tensor([1.0, 2 / 3, 1 / 3], dtype=F64))
+    # Enhancing the class-0 feature keeps class 0 correct and pulls sample 1 (6 > 2) into class 0.
+    acc_up, overall_up = accuracy_curves(acts, labels, weight, bias, col, [0.0, 5.0], 1)
+    assert torch.equal(acc_up, torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=F64))
+    torch.testing.assert_close(overall_up, torch.tensor([1.0, 2 / 3], dtype=F64))
+    with pytest.raises(ValueError):
+        accuracy_curves(acts, torch.tensor([0, 1, 2]), weight, bias, col, [0.0], -1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(MODES), f=st.integers(2, 4))
+def test_several_feature_edits_commute(seed: int, mode: str, f: int) -> None:
+    m = 12
+    weight = _rand(4, m, seed=seed)
+    cols = _rand(f, m, seed=seed + 1)
+    alphas = (
+        torch.rand(f, generator=torch.Generator().manual_seed(seed + 2), dtype=F64) * 0.8
+    ).tolist()
+    if mode == "projection":  # projections commute only for orthogonal (or parallel) directions
+        cols = torch.linalg.qr(_rand(m, f, seed=seed + 3)).Q.T
+    together = edit_head(weight, cols, alphas, -1, mode)
+    sequential = weight
+    for col, a in zip(cols, alphas, strict=True):
+        sequential = edit_head(sequential, col, a, -1, mode)
+    reverse = weight
+    for col, a in zip(reversed(cols), reversed(alphas), strict=True):
+        reverse = edit_head(reverse, col, a, -1, mode)
+    torch.testing.assert_close(together, sequential, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(together, reverse, atol=1e-12, rtol=1e-12)
+    flipped = edit_head(weight, cols.flip(0), alphas[::-1], -1, mode)
+    torch.testing.assert_close(together, flipped, atol=1e-12, rtol=1e-12)
+
+
+def test_projection_order_matters_for_oblique_directions() -> None:
+    weight, cols = _rand(3, 5, seed=20), _rand(2, 5, seed=21)
+    ab = edit_head(weight, cols, [0.5, 0.5], -1, "projection")
+    ba = edit_head(weight, cols.flip(0), [0.5, 0.5], -1, "projection")
+    assert not torch.allclose(ab, ba)
+    step = edit_head(
+        edit_head(weight, cols[0], 0.5, -1, "projection"), cols[1], 0.5, -1, "projection"
+    )
+    torch.testing.assert_close(ab, step)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    alpha=st.floats(0, 1e3, allow_nan=False, allow_infinity=False),
+    sign=st.sampled_from([-1, 1]),
+)
+def test_paper_rule_never_changes_sign(seed: int, alpha: float, sign: int) -> None:
+    weight = _rand(5, 9, seed=seed, dtype=torch.float32)
+    cols = _rand(2, 9, seed=seed + 1)
+    edited = edit_head(weight, cols, alpha, sign)
+    assert bool((torch.sign(edited) * torch.sign(weight) >= 0).all())
+    if sign == 1:  # enhancing: factors >= 1, so every weight keeps its exact sign and grows
+        assert torch.equal(torch.sign(edited), torch.sign(weight))
+        assert bool((edited.abs() >= weight.abs()).all())
+
+
+def test_selectivity() -> None:
+    base = torch.tensor([0.9, 1.0, 0.8, 0.6], dtype=F64)
+    edited = torch.tensor([0.1, 0.9, 0.9, 0.6], dtype=F64)
+    out = selectivity(base, edited, 0)
+    assert out["target_acc_base"] == pytest.approx(0.9)
+    assert out["target_acc_edited"] == pytest.approx(0.1)
+    assert out["target_drop"] == pytest.approx(0.8)
+    assert out["off_target_mean_change"] == pytest.approx(0.0)
+    assert out["off_target_mean_abs_change"] == pytest.approx(0.2 / 3)
+    assert out["off_target_max_abs_change"] == pytest.approx(0.1)
+    assert out["score"] == pytest.approx(0.8 - 0.2 / 3)
+    nan_cls = selectivity(
+        torch.tensor([1.0, math.nan, 0.5]), torch.tensor([0.0, math.nan, 0.5]), [0]
+    )
+    assert nan_cls["score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        selectivity(base, edited, 4)

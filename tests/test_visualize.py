@@ -1,0 +1,151 @@
+"""Activation maximisation, total variation and the PNG figure helpers."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from salve.models import build_model, penultimate
+from salve.sae import SparseAutoencoder
+from salve.visualize import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    activation_maximisation,
+    image_png,
+    overlay_grid_png,
+    total_variation,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_total_variation_constant_is_zero():
+    assert total_variation(torch.full((3, 7, 5), 0.3)).item() == 0.0
+    assert total_variation(torch.full((2, 3, 4, 4), -1.0)).item() == 0.0
+
+
+def test_total_variation_hand_computed():
+    # [[1, 2], [4, 8]]: vertical |4-1| + |8-2| = 9, horizontal |2-1| + |8-4| = 5 -> 14
+    x = torch.tensor([[[1.0, 2.0], [4.0, 8.0]]])
+    assert total_variation(x).item() == 14.0
+    # a second channel adds its own TV: [[0, -1], [0, 0]] -> vertical 1, horizontal 1
+    x2 = torch.cat([x, torch.tensor([[[0.0, -1.0], [0.0, 0.0]]])])
+    assert total_variation(x2).item() == 16.0
+    # batch dimension sums as well
+    assert total_variation(torch.stack([x2, x2])).item() == 32.0
+
+
+def _z(model, sae, image_chw, feature):
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image_chw.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image_chw.dtype).view(3, 1, 1)
+    with torch.no_grad():
+        x = ((image_chw - mean) / std)[None]
+        return float(sae.encode(penultimate(model, x))[0, feature])
+
+
+@pytest.fixture(scope="module")
+def model_and_sae():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5)
+    sae = SparseAutoencoder(512, 16, "linear")
+    return model.eval(), sae.eval()
+
+
+AM_KW = {"image_size": 32, "lr": 0.05, "l2": 1e-4, "tv": 1e-3, "jitter": 2}
+
+
+def test_activation_maximisation_increases_code(model_and_sae):
+    model, sae = model_and_sae
+    start = activation_maximisation(model, sae, 3, steps=0, seed=7, **AM_KW)
+    best = activation_maximisation(model, sae, 3, steps=15, seed=7, **AM_KW)
+    assert start.shape == best.shape == (3, 32, 32)
+    assert start.dtype == torch.float32
+    assert (best >= 0).all() and (best <= 1).all()
+    z0, z1 = _z(model, sae, start, 3), _z(model, sae, best, 3)
+    assert z1 > z0 + 0.1 * abs(z0) + 1e-3, (z0, z1)
+    # the start is small noise around the mean colour
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert (start - mean).abs().max() < 0.1
+
+
+def test_activation_maximisation_deterministic_and_seeded(model_and_sae):
+    model, sae = model_and_sae
+    a = activation_maximisation(model, sae, 5, steps=6, seed=1, **AM_KW)
+    b = activation_maximisation(model, sae, 5, steps=6, seed=1, **AM_KW)
+    c = activation_maximisation(model, sae, 5, steps=6, seed=2, **AM_KW)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_activation_maximisation_leaves_model_unchanged(model_and_sae):
+    model, sae = model_and_sae
+    model.train()
+    sae.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_sae = {k: v.clone() for k, v in sae.state_dict().items()}
+    rng_state = torch.get_rng_state()
+    activation_maximisation(model, sae, 0, steps=3, seed=0, **AM_KW)
+    assert model.training and sae.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in sae.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before_sae[k], v) for k, v in sae.state_dict().items())
+    assert torch.equal(rng_state, torch.get_rng_state())  # private generator only
+    model.eval()
+    sae.eval()
+
+
+def test_activation_maximisation_rejects_bad_feature(model_and_sae):
+    model, sae = model_and_sae
+    with pytest.raises(ValueError, match="out of range"):
+        activation_maximisation(model, sae, 16, steps=1, **AM_KW)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    assert png[:8] == PNG_SIGNATURE
+    return matplotlib.image.imread(io.BytesIO(png), format="png")
+
+
+def test_image_png_exact_size_and_pixels_and_deterministic():
+    torch.manual_seed(0)
+    image = torch.rand(3, 20, 12)
+    png = image_png(image)
+    arr = _decode(png)
+    assert arr.shape[:2] == (20, 12)
+    # pixels are the image, rounded to 8 bits
+    assert np.abs(arr[..., :3] - image.permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
+    assert image_png(image) == png
+    assert b"Software" not in png
+    big = _decode(image_png(image, scale=3))
+    assert big.shape[:2] == (60, 36)
+    u8 = (image * 255).round().to(torch.uint8)
+    assert _decode(image_png(u8)).shape[:2] == (20, 12)
+
+
+def test_overlay_grid_png_size_and_deterministic():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 3, 16, 16), dtype=np.uint8)
+    maps = torch.rand(5, 16, 16, generator=torch.Generator().manual_seed(0))
+    titles = [f"#{i}" for i in range(5)]
+    png = overlay_grid_png(torch.from_numpy(images), maps, titles, ncols=3, cell_inches=1, dpi=50)
+    arr = _decode(png)
+    assert arr.shape[:2] == (2 * 50, 3 * 50)  # 2 rows x 3 columns of 1 inch at 50 dpi
+    assert overlay_grid_png(images, maps.numpy(), titles, ncols=3, cell_inches=1, dpi=50) == png
+    assert b"Software" not in png
+    # the overlay actually changes the pixels: a different heatmap gives a different figure
+    other = overlay_grid_png(images, 1 - maps, titles, ncols=3, cell_inches=1, dpi=50)
+    assert other != png
+    no_titles = _decode(overlay_grid_png(images[:2], maps[:2]))
+    assert no_titles.shape[:2] == (200, 400)  # defaults: 2 in cells at 100 dpi, 2 columns
+
+
+def test_overlay_grid_png_rejects_mismatched_shapes():
+    images = np.zeros((2, 3, 8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="maps"):
+        overlay_grid_png(images, np.zeros((2, 4, 4)), None)
+    with pytest.raises(ValueError, match="titles"):
+        overlay_grid_png(images, np.zeros((2, 8, 8)), ["a"])
