@@ -309,3 +309,21 @@ def summarise(
             row.update(median=None, q25=None, q75=None)
         out[k] = row
     return out
+
+
+def sign_changes(
+    acts_nm: ArrayLike, w_nm: ArrayLike, b_n: ArrayLike, col: ArrayLike
+) -> torch.Tensor:
+    """Number of roots of ``z(alpha)`` on ``alpha >= 0`` per sample [N] (int64).
+
+    ``z`` is linear between breakpoints, so each sign change between consecutive breakpoint
+    values (``z(0)`` first) is exactly one root. brentq's answer is the smallest root, and so
+    comparable with :func:`alpha_exact`, only where this is 1.
+    """
+    t, b, _ = _prepare(acts_nm, w_nm, b_n, col)
+    _, z_bp = breakpoint_logits(acts_nm, w_nm, b_n, col)
+    seq = torch.cat([(b + t.sum(1))[:, None], z_bp], dim=1)
+    valid = ~torch.isnan(seq)
+    s = torch.sign(torch.nan_to_num(seq))
+    change = (s[:, 1:] * s[:, :-1] < 0) & valid[:, 1:] & valid[:, :-1]
+    return change.sum(1)

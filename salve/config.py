@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 
 class ConfigError(ValueError):
@@ -93,7 +93,7 @@ class SaeConfig:
         help="linear is the paper's variant; the others go beyond it",
     )
     width: int = _f(64, min=1, max=1_000_000, help="number of latent features")
-    l1: float = _f(3e-3, min=0.0, help="lambda_1, l1 weight on codes (scaled, see README)")
+    l1: float = _f(0.03, min=0.0, help="lambda_1, l1 weight on codes (scale-free, see README)")
     k: int = _f(8, min=1, help="active latents for topk / batchtopk")
     aux_l1: float = _f(0.0, min=0.0, help="topk: l1 on pre-activations outside the top-k")
     l1_l2_ratio: float = _f(0.0, min=0.0, help="topk: scale-invariant l1/l2 penalty")
@@ -120,6 +120,73 @@ class RankConfig:
 
 
 @dataclass(frozen=True)
+class EditConfig:
+    mode: str = _f(
+        "projection",
+        choices=("paper", "projection"),
+        help="projection: W(I+s*alpha*dd^T); paper: w_ij*max(0,1+s*alpha*|c_j|)",
+    )
+    targets: str = _f(
+        "dominant_and_cross",
+        choices=("dominant", "dominant_and_cross"),
+        help="features swept: each class's dominant feature, plus cross-class ones",
+    )
+    alpha_unit: str = _f(
+        "absolute",
+        choices=("per_feature", "absolute"),
+        help="paper rule only: per_feature divides alpha by max|c_j|, so alpha=1 zeroes the "
+        "column's largest component",
+    )
+    alpha_max: float = _f(
+        1.5,
+        min=0.0,
+        min_exclusive=True,
+        help="end of the alpha grid; full suppression is measured here",
+    )
+    alpha_steps: int = _f(16, min=2, max=1001, help="points on the alpha grid, 0 included")
+    checkpoint_class: int = _f(0, min=0, help="class whose dominant feature the saved edit uses")
+    checkpoint_sign: str = _f(
+        "suppress", choices=("suppress", "enhance"), help="direction of the saved edit"
+    )
+    checkpoint_alpha: float = _f(1.5, min=0.0, help="strength of the saved edit (alpha_unit)")
+
+
+@dataclass(frozen=True)
+class AlphaCritConfig:
+    grid_min: float = _f(
+        0.01,
+        min=0.0,
+        min_exclusive=True,
+        help="first non-zero alpha of the empirical grid (paper rule, absolute)",
+    )
+    grid_max: float = _f(
+        1e4,
+        min=0.0,
+        min_exclusive=True,
+        help="last alpha of the empirical grid; alpha_crit often spans decades",
+    )
+    grid_steps: int = _f(121, min=2, max=10001, help="points on the empirical grid, 0 included")
+    grid_spacing: str = _f("log", choices=("log", "linear"), help="spacing of the grid")
+    verify_samples: int = _f(20, min=0, help="val samples re-checked on the real edited model")
+
+
+@dataclass(frozen=True)
+class GradfamConfig:
+    top_k: int = _f(6, min=1, max=64, help="top-activating val images shown per feature")
+    batch_size: int = _f(32, min=1, max=4096, help="images per Grad-FAM batch")
+    vit_tap: str = _f(
+        "block_input",
+        choices=("block_input", "block_ln1"),
+        help="ViT tokens differentiated (see salve/gradfam.py)",
+    )
+    am_steps: int = _f(64, min=0, max=100_000, help="activation-maximisation steps")
+    am_lr: float = _f(0.05, min=0.0, min_exclusive=True, help="activation-maximisation step size")
+    am_l2: float = _f(1e-4, min=0.0, help="lambda_L2")
+    am_tv: float = _f(1e-3, min=0.0, help="lambda_TV")
+    am_jitter: int = _f(4, min=0, max=64, help="random shift in pixels per step")
+
+
+@dataclass(frozen=True)
 class Config:
     common: CommonConfig = field(default_factory=CommonConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +194,9 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
     rank: RankConfig = field(default_factory=RankConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    alpha_crit: AlphaCritConfig = field(default_factory=AlphaCritConfig)
+    gradfam: GradfamConfig = field(default_factory=GradfamConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -156,7 +226,10 @@ def _check_value(where: str, value: Any, typ: type, fld: dataclasses.Field) -> A
             f"({meta['help']})"
         )
     if typ is float:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float, e.g. 10**400
+            value = math.inf
         if not math.isfinite(value):
             raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:
@@ -214,6 +287,11 @@ def _check_cross_field(cfg: Config, source: str) -> None:
             f"{source}: data.image_size={cfg.data.image_size} must be a multiple of 16 for "
             "vit_b_16 (its patch size)"
         )
+    if cfg.alpha_crit.grid_min >= cfg.alpha_crit.grid_max:
+        raise ConfigError(
+            f"{source}: alpha_crit.grid_min={cfg.alpha_crit.grid_min} must be below "
+            f"alpha_crit.grid_max={cfg.alpha_crit.grid_max}"
+        )
     if cfg.sae.kind in ("topk", "batchtopk") and cfg.sae.k > cfg.sae.width:
         raise ConfigError(f"{source}: sae.k={cfg.sae.k} must be <= sae.width={cfg.sae.width}")
 
@@ -222,11 +300,19 @@ def load(path: str | Path = "params.yaml") -> Config:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: not found. Run from the repository root, or pass --params.")
+    return from_dict(_safe_load(p.read_text(encoding="utf-8"), str(p)), str(p))
+
+
+def _safe_load(text: str, where: str) -> Any:
+    """Parse YAML as DVC does (ruamel, YAML 1.2): `1e-3` is a float, duplicate keys are errors.
+
+    PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3', so a value DVC sees as a float (and that
+    ruamel writes back, e.g. `1e-10`) would be rejected here.
+    """
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-    return from_dict(raw, str(p))
+        return YAML(typ="safe").load(text)
+    except YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -235,10 +321,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. sae.width=128")
     dotted, value_text = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot parse value: {exc}") from exc
+    value = _safe_load(value_text, f"--set {text!r}") if value_text.strip() else ""
     return section, key, value
 
 
@@ -248,22 +331,24 @@ def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
     Writing them to the file keeps DVC's record true: the values a stage ran with are the values
     in params.yaml, which DVC records in dvc.lock. Nothing is written if any override is invalid.
     """
-    from ruamel.yaml import YAML
-
     p = Path(path)
+    plain = _safe_load(p.read_text(encoding="utf-8"), str(p)) if p.exists() else {}
+    plain = plain or {}
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(plain).__name__}")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if plain.get(section) is None:
+            plain[section] = {}
+        if not isinstance(plain[section], dict):
+            raise ConfigError(f"{p}: section {section!r} must be a mapping of keys")
+        plain[section][key] = value
+    cfg = from_dict(plain, f"{p} with --set")
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(p.read_text(encoding="utf-8")) if p.exists() else None
     if doc is None:
         doc = {}
-    plain = yaml.safe_load(p.read_text(encoding="utf-8")) if p.exists() else {}
-    plain = plain or {}
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if not isinstance(plain.get(section), dict):
-            plain[section] = {}
-        plain[section][key] = value
-    cfg = from_dict(plain, f"{p} with --set")
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in doc or doc[section] is None:
@@ -274,3 +359,31 @@ def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
     with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         rt.dump(doc, fh)
     return cfg
+
+
+def fill_missing(path: str | Path) -> list[str]:
+    """Write every key params.yaml leaves out, with its default, and return their names.
+
+    DVC reads parameter values from the file, so the file must hold every key a stage declares;
+    a value left to a default would otherwise be invisible to DVC's record.
+    """
+    from ruamel.yaml import YAML
+
+    p = Path(path)
+    load(p)  # validate first: nothing is written for an invalid file
+    rt = YAML()
+    doc = rt.load(p.read_text(encoding="utf-8")) or {}
+    added = []
+    for section, values in Config().to_dict().items():
+        if doc.get(section) is None:
+            doc[section] = {}
+        for key, value in values.items():
+            if key not in doc[section]:
+                doc[section][key] = value
+                added.append(f"{section}.{key}")
+    if added:
+        from salve.io import atomic_path
+
+        with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            rt.dump(doc, fh)
+    return added

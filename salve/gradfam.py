@@ -235,3 +235,40 @@ def top_activating(
     # stable tie-break by index: sort descending with a stable sort
     order = torch.sort(col, descending=True, stable=True).indices
     return order[:k]
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, images_nchw: torch.Tensor) -> torch.Tensor:
+    """The output of `feature_map_module(model)` (ResNet layer4), in eval mode; hook removed."""
+    captured: list[torch.Tensor] = []
+    handle = feature_map_module(model).register_forward_hook(
+        lambda _m, _a, out: captured.append(out.detach())
+    )
+    try:
+        with _eval_mode(model):
+            penultimate(model, images_nchw)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def gradfam_maps(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    images_nchw: torch.Tensor,
+    features: Sequence[int],
+    *,
+    batch_size: int = 32,
+    vit_tap: str = "block_input",
+) -> torch.Tensor:
+    """Grad-FAM maps [N, F, h, w]: the closed form for pooled CNN heads (no backward pass),
+    autograd for ViT, whose gradients flow through attention."""
+    if arch_of(model) == "resnet18":
+        chunks = [
+            gradfam_closed_form(feature_maps(model, images_nchw[i : i + batch_size]), sae, features)
+            for i in range(0, len(images_nchw), batch_size)
+        ]
+        return torch.cat(chunks)
+    return gradfam_autograd(
+        model, sae, images_nchw, features, batch_size=batch_size, vit_tap=vit_tap
+    )

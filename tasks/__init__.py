@@ -63,6 +63,26 @@ STAGES: dict[str, StageSpec] = {
             plots=("plots/fit_sae/loss.csv",),
         ),
         StageSpec("rank", ("rank",), ("ranking", "sae"), upstream=("extract", "fit_sae", "fetch")),
+        StageSpec(
+            "edit",
+            ("edit",),
+            ("editing", "models"),
+            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+            plots=("plots/edit/curves.csv",),
+        ),
+        StageSpec(
+            "alpha_crit",
+            ("alpha_crit",),
+            ("alpha_crit", "editing", "models"),
+            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+            plots=("plots/alpha_crit/samples.csv",),
+        ),
+        StageSpec(
+            "gradfam",
+            ("gradfam", "common"),
+            ("gradfam", "visualize", "models"),
+            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+        ),
     )
 }
 

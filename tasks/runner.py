@@ -37,7 +37,8 @@ class StageOutcome:
     summary: dict = field(default_factory=dict)
 
     def row(self) -> dict:
-        brief = ", ".join(f"{k}={_fmt(v)}" for k, v in list(self.summary.items())[:6])
+        scalars = [(k, v) for k, v in self.summary.items() if isinstance(v, int | float | str)]
+        brief = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars[:6])
         return {
             "stage": self.name,
             "status": self.status,
@@ -75,10 +76,17 @@ def pipeline_lock(root: Path) -> Iterator[None]:
         fh.close()
 
 
-def open_repo(root: Path):
+@contextlib.contextmanager
+def dvc_repo(root: Path) -> Iterator:
+    """A DVC Repo for `root`, used from inside it (DVC resolves output paths against the cwd)."""
     from dvc.repo import Repo
 
-    return Repo(str(root))
+    with contextlib.chdir(root):
+        repo = Repo(str(root))
+        try:
+            yield repo
+        finally:
+            repo.close()
 
 
 def stage_is_fresh(repo, name: str) -> bool:
@@ -99,13 +107,13 @@ def restore_from_run_cache(repo, name: str) -> bool:
 
 
 def run_stage(
-    name: str, cfg: Config, root: Path, *, force: bool = False, progress: bool = True, repo=None
+    name: str, cfg: Config, root: Path, *, force: bool = False, progress: bool = True
 ) -> StageOutcome:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     t0 = time.perf_counter()
-    repo = repo or open_repo(root)
-    try:
+    root = Path(root).resolve()
+    with dvc_repo(root) as repo:
         if not force and stage_is_fresh(repo, name):
             status = "skipped"
         elif not force and restore_from_run_cache(repo, name):
@@ -115,11 +123,8 @@ def run_stage(
             module.run(cfg, root, progress=progress)
             repo.commit(name, force=True)
             status = "ran"
-    finally:
-        if repo is not None:
-            repo.close()
     seconds = time.perf_counter() - t0
     metrics_path = root / STAGES[name].metrics_file
     summary = read_json(metrics_path) if metrics_path.exists() else {}
-    log.info("stage %-9s %-8s in %6.2f s", name, status, seconds)
+    log.debug("stage %s %s in %.2f s", name, status, seconds)
     return StageOutcome(name, status, seconds, summary)

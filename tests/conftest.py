@@ -1,0 +1,109 @@
+"""Shared fixtures. Prefect state goes to a temp dir set before anything imports prefect."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+_PREFECT_TMP = Path(tempfile.mkdtemp(prefix="salve-prefect-"))
+os.environ["PREFECT_HOME"] = str(_PREFECT_TMP)
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("GIT_AUTHOR_NAME", "salve-tests")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@salve.invalid")
+os.environ.setdefault("GIT_COMMITTER_NAME", "salve-tests")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@salve.invalid")
+# DVC stage commands call `python -m tasks`: make that the interpreter running the tests.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+# Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
+TINY_PARAMS = {
+    "common": {"seed": 0, "device": "cpu", "num_threads": 2},
+    "data": {"source": "digits", "image_size": 32, "max_per_class": 12, "val_fraction": 0.2},
+    "finetune": {"arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 0.002},
+    "extract": {"batch_size": 256},
+    "sae": {"kind": "relu", "width": 32, "epochs": 30, "batch_size": 64, "l1": 0.003},
+    "rank": {"cross_class_fraction": 0.5, "top_n": 3},
+    "edit": {"alpha_steps": 6},
+    "alpha_crit": {"grid_steps": 11, "verify_samples": 8},
+    "gradfam": {"top_k": 2, "am_steps": 3},
+}
+
+PROJECT_FILES = (
+    "salve",
+    "tasks",
+    "flows",
+    "dvc.yaml",
+    "prefect.toml",
+    "pyproject.toml",
+    "Makefile",
+)
+
+
+def git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
+
+
+def write_params(root: Path, params: dict) -> None:
+    """A complete params.yaml: the defaults overlaid with `params` (DVC needs every key)."""
+    from salve.config import Config
+
+    full = Config().to_dict()
+    for section, values in params.items():
+        full[section] |= values
+    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+
+
+def make_project(root: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding this project's code and the given params."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, root / name)
+    shutil.copy2(REPO / ".gitignore", root / ".gitignore")
+    write_params(root, params or TINY_PARAMS)
+    git(root, "init", "-q", "-b", "main")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.autostage", "true")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "test project")
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (about 9 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

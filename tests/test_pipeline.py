@@ -1,0 +1,248 @@
+"""End-to-end: the stages under DVC's freshness rules, the Prefect flow, and the CLI.
+
+One tiny project is shared by the tests of this module, which run in order (each builds on the
+state the previous one left), to keep the suite within its time budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from salve.config import apply_overrides, load
+from tasks import STAGE_ORDER
+from tasks.runner import run_stage
+from tests.conftest import TINY_PARAMS, dvc, make_project, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def run_all(root: Path, force: bool = False) -> dict[str, str]:
+    cfg = load(root / "params.yaml")
+    return {
+        name: run_stage(name, cfg, root, force=force, progress=False).status for name in STAGE_ORDER
+    }
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every artifact, metric and plot file."""
+    files = {}
+    for folder in ("results", "metrics", "plots"):
+        for p in sorted((root / folder).rglob("*")):
+            if p.is_file() and p.name != ".gitignore":
+                files[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def dvc_clean(root: Path) -> bool:
+    out = dvc(root, "status").stdout
+    return "up to date" in out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("pipeline") / "project")
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> dict:
+    statuses = run_all(project)
+    return {"statuses": statuses, "snapshot": snapshot(project)}
+
+
+def test_cold_run_runs_every_stage_and_leaves_dvc_clean(project, first_run):
+    assert first_run["statuses"] == dict.fromkeys(STAGE_ORDER, "ran")
+    assert dvc_clean(project)
+    repro = dvc(project, "repro")
+    assert "Running stage" not in repro.stdout, repro.stdout
+
+
+def test_rerun_skips_every_stage_and_changes_nothing(project, first_run):
+    assert run_all(project) == dict.fromkeys(STAGE_ORDER, "skipped")
+    assert snapshot(project) == first_run["snapshot"]
+
+
+def test_head_of_extracted_activations_equals_model_logits(project, first_run):
+    from salve.data import normalise
+    from salve.io import load_tensors
+    from salve.models import head_of, load_checkpoint
+
+    model, sidecar = load_checkpoint(project / "results/finetune/model.safetensors")
+    images = load_tensors(project / "results/fetch/val.safetensors")["images"][:16]
+    acts = load_tensors(project / "results/extract/val.safetensors")["acts"][:16]
+    norm = sidecar["normalisation"]
+    with torch.no_grad():
+        logits = model(normalise(images, tuple(norm["mean"]), tuple(norm["std"])))
+        from_acts = head_of(model)(acts)
+    torch.testing.assert_close(from_acts, logits, rtol=0, atol=1e-5)
+
+
+def test_changed_parameter_reruns_that_stage_and_dependents_only(project, first_run):
+    apply_overrides(project / "params.yaml", ["edit.alpha_steps=4"])
+    statuses = run_all(project)
+    assert statuses == {
+        "fetch": "skipped",
+        "finetune": "skipped",
+        "extract": "skipped",
+        "fit_sae": "skipped",
+        "rank": "skipped",
+        "edit": "ran",
+        "alpha_crit": "skipped",
+    }
+    apply_overrides(project / "params.yaml", ["alpha_crit.grid_steps=7"])
+    statuses = run_all(project)
+    assert [s for s, v in statuses.items() if v != "skipped"] == ["alpha_crit"]
+    assert dvc_clean(project)
+
+
+def test_a_b_a_restores_a_byte_for_byte(project, first_run):
+    write_params(project, TINY_PARAMS)  # back to A (the first run's parameters)
+    statuses_a = run_all(project)
+    assert set(statuses_a.values()) <= {"skipped", "restored"}
+    assert snapshot(project) == first_run["snapshot"]
+
+    apply_overrides(project / "params.yaml", ["sae.width=16"])  # B
+    statuses_b = run_all(project)
+    assert statuses_b["fit_sae"] == "ran" and statuses_b["finetune"] == "skipped"
+    b_metrics = json.loads((project / "metrics/fit_sae.json").read_text())
+    assert snapshot(project) != first_run["snapshot"]
+
+    write_params(project, TINY_PARAMS)  # A again
+    statuses_a2 = run_all(project)
+    assert statuses_a2["fit_sae"] == "restored"
+    assert statuses_a2["finetune"] == "skipped"
+    assert snapshot(project) == first_run["snapshot"]
+    a_metrics = json.loads((project / "metrics/fit_sae.json").read_text())
+    assert a_metrics != b_metrics
+    assert dvc_clean(project)
+
+
+def test_dvc_repro_then_flow_skips_everything(project, first_run, prefect_harness):
+    apply_overrides(project / "params.yaml", ["rank.top_n=2"])
+    repro = dvc(project, "repro")
+    assert "Running stage 'rank'" in repro.stdout
+    assert "Running stage 'fit_sae'" not in repro.stdout
+
+    from prefect import get_client
+
+    from flows.pipeline import pipeline
+
+    rows = pipeline(root=str(project), progress=False)
+    assert [r["stage"] for r in rows] == list(STAGE_ORDER)
+    assert {r["status"] for r in rows} == {"skipped"}
+
+    import asyncio
+
+    async def artifacts_and_task_names():
+        async with get_client() as client:
+            arts = await client.read_artifacts()
+            runs = await client.read_task_runs()
+        return [a.key for a in arts], [r.name for r in runs]
+
+    keys, task_names = asyncio.run(artifacts_and_task_names())
+    assert "salve-stage-summaries" in keys
+    for stage in STAGE_ORDER:
+        assert any(name.startswith(stage) for name in task_names), (stage, task_names)
+
+
+def test_flow_reruns_changed_stage_and_stores_no_pickles(project, first_run, prefect_harness):
+    from flows.pipeline import pipeline
+
+    apply_overrides(project / "params.yaml", ["edit.alpha_max=0.5"])
+    rows = {r["stage"]: r["status"] for r in pipeline(root=str(project), progress=False)}
+    assert rows["edit"] == "ran"
+    assert [s for s, v in rows.items() if v != "skipped"] == ["edit"]
+    assert dvc_clean(project)
+    import os
+
+    storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
+    stored = [p for p in storage.rglob("*") if p.is_file()] if storage.exists() else []
+    assert stored == [], f"Prefect persisted results: {stored[:3]}"
+
+
+def test_edited_checkpoint_matches_closed_form_and_loads_into_torchvision(project, first_run):
+    from salve.data import normalise
+    from salve.editing import edit_head
+    from salve.io import load_tensors, read_json
+    from salve.tv import import_torchvision
+
+    edit = read_json(project / "results/edit/model.json")["edit"]
+    state = load_tensors(project / "results/edit/model.safetensors")
+    plain = import_torchvision().models.resnet18(num_classes=10)
+    plain.load_state_dict(state, strict=True)
+    plain.eval()
+    original = load_tensors(project / "results/finetune/model.safetensors")
+    sae = load_tensors(project / "results/fit_sae/sae.safetensors")
+    col = sae["decoder.weight"][:, edit["feature"]]
+    expected_w = edit_head(original["fc.weight"], col, edit["alpha_abs"], edit["sign"], "paper")
+    assert torch.equal(state["fc.weight"], expected_w)
+    assert torch.equal(state["fc.bias"], original["fc.bias"])
+    images = load_tensors(project / "results/fetch/val.safetensors")["images"][:16]
+    acts = load_tensors(project / "results/extract/val.safetensors")["acts"][:16]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    with torch.no_grad():
+        logits = plain(normalise(images, mean, std))
+    torch.testing.assert_close(logits, acts @ expected_w.T + original["fc.bias"], rtol=0, atol=1e-4)
+
+
+def test_alpha_zero_checkpoint_is_bit_identical(project, first_run):
+    from salve.io import load_tensors
+
+    apply_overrides(project / "params.yaml", ["edit.checkpoint_alpha=0.0"])
+    cfg = load(project / "params.yaml")
+    assert run_stage("edit", cfg, project, progress=False).status == "ran"
+    edited = load_tensors(project / "results/edit/model.safetensors")
+    original = load_tensors(project / "results/finetune/model.safetensors")
+    assert edited.keys() == original.keys()
+    assert all(torch.equal(edited[k], original[k]) for k in original)
+
+
+def test_alpha_crit_estimators_agree_on_real_data(project, first_run):
+    metrics = json.loads((project / "metrics/alpha_crit.json").read_text())
+    assert metrics["real_model_checked"] > 0
+    assert metrics["real_model_agree"] == metrics["real_model_checked"]
+    if metrics["exact_vs_brentq_max_abs_diff_single_root"] is not None:
+        assert metrics["exact_vs_brentq_max_abs_diff_single_root"] < 1e-6
+    assert metrics["linear_le_exact_when_nonnegative"] in (None, 1.0)
+
+
+def test_cli_rerun_starts_no_flow_when_everything_is_fresh(project, first_run):
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--root", str(project), "run", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "no flow started" in out.stdout
+    assert out.stdout.count("skipped") == len(STAGE_ORDER)
+
+
+def test_vit_path_on_a_tiny_input(tmp_path):
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["data"] |= {"image_size": 32, "max_per_class": 2}
+    params["finetune"] |= {"arch": "vit_b_16", "epochs": 1, "batch_size": 16}
+    params["sae"] |= {"epochs": 5}
+    root = make_project(tmp_path / "vit", params)
+    cfg = load(root / "params.yaml")
+    for name in ("fetch", "finetune", "extract", "fit_sae", "rank"):
+        assert run_stage(name, cfg, root, progress=False).status == "ran"
+    from salve.data import normalise
+    from salve.io import load_tensors
+    from salve.models import arch_of, head_of, load_checkpoint
+
+    model, sidecar = load_checkpoint(root / "results/finetune/model.safetensors")
+    assert arch_of(model) == "vit_b_16"
+    acts = load_tensors(root / "results/extract/val.safetensors")["acts"][:4]
+    assert acts.shape[1] == 768
+    images = load_tensors(root / "results/fetch/val.safetensors")["images"][:4]
+    norm = sidecar["normalisation"]
+    with torch.no_grad():
+        logits = model(normalise(images, tuple(norm["mean"]), tuple(norm["std"])))
+    torch.testing.assert_close(head_of(model)(acts), logits, rtol=0, atol=1e-5)
