@@ -10,7 +10,7 @@ import contextlib
 import csv
 import json
 import os
-import tempfile
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,34 @@ class ArtifactError(RuntimeError):
     """A stored artifact is missing, truncated or not what the stage expects."""
 
 
+def _new_temp_file(final: Path) -> Path:
+    """An empty, uniquely named file next to ``final``, mode 0o666 less the umask, as ``open``
+    creates files (``tempfile.mkstemp`` makes them 0o600)."""
+    while True:
+        tmp = final.parent / f".{final.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temp path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The result has the mode ``open(path, "w")`` would leave: the replaced file's, else 0o666 less
+    the umask (not 0o600, which would silently make params.yaml and artifacts owner-only).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp_file(final)
     try:
+        mode = stat.S_IMODE((final if final.exists() else tmp).stat().st_mode)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # after writing: some writers recreate the file (safetensors: 0o600)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -329,7 +329,7 @@ def fit_sae(
             loss, parts = sae_loss(sae, batch, weights)
             if not torch.isfinite(loss):
                 raise DivergenceError(
-                    f"SAE fitting diverged at epoch {epoch + 1} (loss {float(loss)}). "
+                    f"SAE fitting diverged at epoch {epoch + 1} (loss {float(loss.detach())}). "
                     f"Lower sae.lr (now {s.lr}) or sae.l1 (now {s.l1})."
                 )
             opt.zero_grad(set_to_none=True)

@@ -139,8 +139,9 @@ def train_classifier(
             if not torch.isfinite(loss):
                 raise DivergenceError(
                     f"fine-tuning diverged at epoch {epoch + 1}, "
-                    f"batch {start // settings.batch_size} (loss {float(loss)}). Lower finetune.lr "
-                    f"(now {settings.lr}); the previous checkpoint, if any, is kept."
+                    f"batch {start // settings.batch_size} (loss {float(loss.detach())}). "
+                    f"Lower finetune.lr (now {settings.lr}); the previous checkpoint, if any, "
+                    "is kept."
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -148,7 +149,7 @@ def train_classifier(
             scaler.update()
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(dim=1) == y).sum())
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         val_pred = predict(model, val_images, mean, std, device=device)
         val_acc = float((val_pred == val_labels).double().mean()) if len(val_labels) else math.nan
         history.append(
