@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _prepare(args: argparse.Namespace) -> Path:
+    """Apply --set overrides and fill missing keys, validating params.yaml (no work yet)."""
     root = Path(args.root).resolve()
     params = root / "params.yaml"
     if args.set:
@@ -57,10 +58,10 @@ def _all_fresh(root: Path, wanted: list[str]) -> list[dict] | None:
     Starting a Prefect flow costs 7-14 s with no server running (its temporary API); when
     nothing is stale there is nothing for it to orchestrate, so none is started.
     """
-    from tasks.runner import StageOutcome, dvc_repo, pipeline_lock
+    from tasks.runner import StageOutcome, dvc_repo
 
     t0 = time.perf_counter()
-    with pipeline_lock(root), dvc_repo(root) as repo:
+    with dvc_repo(root) as repo:
         if repo.status(targets=wanted):
             return None
     seconds = (time.perf_counter() - t0) / max(len(wanted), 1)
@@ -73,33 +74,38 @@ def _all_fresh(root: Path, wanted: list[str]) -> list[dict] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    root = _prepare(args)
-    os.chdir(root)
-    t0 = time.perf_counter()
-    wanted = [s for s in STAGE_ORDER if not args.stages or s in args.stages]
-    if not args.force and not args.always_flow:
-        rows = _all_fresh(root, wanted)
-        if rows is not None:
-            _print_rows(rows, time.perf_counter() - t0)
-            print("every stage is up to date: no flow started (--always-flow to start one)")
-            return 0
-    from flows.pipeline import pipeline
+    from tasks.runner import pipeline_lock
 
-    rows = pipeline(
-        root=str(root),
-        stages=args.stages or None,
-        force=args.force or None,
-        progress=not args.no_progress,
-    )
+    root = Path(args.root).resolve()
+    with pipeline_lock(root):  # before params.yaml is touched: runs must not overlap
+        _prepare(args)
+        os.chdir(root)
+        t0 = time.perf_counter()
+        wanted = [s for s in STAGE_ORDER if not args.stages or s in args.stages]
+        if not args.force and not args.always_flow:
+            rows = _all_fresh(root, wanted)
+            if rows is not None:
+                _print_rows(rows, time.perf_counter() - t0)
+                print("every stage is up to date: no flow started (--always-flow to start one)")
+                return 0
+        from flows.pipeline import pipeline
+
+        rows = pipeline(
+            root=str(root),
+            stages=args.stages or None,
+            force=args.force or None,
+            progress=not args.no_progress,
+        )
     _print_rows(rows, time.perf_counter() - t0)
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    root = _prepare(args)
     from tasks.runner import pipeline_lock, run_stage
 
+    root = Path(args.root).resolve()
     with pipeline_lock(root):
+        _prepare(args)
         outcome = run_stage(
             args.name,
             load(root / "params.yaml"),

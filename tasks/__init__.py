@@ -18,10 +18,12 @@ class StageSpec:
     upstream: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
     extra_deps: tuple[str, ...] = field(default=())
+    out: str = ""  # the stage's output folder; results/<name> unless set
+    reads_metrics: bool = False  # depends on the upstream stages' metrics and plots files
 
     @property
     def out_dir(self) -> str:
-        return f"results/{self.name}"
+        return self.out or f"results/{self.name}"
 
     @property
     def metrics_file(self) -> str:
@@ -29,7 +31,7 @@ class StageSpec:
 
     @property
     def deps(self) -> list[str]:
-        ups = [f"results/{u}" for u in self.upstream]
+        ups = [STAGES[u].out_dir if u in STAGES else f"results/{u}" for u in self.upstream]
         return (
             ups
             + list(self.extra_deps)
@@ -82,6 +84,14 @@ STAGES: dict[str, StageSpec] = {
             ("gradfam", "common"),
             ("gradfam", "visualize", "models"),
             upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+        ),
+        StageSpec(
+            "report",
+            (),
+            ("report",),
+            upstream=("fetch", "fit_sae", "rank", "edit", "alpha_crit", "gradfam"),
+            reads_metrics=True,
+            out="reports/latest",
         ),
     )
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salve.config import Config
-from salve.io import read_json
+from salve.io import read_json, write_json
 from tasks import STAGES
 
 log = logging.getLogger("salve")
@@ -51,10 +51,24 @@ def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+_HELD: dict[Path, int] = {}  # lock depth per repository held by this process
+
+
 @contextlib.contextmanager
 def pipeline_lock(root: Path) -> Iterator[None]:
-    """One pipeline run per repository: a second one refuses at once with a clear message."""
-    path = root / ".salve" / "run.lock"
+    """One pipeline run per repository: a second one refuses at once with a clear message.
+
+    Re-entrant within a process (the CLI holds it across editing params.yaml and the flow).
+    """
+    key = Path(root).resolve()
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path = key / ".salve" / "run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - held for the block
     try:
@@ -64,14 +78,18 @@ def pipeline_lock(root: Path) -> Iterator[None]:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             raise PipelineBusyError(
-                f"another salve run is in progress in {root} ({holder}); wait for it to finish "
+                f"another salve run is in progress in {key} ({holder}); wait for it to finish "
                 "(runs in one repository cannot overlap: they share the workspace and DVC cache)."
             ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
     finally:
         fh.close()
 
@@ -124,6 +142,10 @@ def run_stage(
             repo.commit(name, force=True)
             status = "ran"
     seconds = time.perf_counter() - t0
+    write_json(
+        root / ".salve" / "timings" / f"{name}.json",
+        {"stage": name, "status": status, "seconds": seconds, "finished": time.time()},
+    )
     metrics_path = root / STAGES[name].metrics_file
     summary = read_json(metrics_path) if metrics_path.exists() else {}
     log.debug("stage %s %s in %.2f s", name, status, seconds)

@@ -107,3 +107,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def run_pipeline(root: Path) -> dict[str, str]:
+    """Every stage through the DVC-aware runner (no Prefect); returns their statuses."""
+    from salve.config import load
+    from tasks import STAGE_ORDER
+    from tasks.runner import run_stage
+
+    cfg = load(root / "params.yaml")
+    return {n: run_stage(n, cfg, root, progress=False).status for n in STAGE_ORDER}
+
+
+@pytest.fixture(scope="session")
+def built_project_template(tmp_path_factory) -> Path:
+    """The tiny project with every stage run once, shared read-only by the session."""
+    root = make_project(tmp_path_factory.mktemp("built") / "project")
+    run_pipeline(root)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "pipeline run")
+    return root
+
+
+@pytest.fixture
+def built_project(built_project_template: Path, tmp_path: Path) -> Path:
+    """A private copy (git history, DVC cache and workspace) of the built tiny project."""
+    dest = tmp_path / "project"
+    shutil.copytree(built_project_template, dest, symlinks=True)
+    return dest
