@@ -12,24 +12,7 @@ from pathlib import Path
 
 from salve.config import ConfigError, apply_overrides, fill_missing, load
 from tasks import STAGE_ORDER, STAGES
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from salve.download import DownloadError, UnsafeArchiveError
-    from salve.io import ArtifactError
-    from salve.models import WeightsUnavailableError
-    from salve.train import DivergenceError
-    from tasks.runner import PipelineBusyError
-
-    return (
-        ArtifactError,
-        DownloadError,
-        UnsafeArchiveError,
-        DivergenceError,
-        WeightsUnavailableError,
-        PipelineBusyError,
-        FileNotFoundError,
-    )
+from tasks.runner import user_errors
 
 
 def _prepare(args: argparse.Namespace) -> Path:
@@ -134,6 +117,30 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+START, END = "<!-- params-doc:start -->", "<!-- params-doc:end -->"
+
+
+def cmd_params_doc(args: argparse.Namespace) -> int:
+    from salve.config import params_markdown
+
+    text = params_markdown()
+    if not args.write:
+        print(text)
+        return 0
+    path = Path(args.write)
+    doc = path.read_text(encoding="utf-8")
+    if START not in doc or END not in doc:
+        print(f"error: {path} has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = doc.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    from salve.io import write_text
+
+    write_text(path, f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"updated the parameter reference in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="salve",
@@ -179,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
     d.set_defaults(func=cmd_dvc_yaml)
 
+    pd = sub.add_parser("params-doc", help="print the parameter reference as Markdown")
+    pd.add_argument("--write", metavar="FILE", help="replace the marked block in FILE instead")
+    pd.set_defaults(func=cmd_params_doc)
+
     from flows.schedule import add_schedule_parser
 
     add_schedule_parser(sub)
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from salve.config import load
-from tasks import STAGE_ORDER
+from tasks import STAGE_ORDER, STAGES
 from tasks.runner import pipeline_lock, run_stage
 
 
@@ -49,4 +49,9 @@ def pipeline(
     create_table_artifact(
         key="salve-stage-summaries", table=rows, description="SALVE pipeline: stage summaries"
     )
+    report = root_path / STAGES["report"].out_dir / "index.html"
+    if "report" in wanted and report.exists():
+        create_link_artifact(
+            key="salve-report", link=report.as_uri(), link_text="SALVE report (open locally)"
+        )
     return rows

@@ -55,7 +55,9 @@ class DataConfig:
         help="dataset; digits is built in and offline",
     )
     variant: str = _f("160px", choices=("160px", "320px", "full"), help="imagenette archive")
-    path: str = _f("", help="imagefolder root (one folder per class), or a download folder")
+    path: str = _f(
+        "", help="imagefolder: its root (a folder per class); imagenette/cifar100: download folder"
+    )
     image_size: int = _f(64, min=16, max=1024, help="square side images are resized to")
     val_fraction: float = _f(
         0.2,
@@ -110,11 +112,11 @@ class RankConfig:
         min=0.0,
         max=1.0,
         min_exclusive=True,
-        help="a feature is cross-class when its 2nd-largest positive class mean is at least "
+        help="a feature is cross-class when its 2nd-largest |class mean| is at least "
         "this fraction of its largest",
     )
     min_class_mean: float = _f(
-        0.0, min=0.0, help="ignore features whose largest class mean is below"
+        0.0, min=0.0, help="a cross-class feature needs its largest |class mean| above this"
     )
     top_n: int = _f(5, min=1, max=1000, help="features listed per class")
 
@@ -387,3 +389,33 @@ def fill_missing(path: str | Path) -> list[str]:
         with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             rt.dump(doc, fh)
     return added
+
+
+def params_markdown() -> str:
+    """The parameter reference (README), generated from the schema so docs match the code."""
+    lines = []
+    for name, cls in sections().items():
+        lines += [
+            f"#### `{name}`",
+            "",
+            "| key | default | allowed | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, (typ, fld) in section_fields(cls).items():
+            meta = fld.metadata
+            if meta["choices"]:
+                allowed = " \\| ".join(f"`{c}`" for c in meta["choices"])
+            elif meta["min"] is not None or meta["max"] is not None:
+                lo = (
+                    ""
+                    if meta["min"] is None
+                    else f"{'>' if meta['min_exclusive'] else '>='} {meta['min']}"
+                )
+                hi = "" if meta["max"] is None else f"<= {meta['max']}"
+                allowed = f"{typ.__name__} " + ", ".join(x for x in (lo, hi) if x)
+            else:
+                allowed = typ.__name__
+            default = fld.default
+            lines.append(f"| `{key}` | `{default!r}` | {allowed} | {meta['help']} |")
+        lines.append("")
+    return "\n".join(lines)

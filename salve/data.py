@@ -64,6 +64,10 @@ IMAGE_EXTENSIONS = frozenset(
 _EXTRACT_MARKER = ".salve_extracted.json"
 
 
+class DatasetError(ValueError):
+    """The dataset (folder, archive, images) is unusable; the message names the fix."""
+
+
 @dataclass
 class PreparedData:
     """A decoded dataset split: uint8 images [N,3,S,S], int64 labels, class names, metadata."""
@@ -165,7 +169,7 @@ def check_prepared(data: PreparedData) -> None:
     except (TypeError, ValueError) as exc:
         problems.append(f"info is not JSON-serialisable ({exc})")
     if problems:
-        raise ValueError(
+        raise DatasetError(
             "prepared data is inconsistent: "
             + "; ".join(problems)
             + ". Fix the dataset (or the source's loader) and prepare it again."
@@ -197,13 +201,13 @@ def prepare_dataset(
     `max_per_class` > 0 keeps at most that many train images per class (seeded).
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+        raise DatasetError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        raise DatasetError(f"image_size must be a positive integer, got {image_size!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_per_class < 0:
-        raise ValueError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
+        raise DatasetError(f"max_per_class must be >= 0 (0 = all), got {max_per_class}")
     raw_dir = Path(raw_dir)
     opts = {
         "image_size": image_size,
@@ -387,7 +391,7 @@ def _prepare_cifar100(
         safe_extract(tgz, staging)
         dest = raw_dir / cifar_cls.base_folder
         if not (staging / cifar_cls.base_folder).is_dir():
-            raise ValueError(
+            raise DatasetError(
                 f"{tgz}: no {cifar_cls.base_folder}/ folder inside; delete it and retry"
             ) from None
         if dest.exists():
@@ -440,12 +444,12 @@ def load_image(path: Path, size: int) -> np.ndarray:
             img = img.crop((left, top, left + size, top + size))
             arr = np.array(img, dtype=np.uint8)  # a writable copy
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: cannot read this image ({type(exc).__name__}: {exc}). Delete or replace "
             "the file (or re-extract the dataset) and prepare again."
         ) from exc
     if arr.shape != (size, size, 3):
-        raise ValueError(f"{path}: decoded to shape {arr.shape}, expected {(size, size, 3)}")
+        raise DatasetError(f"{path}: decoded to shape {arr.shape}, expected {(size, size, 3)}")
     return arr
 
 
@@ -481,7 +485,7 @@ def _scan(root: Path, *, what: str, allow_empty: bool = False) -> dict[str, list
     for d in _class_dirs(root):
         files = sorted(p for p in d.rglob("*") if _is_image(p))
         if not files and not allow_empty:
-            raise ValueError(
+            raise DatasetError(
                 f"{what}: class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
                 " Add images or remove the folder."
             )
@@ -491,7 +495,7 @@ def _scan(root: Path, *, what: str, allow_empty: bool = False) -> dict[str, list
 
 def _need_two(folders: list[str], root: Path, what: str) -> list[str]:
     if len(folders) < 2:
-        raise ValueError(
+        raise DatasetError(
             f"{what}: {root} has {len(folders)} class folder(s) {folders}; need at least 2 "
             "(one sub-folder per class, each holding that class's images)."
         )
@@ -517,7 +521,7 @@ def _folder_split(
         val_map = _scan(val_dir, what=what, allow_empty=True)
         extra = sorted(set(val_map) - set(train_map))
         if extra:
-            raise ValueError(
+            raise DatasetError(
                 f"{what}: {val_dir} has class folders {extra} that {train_dir} lacks; "
                 "train/ and val/ must hold the same class folders."
             )
@@ -529,12 +533,12 @@ def _folder_split(
         va_y = np.array([index[f] for f in folders for _ in val_map.get(f, [])], dtype=np.int64)
         split = "given (train/ and val/ folders)"
     elif require_split:
-        raise ValueError(
+        raise DatasetError(
             f"{what}: {root} has no train/ and val/ folders. The archive is not laid out as "
             "expected: delete the extracted folder and the archive, then prepare again."
         )
     elif train_dir.is_dir() or val_dir.is_dir():
-        raise ValueError(
+        raise DatasetError(
             f"{what}: {root} has only one of train/ and val/; provide both, or put the class "
             "folders directly in it (a split is then made with val_fraction)."
         )
@@ -576,13 +580,13 @@ def _prepare_imagefolder(
     progress: bool,
 ) -> PreparedData:
     if not path:
-        raise ValueError(
+        raise DatasetError(
             "source 'imagefolder' needs path= a folder with one sub-folder per class "
             "(or train/ and val/ sub-folders each holding class folders)."
         )
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ValueError(
+        raise DatasetError(
             f"imagefolder: {root} does not exist or is not a folder; set data.path to a folder "
             "with one sub-folder per class."
         )
@@ -636,7 +640,7 @@ def _prepare_imagenette(
     progress: bool,
 ) -> PreparedData:
     if archive is None and variant not in IMAGENETTE_ARCHIVES:
-        raise ValueError(
+        raise DatasetError(
             f"unknown imagenette variant {variant!r}; choose one of {sorted(IMAGENETTE_ARCHIVES)}"
         )
     if archive is not None:

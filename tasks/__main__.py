@@ -24,10 +24,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
+    from tasks.runner import user_errors
+
     root = Path(args.params).resolve().parent
-    summary = importlib.import_module(f"tasks.{args.stage}").run(
-        cfg, root, progress=not args.no_progress
-    )
+    try:
+        summary = importlib.import_module(f"tasks.{args.stage}").run(
+            cfg, root, progress=not args.no_progress
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

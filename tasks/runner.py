@@ -29,6 +29,27 @@ class PipelineBusyError(RuntimeError):
     """Another pipeline run holds this repository."""
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the problem and the fix: shown as one line, no
+    traceback (exit code 1). ConfigError is separate (exit code 2)."""
+    from salve.data import DatasetError
+    from salve.download import DownloadError, UnsafeArchiveError
+    from salve.io import ArtifactError
+    from salve.models import WeightsUnavailableError
+    from salve.train import DivergenceError
+
+    return (
+        ArtifactError,
+        DatasetError,
+        DownloadError,
+        UnsafeArchiveError,
+        DivergenceError,
+        WeightsUnavailableError,
+        PipelineBusyError,
+        FileNotFoundError,
+    )
+
+
 @dataclass
 class StageOutcome:
     name: str

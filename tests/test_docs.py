@@ -1,0 +1,36 @@
+"""The docs describe the code: parameter reference and dvc.yaml are generated, and current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from salve.config import load, params_markdown
+from tasks.dvcfile import render_dvc_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_parameter_reference_matches_the_schema():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert params_markdown() in readme, "README is stale: run `salve params-doc --write README.md`"
+
+
+def test_readme_shows_the_two_commands():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "make run" in readme and "make test" in readme
+    assert "make test" in (REPO / ".ci/run").read_text()
+
+
+def test_committed_dvc_yaml_is_generated_from_the_stage_registry():
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(), "run `salve dvc-yaml`"
+
+
+def test_repository_params_yaml_is_valid_and_complete():
+    import yaml
+
+    from salve.config import Config
+
+    load(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in Config().to_dict().items():
+        assert set(raw[section]) == set(values), f"params.yaml section {section} is incomplete"
