@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from salve.config import ConfigError, apply_overrides, fill_missing, load
+from salve.config import apply_overrides, fill_missing, load
 from tasks import STAGE_ORDER, STAGES
-from tasks.runner import user_errors
+from tasks.runner import exit_code_reporting_errors
 
 
 def _prepare(args: argparse.Namespace) -> Path:
@@ -200,14 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("salve").setLevel(logging.INFO)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_code_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

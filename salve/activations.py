@@ -1,6 +1,9 @@
-"""Penultimate activations: the exact input of the classification head."""
+"""Batched eval-mode passes over uint8 images: penultimate activations (the exact head input)
+and anything else computed per batch."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,6 +14,34 @@ from salve.models import penultimate
 
 
 @torch.inference_mode()
+def batched_forward(
+    model: nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images_u8: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "forward",
+) -> torch.Tensor:
+    """`fn(normalised batch)` per batch in eval mode (restored after), concatenated on CPU."""
+    device = device or torch.device("cpu")
+    was_training = model.training
+    model.eval().to(device)
+    chunks = []
+    try:
+        for start in tqdm(
+            range(0, images_u8.shape[0], batch_size), desc=desc, disable=not progress, leave=False
+        ):
+            x = normalise(images_u8[start : start + batch_size], mean, std).to(device)
+            chunks.append(fn(x).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
 def extract_activations(
     model: nn.Module,
     images_u8: torch.Tensor,
@@ -22,17 +53,15 @@ def extract_activations(
     progress: bool = True,
     desc: str = "extract",
 ) -> torch.Tensor:
-    """[N, M] float32 activations on CPU, computed in eval mode, batch by batch."""
-    device = device or torch.device("cpu")
-    was_training = model.training
-    model.eval().to(device)
-    chunks = []
-    try:
-        for start in tqdm(
-            range(0, images_u8.shape[0], batch_size), desc=desc, disable=not progress, leave=False
-        ):
-            x = normalise(images_u8[start : start + batch_size], mean, std).to(device)
-            chunks.append(penultimate(model, x).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    """[N, M] float32 activations, the exact input of the head."""
+    return batched_forward(
+        model,
+        lambda x: penultimate(model, x).float(),
+        images_u8,
+        mean,
+        std,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )

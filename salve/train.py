@@ -63,7 +63,6 @@ def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor
     return out
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     images_u8: torch.Tensor,
@@ -74,15 +73,18 @@ def predict(
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Argmax predictions for uint8 images, in eval mode."""
-    device = device or torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    preds = []
-    for start in range(0, images_u8.shape[0], batch_size):
-        x = normalise(images_u8[start : start + batch_size], mean, std).to(device)
-        preds.append(model(x).argmax(dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    from salve.activations import batched_forward
+
+    preds = batched_forward(
+        model,
+        lambda x: model(x).argmax(dim=1),
+        images_u8,
+        mean,
+        std,
+        batch_size=batch_size,
+        device=device,
+    )
+    return preds if len(preds) else torch.empty(0, dtype=torch.long)
 
 
 def train_classifier(

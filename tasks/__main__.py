@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from salve.config import ConfigError, load
+from salve.config import load
 from tasks import STAGES
+from tasks.runner import exit_code_reporting_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,28 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        cfg = load(args.params)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    import importlib
 
-    from tasks.runner import user_errors
+    def run() -> int:
+        root = Path(args.params).resolve().parent
+        module = importlib.import_module(f"tasks.{args.stage}")
+        summary = module.run(load(args.params), root, progress=not args.no_progress)
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
 
-    root = Path(args.params).resolve().parent
-    try:
-        summary = importlib.import_module(f"tasks.{args.stage}").run(
-            cfg, root, progress=not args.no_progress
-        )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=1, default=str))
-    return 0
+    return exit_code_reporting_errors(run)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import fcntl
 import importlib
 import logging
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,20 @@ log = logging.getLogger("salve")
 
 class PipelineBusyError(RuntimeError):
     """Another pipeline run holds this repository."""
+
+
+def exit_code_reporting_errors(fn: Callable[[], int]) -> int:
+    """Run `fn`; a bad parameter exits 2, a user-facing error 1, each as one line on stderr."""
+    from salve.config import ConfigError
+
+    try:
+        return fn()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
