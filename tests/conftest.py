@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -119,11 +120,22 @@ def run_pipeline(root: Path) -> dict[str, str]:
     return {n: run_stage(n, cfg, root, progress=False).status for n in STAGE_ORDER}
 
 
+def copy_project(template: Path, dest: Path) -> Path:
+    """A private copy of a project: git history, DVC cache and workspace (not .salve state)."""
+    shutil.copytree(template, dest, symlinks=True, ignore=shutil.ignore_patterns(".salve"))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def built_project_template(tmp_path_factory) -> Path:
-    """The tiny project with every stage run once, shared read-only by the session."""
+    """The tiny project after one full pipeline run, committed (dvc.lock, metrics, plots).
+    Shared read-only by the session: copy it with `built_project` or `copy_project`."""
     root = make_project(tmp_path_factory.mktemp("built") / "project")
-    run_pipeline(root)
+    t0 = time.perf_counter()
+    statuses = run_pipeline(root)
+    if set(statuses.values()) != {"ran"}:
+        raise RuntimeError(f"a fresh project should run every stage: {statuses}")
+    print(f"\n[template] pipeline ran in {time.perf_counter() - t0:.1f} s")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "pipeline run")
     return root
@@ -131,7 +143,4 @@ def built_project_template(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def built_project(built_project_template: Path, tmp_path: Path) -> Path:
-    """A private copy (git history, DVC cache and workspace) of the built tiny project."""
-    dest = tmp_path / "project"
-    shutil.copytree(built_project_template, dest, symlinks=True)
-    return dest
+    return copy_project(built_project_template, tmp_path / "project")

@@ -1,0 +1,218 @@
+"""Scheduled reruns: `salve schedule` serves the nightly flow against a real Prefect server.
+
+The server is started as a user would (`prefect server start`, tests/prefect_server.py); the serve
+command runs as a subprocess; what happened is read back through the Prefect client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_project, dvc
+from tests.prefect_server import free_port, log_tail, start_process, stop_process
+
+pytest_plugins = ["tests.prefect_server"]
+
+INTERVAL_S = 20  # long enough that one run finishes before the next is due
+RUN_TIMEOUT_S = 150
+
+
+def salve_cli(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "--root", str(root), *args]
+
+
+def test_schedule_refuses_without_api_url(tiny_project: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run(
+        salve_cli(tiny_project, "schedule", "--interval", "60"),
+        cwd=tiny_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "PREFECT_API_URL is not set" in out.stderr
+    assert "prefect server start" in out.stderr
+
+
+def test_schedule_refuses_unreachable_server(tiny_project: Path) -> None:
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    out = subprocess.run(
+        salve_cli(tiny_project, "schedule", "--cron", "0 3 * * *"),
+        cwd=tiny_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "is not reachable" in out.stderr
+    assert env["PREFECT_API_URL"] in out.stderr
+
+
+def test_schedule_rejects_bad_arguments(tiny_project: Path, capsys) -> None:
+    from flows.cli import main
+
+    for argv in (["schedule", "--interval", "-5"], ["schedule"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--root", str(tiny_project), *argv])
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "positive" in err and "--cron" in err
+    bad = ["schedule", "--cron", "61 3 * * *", "--timezone", "Mars/Base"]
+    with contextlib.chdir(Path.cwd()):  # restored even if the command got as far as serving
+        assert main(["--root", str(tiny_project), *bad]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid cron string" in err and "Invalid timezone" in err
+
+
+def test_configured_remote_default_named_and_missing(tiny_project: Path, tmp_path: Path) -> None:
+    from flows.nightly import DvcCommandError, configured_remote
+
+    assert configured_remote(tiny_project) is None  # no remote: nightly skips pull and push
+    dvc(tiny_project, "remote", "add", "--local", "other", str(tmp_path / "other"))
+    assert configured_remote(tiny_project) is None  # configured but not the default
+    assert configured_remote(tiny_project, "other") == "other"
+    dvc(tiny_project, "remote", "add", "--local", "-d", "shared", str(tmp_path / "shared"))
+    assert configured_remote(tiny_project) == "shared"
+    with pytest.raises(DvcCommandError, match="'nope' is not configured"):
+        configured_remote(tiny_project, "nope")
+
+
+def test_report_renders_changes_and_missing_diffs() -> None:
+    from flows.nightly import render_report
+
+    rows = [{"stage": "fit_sae", "status": "ran", "seconds": 1.5, "summary": "val_fvu=0.1"}]
+    diff = {
+        "head": "abc1234",
+        "metrics": {"metrics/fit_sae.json": {"val_fvu": {"old": 0.2, "new": 0.1, "diff": -0.1}}},
+        "params": {"params.yaml": {"sae.width": {"old": 32, "new": 64, "diff": 32}}},
+        "errors": {},
+    }
+    text, changed = render_report(Path("/r"), diff, rows, None, {"ok": True, "seconds": 0.5})
+    assert changed == 1
+    assert "| metrics/fit_sae.json | val_fvu | 0.2 | 0.1 | -0.1 |" in text
+    assert "| params.yaml | sae.width | 32 | 64 | 32 |" in text
+    assert "dvc pull: skipped (no DVC remote configured)" in text
+    assert "dvc push: ok in 0.5 s" in text and "| fit_sae | ran |" in text
+    diff = {"head": "unknown", "metrics": {}, "params": {}, "errors": {"metrics": "no HEAD"}}
+    text, changed = render_report(Path("/r"), diff, [], None, None)
+    assert changed == 0 and "Not available" in text and "No params changed since HEAD" in text
+
+
+def _artifact_data(artifact) -> object:
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
+
+
+@pytest.mark.slow
+def test_serve_runs_nightly_on_schedule(
+    prefect_server, built_project_template: Path, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.nightly import ARTIFACT_KEY
+
+    root = copy_project(built_project_template, tmp_path / "project")
+    remote = tmp_path / "remote"
+    dvc(root, "remote", "add", "--local", "-d", "shared", str(remote))
+
+    deployment_name = "nightly-test"
+    log = tmp_path / "serve.log"
+    t_serve = time.perf_counter()
+    serve = start_process(
+        salve_cli(root, "schedule", "--interval", str(INTERVAL_S), "--name", deployment_name),
+        log=log,
+        env=prefect_server.env(PREFECT_RUNNER_POLL_FREQUENCY="2"),
+        cwd=root,
+    )
+    try:
+        with prefect_server.settings(), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            deployment, done = None, None
+            while done is None:
+                if serve.poll() is not None:
+                    pytest.fail(f"salve schedule exited with {serve.returncode}:\n{log_tail(log)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"no scheduled run completed in {RUN_TIMEOUT_S} s:\n{log_tail(log)}"
+                    )
+                time.sleep(1)
+                if deployment is None:
+                    try:
+                        deployment = client.read_deployment_by_name(
+                            f"salve-nightly/{deployment_name}"
+                        )
+                    except ObjectNotFound:
+                        continue
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+                )
+                for run in runs:
+                    if run.state and run.state.is_final() and not run.state.is_completed():
+                        pytest.fail(f"scheduled run {run.name} ended {run.state}:\n{log_tail(log)}")
+                    if run.state and run.state.is_completed():
+                        done = run
+            observed = time.perf_counter() - t_serve
+
+            assert done.auto_scheduled, "the completed run was not created by the scheduler"
+            assert deployment.schedules and deployment.schedules[0].active
+            assert deployment.parameters["root"] == str(root)
+            wall = (done.end_time - done.start_time).total_seconds()
+            lag = (done.start_time - done.expected_start_time).total_seconds()
+
+            (pipeline_run,) = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[done.id])
+                )
+            )
+            assert pipeline_run.state.is_completed()
+            (table,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["salve-stage-summaries"])
+                ),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[pipeline_run.id])),
+            )
+            rows = _artifact_data(table)
+            stages = dvc(root, "stage", "list", "--name-only").stdout.split()
+            assert [r["stage"] for r in rows] == stages
+            assert {r["status"] for r in rows} == {"skipped"}, rows
+
+            (report,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[done.id])),
+            )
+            markdown = report.data
+            assert "No metrics changed since HEAD" in markdown
+            assert "dvc pull: ok" in markdown and "dvc push: ok" in markdown
+    finally:
+        rc = stop_process(serve, timeout=30)
+
+    assert rc is not None, f"salve schedule did not stop on SIGTERM:\n{log_tail(log)}"
+    assert any(remote.rglob("*")), "dvc push left the remote empty"
+    assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
+    print(
+        f"\n[schedule] server start {prefect_server.start_seconds:.1f} s; "
+        f"serve to first completed scheduled run {observed:.1f} s (interval {INTERVAL_S} s); "
+        f"scheduled run wall time {wall:.1f} s (start {lag:+.1f} s from its slot); "
+        f"serve stopped with exit {rc}"
+    )

@@ -1,0 +1,99 @@
+"""Reproducibility: two runs from a clean state with the same parameters give the same bytes.
+
+Run 1 is the session's template project (tests/prefect_server.py: a fresh tiny project, every
+stage run once through tasks.runner.run_stage); run 2 is another fresh tiny project run the same
+way here. No Prefect: the point is the stages' determinism, not orchestration.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_PARAMS, git, make_project, run_pipeline
+
+pytest_plugins = ["tests.prefect_server"]
+pytestmark = pytest.mark.slow
+
+# Sidecar fields that describe where a run happened rather than what it computed.
+PROVENANCE = {"git_revision"}
+# The HTML report embeds the git revision, stage timings and finish times, so its size in bytes
+# (a metric of the report stage) changes from run to run; every other metric must not.
+RUN_DEPENDENT_METRICS = {"metrics/report.json": {"bytes"}}
+CHECKPOINTS = ("results/finetune/model.safetensors", "results/fit_sae/sae.safetensors")
+SIDECARS = {
+    "results/finetune/model.json": ("finetune", "common", "data"),
+    "results/fit_sae/sae.json": ("sae", "common"),
+}
+
+
+@pytest.fixture(scope="module")
+def two_runs(built_project_template: Path, tmp_path_factory: pytest.TempPathFactory):
+    second = make_project(tmp_path_factory.mktemp("repro") / "project")
+    statuses = run_pipeline(second)
+    assert set(statuses.values()) == {"ran"}, statuses
+    return built_project_template, second
+
+
+def files(root: Path, folder: str, pattern: str) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted((root / folder).rglob(pattern))
+    }
+
+
+def test_metrics_json_identical(two_runs) -> None:
+    a, b = two_runs
+    ma, mb = files(a, "metrics", "*.json"), files(b, "metrics", "*.json")
+    assert ma and sorted(ma) == sorted(mb)
+    for name in ma:
+        skip = RUN_DEPENDENT_METRICS.get(name)
+        if skip:
+            da, db = json.loads(ma[name]), json.loads(mb[name])
+            assert {k: v for k, v in da.items() if k not in skip} == {
+                k: v for k, v in db.items() if k not in skip
+            }, name
+            continue
+        assert ma[name] == mb[name], f"{name} differs:\n{ma[name][:400]}\n{mb[name][:400]}"
+
+
+def test_checkpoints_byte_identical(two_runs) -> None:
+    a, b = two_runs
+    for rel in CHECKPOINTS:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    # Every other tensor file too (datasets, activations, edited heads...).
+    ta, tb = files(a, "results", "*.safetensors"), files(b, "results", "*.safetensors")
+    assert sorted(ta) == sorted(tb)
+    assert [k for k in ta if ta[k] != tb[k]] == []
+
+
+def test_sidecars_differ_only_in_provenance(two_runs) -> None:
+    a, b = two_runs
+    ja, jb = files(a, "results", "*.json"), files(b, "results", "*.json")
+    assert sorted(ja) == sorted(jb)
+    for name in ja:
+        da, db = json.loads(ja[name]), json.loads(jb[name])
+        if isinstance(da, dict) and isinstance(db, dict):
+            da = {k: v for k, v in da.items() if k not in PROVENANCE}
+            db = {k: v for k, v in db.items() if k not in PROVENANCE}
+        assert da == db, name
+
+
+@pytest.mark.parametrize("sidecar", sorted(SIDECARS))
+def test_sidecar_records_provenance(two_runs, sidecar: str) -> None:
+    for root in two_runs:
+        meta = json.loads((root / sidecar).read_text())
+        # The revision the run started from (+dirty once DVC has staged dvc.lock mid-run).
+        first_commit = git(root, "rev-list", "--max-parents=0", "HEAD").strip()
+        assert meta["git_revision"].removesuffix("+dirty") == first_commit
+        for section in SIDECARS[sidecar]:
+            for key, value in TINY_PARAMS[section].items():
+                assert meta["params"][section][key] == value, (section, key)
+        libs = meta["libraries"]
+        for name in ("torch", "safetensors", "numpy", "dvc", "prefect"):
+            assert libs[name] == importlib.metadata.version(name), name
+        assert libs["salve"] and libs["python"]
+        assert meta["device"] == "cpu"
+        assert meta["schema_version"] >= 1
