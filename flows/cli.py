@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.schedule import add_schedule_parser
 
     add_schedule_parser(sub)
-    __import__("flows.compare", fromlist=["x"]).add_compare_parser(sub)
+    from flows.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return p
 
 

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,26 @@ from safetensors.torch import load_file, save_file
 
 class ArtifactError(RuntimeError):
     """A stored artifact is missing, truncated or not what the stage expects."""
+
+
+# The temp files `atomic_path` writes: `.NAME.<12 hex>.tmp` next to NAME.
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files an interrupted writer (e.g. a `kill -9`) left under ``folder``.
+
+    Only names `atomic_path` makes are touched. Call it only while no writer can be running
+    there (a stage's output folder, under the pipeline lock): a temp file left in an output
+    folder makes DVC see the folder as modified and refuse to restore it from its cache.
+    """
+    base = Path(folder)
+    if not base.is_dir():
+        return []
+    stale = [p for p in base.rglob(".*.tmp") if p.is_file() and TEMP_NAME.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _new_temp_file(final: Path) -> Path:

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 SAE_KINDS = ("linear", "relu", "topk", "batchtopk", "jumprelu")
+# fit_sae fails when an epoch's reconstruction error exceeds this multiple of the data variance.
+EXPLOSION_FVU = 100.0
 
 
 class SparseAutoencoder(nn.Module):
@@ -343,6 +345,16 @@ def fit_sae(
             sums["mse"] += parts["mse"] / scale_sq * m
             sums["l1"] += parts.get("l1", 0.0) / math.sqrt(scale_sq) * m
         record = {"epoch": epoch + 1} | {k: v / n for k, v in sums.items()}
+        # mse is relative to the data's variance (predicting the mean gives 1): far above it,
+        # the fit has exploded (a huge lr gives finite but useless weights, not NaN).
+        if record["mse"] > EXPLOSION_FVU or not all(
+            bool(torch.isfinite(p).all()) for p in sae.parameters()
+        ):
+            raise DivergenceError(
+                f"SAE fitting diverged at epoch {epoch + 1}: reconstruction error "
+                f"{record['mse']:.4g} x the data variance (over {EXPLOSION_FVU:g}), or the "
+                f"weights are no longer finite. Lower sae.lr (now {s.lr})."
+            )
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
     sae.calibrate_batchtopk_(acts)

@@ -15,7 +15,17 @@ from salve.data import normalise
 
 
 class DivergenceError(RuntimeError):
-    """The loss became NaN/inf; the stage fails and earlier artifacts stay as they were."""
+    """The loss became NaN/inf or exploded; the stage fails and earlier artifacts stay as they
+    were."""
+
+
+# An epoch whose mean cross-entropy exceeds this multiple of the chance-level loss ln(K) has
+# diverged (a huge learning rate gives finite but exploding losses, not NaN).
+EXPLOSION_FACTOR = 100.0
+
+
+def finite_parameters(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 @dataclass
@@ -152,6 +162,14 @@ def train_classifier(
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(dim=1) == y).sum())
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        chance = math.log(max(int(logits.shape[1]), 2))
+        if total_loss / n > EXPLOSION_FACTOR * chance or not finite_parameters(model):
+            raise DivergenceError(
+                f"fine-tuning diverged at epoch {epoch + 1}: mean training loss "
+                f"{total_loss / n:.4g} is over {EXPLOSION_FACTOR:g}x the chance-level loss "
+                f"{chance:.3g}, or the weights are no longer finite. Lower finetune.lr (now "
+                f"{settings.lr}); the previous checkpoint, if any, is kept."
+            )
         val_pred = predict(model, val_images, mean, std, device=device)
         val_acc = float((val_pred == val_labels).double().mean()) if len(val_labels) else math.nan
         history.append(

@@ -64,7 +64,8 @@ def activation_maximisation(
     init_scale: float = 0.01,
     clamp_pixels: bool = True,
 ) -> torch.Tensor:
-    """The image [3, S, S] in [0, 1] that maximises latent ``feature`` of ``sae`` on ``model``.
+    """The image [3, S, S] in [0, 1] that maximises latent ``feature`` of ``sae`` on ``model``
+    (its pre-activation, which equals the code wherever the feature is active).
 
     Deterministic for a fixed seed on CPU (noise and jitter come from a private generator, the
     global RNG is untouched). The model and SAE are left as they were: their training flags are
@@ -96,7 +97,10 @@ def activation_maximisation(
             else:
                 x_in = x
             with torch.enable_grad():
-                z = sae.encode(penultimate(model, x_in))[0, feature]
+                # The pre-activation, not the code: a ReLU/top-k code is 0 (no gradient) until
+                # the feature fires, which from small noise it often never does. Where the
+                # feature is on, the two are equal (linear SAE: always).
+                z = sae.pre_activation(penultimate(model, x_in))[0, feature]
                 objective = z - l2 * x.pow(2).sum() - tv * total_variation(x)
                 (grad,) = torch.autograd.grad(-objective, x)
             opt.zero_grad(set_to_none=True)

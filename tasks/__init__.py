@@ -31,7 +31,10 @@ class StageSpec:
 
     @property
     def deps(self) -> list[str]:
-        ups = [STAGES[u].out_dir if u in STAGES else f"results/{u}" for u in self.upstream]
+        ups = [STAGES[u].out_dir for u in self.upstream]
+        if self.reads_metrics:
+            ups += [STAGES[u].metrics_file for u in self.upstream]
+            ups += [p for u in self.upstream for p in STAGES[u].plots]
         return (
             ups
             + list(self.extra_deps)
@@ -89,7 +92,16 @@ STAGES: dict[str, StageSpec] = {
             "report",
             (),
             ("report",),
-            upstream=("fetch", "fit_sae", "rank", "edit", "alpha_crit", "gradfam"),
+            upstream=(
+                "fetch",
+                "finetune",
+                "extract",
+                "fit_sae",
+                "rank",
+                "edit",
+                "alpha_crit",
+                "gradfam",
+            ),
             reads_metrics=True,
             out="reports/latest",
         ),

@@ -12,7 +12,7 @@ import torch
 
 from salve import __version__
 from salve.config import Config
-from salve.io import load_tensors, read_json, write_csv, write_json
+from salve.io import ArtifactError, load_tensors, read_json, write_csv, write_json
 
 SCHEMA_VERSION = 1
 
@@ -83,5 +83,12 @@ def load_dataset_meta(root: Path) -> dict:
 
 
 def load_activations(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = load_tensors(stage_dir(root, "extract") / f"{split}.safetensors", ("acts", "labels"))
+    path = stage_dir(root, "extract") / f"{split}.safetensors"
+    t = load_tensors(path, ("acts", "labels"))
+    bad = int((~torch.isfinite(t["acts"])).sum())
+    if bad:  # else fit_sae would blame its learning rate for a NaN loss
+        raise ArtifactError(
+            f"{path}: {bad} activation values are NaN or infinite. It is corrupted: rerun "
+            "extract (`salve stage extract --force`)."
+        )
     return t["acts"], t["labels"]

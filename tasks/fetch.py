@@ -22,6 +22,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         val_fraction=d.val_fraction,
         max_per_class=d.max_per_class,
         seed=cfg.common.seed,
+        progress=progress,
     )
     check_prepared(prepared)
     out = stage_dir(root, "fetch")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salve.config import Config
-from salve.io import read_json, write_json
+from salve.io import read_json, remove_temp_files, write_json
 from tasks import STAGES
 
 log = logging.getLogger("salve")
@@ -148,6 +148,7 @@ def stage_is_fresh(repo, name: str) -> bool:
 
 
 def restore_from_run_cache(repo, name: str) -> bool:
+    from dvc.exceptions import ConfirmRemoveError
     from dvc.stage.cache import RunCacheNotFoundError
 
     (stage,) = repo.stage.collect(name)
@@ -156,8 +157,51 @@ def restore_from_run_cache(repo, name: str) -> bool:
             repo.stage_cache.restore(stage)
         except RunCacheNotFoundError:
             return False
+        except ConfirmRemoveError:
+            # An output holds content DVC has no copy of (corrupted, or edited by hand), so it
+            # will not delete it unasked. The stage owns its outputs and running it would replace
+            # them too: delete the cached ones and restore the recorded versions (`dvc repro`
+            # also removes a stage's outputs before it consults the run-cache).
+            for out in stage.outs:
+                if out.use_cache:
+                    out.remove(ignore_remove=False)
+            try:
+                repo.stage_cache.restore(stage)
+            except RunCacheNotFoundError:
+                return False
     repo.commit(name, force=True)
     return True
+
+
+def remove_stale_temp_files(root: Path, name: str) -> list[Path]:
+    """Temp files a killed run left in this stage's outputs (see salve.io.remove_temp_files).
+
+    Left there, DVC would see the output folder as modified, refuse to restore it from the
+    run-cache (ConfirmRemoveError) and, on a forced rerun, commit the junk with the outputs.
+    """
+    spec = STAGES[name]
+    folders = [spec.out_dir, str(Path(spec.metrics_file).parent), f"plots/{name}"]
+    removed = [p for f in folders for p in remove_temp_files(root / f)]
+    if removed:
+        log.info("stage %s: removed %d temp file(s) left by an interrupted run", name, len(removed))
+    return removed
+
+
+def prune_stale_outputs(out_dir: Path, since: float) -> list[Path]:
+    """Delete files in a stage's output folder that its successful run did not write.
+
+    Outputs are replaced by atomic renames (new mtime), so anything older is a leftover of an
+    earlier configuration (e.g. the PNG of a feature no longer ranked) that DVC would otherwise
+    cache as part of this run. Pruned only after success: a failed run keeps the old outputs.
+    """
+    stale = [
+        p
+        for p in Path(out_dir).rglob("*")
+        if p.is_file() and p.name != ".gitignore" and p.stat().st_mtime < since
+    ]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def run_stage(
@@ -167,6 +211,7 @@ def run_stage(
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     t0 = time.perf_counter()
     root = Path(root).resolve()
+    remove_stale_temp_files(root, name)
     with dvc_repo(root) as repo:
         if not force and stage_is_fresh(repo, name):
             status = "skipped"
@@ -174,7 +219,9 @@ def run_stage(
             status = "restored"
         else:
             module = importlib.import_module(f"tasks.{name}")
+            started = time.time()
             module.run(cfg, root, progress=progress)
+            prune_stale_outputs(root / STAGES[name].out_dir, started)
             repo.commit(name, force=True)
             status = "ran"
     seconds = time.perf_counter() - t0
