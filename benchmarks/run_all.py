@@ -1,0 +1,375 @@
+"""Run every benchmark and write benchmarks/RESULTS.md (tables) and benchmarks/results.json.
+
+    .venv/bin/python benchmarks/run_all.py            # full run (default params; long)
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke run: tiny sizes, a few minutes
+    .venv/bin/python benchmarks/run_all.py --only extract sae --out-dir /tmp/bench
+
+See benchmarks/README.md for what each row means. A benchmark that fails is reported as an
+error in both files; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks import bench_pipeline as bp  # noqa: E402
+
+BENCHMARKS = ("stages", "extract", "sae", "control", "gradfam", "prefect", "finetune")
+
+# Sizes per mode. "full" measures the real thing (the default params, the real shapes).
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "stages_overlay": None,
+        "extract": {"n": 2048, "batch_size": 256, "image_size": 64, "repeats": 3},
+        "sae": {"n": 8192, "d": 512, "width": 64, "epochs": 10, "batch_size": 256, "k": 8},
+        "control": [],
+        "gradfam": {"n": 64, "image_size": 64, "width": 64, "n_features": 8, "batch_size": 32,
+                    "repeats": 3},
+        "prefect_repeats": 3,
+        "finetune": {"cases": [("resnet18", 64), ("resnet18", 224), ("vit_b_16", 64),
+                               ("vit_b_16", 224)], "batch_size": 16, "steps": 3},
+    },
+    "quick": {
+        "stages_overlay": bp.QUICK_PARAMS,
+        "extract": {"n": 256, "batch_size": 64, "image_size": 64, "repeats": 3},
+        "sae": {"n": 1024, "d": 512, "width": 64, "epochs": 1, "batch_size": 256, "k": 8},
+        "control": ["--n", "2000", "--brentq-n", "200", "--images", "64", "--repeats", "1"],
+        "gradfam": {"n": 8, "image_size": 64, "width": 64, "n_features": 4, "batch_size": 8,
+                    "repeats": 1},
+        "prefect_repeats": 1,
+        "finetune": {"cases": [("resnet18", 64), ("resnet18", 224), ("vit_b_16", 64),
+                               ("vit_b_16", 224)], "batch_size": 2, "steps": 1},
+    },
+}  # fmt: skip
+
+
+def run(names: list[str], quick: bool, workdir: Path) -> dict[str, Any]:
+    sizes = SIZES["quick" if quick else "full"]
+    results: dict[str, Any] = {}
+    project: tuple[Path, list[str]] | None = None
+
+    def timed(name: str, fn) -> None:
+        print(f"[bench] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported, and the other benchmarks still run
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback":
+                             traceback.format_exc(limit=6)}  # fmt: skip
+        results[name]["bench_seconds"] = time.perf_counter() - t0
+        status = "error" if "error" in results[name] else "done"
+        print(f"[bench] {name} {status} in {results[name]['bench_seconds']:.1f} s", flush=True)
+
+    def stages() -> dict[str, Any]:
+        nonlocal project
+        out, root, ran = bp.bench_stages(workdir / "stages", sizes["stages_overlay"])
+        project = (root, ran)
+        return out
+
+    def prefect() -> dict[str, Any]:
+        nonlocal project
+        if project is None:  # --only prefect: a fresh quick project, built without timing
+            _, root, ran = bp.bench_stages(workdir / "stages", bp.QUICK_PARAMS)
+            project = (root, ran)
+        root, ran = project
+        return bp.bench_prefect(workdir / "prefect", root, ran, sizes["prefect_repeats"])
+
+    def finetune() -> dict[str, Any]:
+        f = sizes["finetune"]
+        return bp.bench_finetune([tuple(c) for c in f["cases"]], f["batch_size"], f["steps"])
+
+    jobs = {
+        "stages": stages,
+        "extract": lambda: bp.bench_extract(**sizes["extract"]),
+        "sae": lambda: bp.bench_sae(**sizes["sae"]),
+        "control": lambda: bp.bench_control(workdir, sizes["control"]),
+        "gradfam": lambda: bp.bench_gradfam(**sizes["gradfam"]),
+        "prefect": prefect,
+        "finetune": finetune,
+    }
+    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
+    for name in BENCHMARKS:
+        if name in names:
+            timed(name, jobs[name])
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        if x != x:  # NaN
+            return "nan"
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return str(x)
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, r = doc["machine"], doc["results"]
+    lines = [
+        "# SALVE benchmarks",
+        "",
+        f"Generated by `benchmarks/run_all.py{' --quick' if doc['quick'] else ''}` on "
+        f"{doc['started']} in {doc['seconds']:.0f} s."
+        + (" **Quick smoke run: tiny sizes, not representative.**" if doc["quick"] else ""),
+        "See benchmarks/README.md for what each row means. Ratios are measured within this run.",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += _table(
+        ["CPU", "cores (usable)", "memory GiB", "torch threads", "torch", "python", "load avg"],
+        [[m["cpu_model"], f"{m['logical_cores']} ({m['usable_cores']})", m["memory_gib"],
+          m["torch_threads"], m["torch"], m["python"],
+          " / ".join(str(x) for x in m["load_average_at_start"])]],
+    )  # fmt: skip
+    for name in BENCHMARKS:
+        if name not in r:
+            continue
+        res = r[name]
+        if "error" in res:
+            lines += [f"## {name}", "", f"**error**: `{res['error']}`", ""]
+            continue
+        lines += RENDER[name](res)
+    return "\n".join(lines)
+
+
+def _render_stages(s: dict) -> list[str]:
+    p = s["params"]
+    lines = [
+        "## Stages, cold and warm",
+        "",
+        f"Params: data {p['data']['source']} {p['data']['image_size']} px "
+        f"(max_per_class {p['data']['max_per_class']}), finetune {p['finetune']['arch']} "
+        f"{p['finetune']['epochs']} epochs, SAE {p['sae']['kind']} width {p['sae']['width']} "
+        f"{p['sae']['epochs']} epochs, threads {p['common']['num_threads']}.",
+        "",
+    ]
+    warm = {w["stage"]: w for w in s["warm_per_stage"]}
+    rows = []
+    for c in s["cold"]:
+        w = warm.get(c["stage"], {})
+        rows.append([c["stage"], c.get("wall_s", "-"), c.get("maxrss_mib", "-"),
+                     w.get("wall_s", "-"), w.get("maxrss_mib", "-"),
+                     c.get("error", "").splitlines()[-1] if c.get("error") else ""])  # fmt: skip
+    lines += _table(
+        ["stage", "cold s", "cold peak MiB", "warm s (`salve stage`)", "warm peak MiB", "error"],
+        rows,
+    )
+    wr, dc = s["warm_salve_run"], s["dvc_commit"]
+    lines += _table(
+        ["whole pipeline", "s", "peak MiB"],
+        [
+            ["cold: sum of `python -m tasks` runs", s["cold_total_s"], max(
+                (c.get("maxrss_mib", 0) for c in s["cold"]), default=0)],
+            ["`dvc commit` of every stage", dc["wall_s"], dc["maxrss_mib"]],
+            ["warm: `salve run`, everything fresh", wr["wall_s"], wr["maxrss_mib"]],
+        ],
+    )  # fmt: skip
+    return lines
+
+
+def _render_extract(e: dict) -> list[str]:
+    return [
+        "## Activation extraction vs bare forward",
+        "",
+        *_table(
+            ["path", "images/s", "seconds"],
+            [
+                ["salve extract_activations", e["salve_images_per_s"], e["salve_s"]],
+                ["bare inference_mode forward", e["bare_images_per_s"], e["bare_s"]],
+            ],
+        ),
+        f"resnet18, {e['n']} images at {e['image_size']} px, batch {e['batch_size']}: "
+        f"throughput ratio salve/bare = **{e['throughput_ratio_salve_over_bare']:.3f}** "
+        f"(aim >= 0.95); max |difference| {e['max_abs_diff']:.2g}.",
+        "",
+    ]
+
+
+def _render_sae(s: dict) -> list[str]:
+    return [
+        "## SAE fitting throughput",
+        "",
+        f"{s['n']} x {s['d']} activations, width {s['width']}, batch {s['batch_size']}, "
+        f"{s['epochs']} epoch(s), k {s['k']} (top-k variants).",
+        "",
+        *_table(
+            ["variant", "samples/s", "seconds"],
+            [[r["kind"], r["samples_per_s"], r["seconds"]] for r in s["rows"]],
+        ),
+    ]
+
+
+def _render_control(c: dict) -> list[str]:
+    a, s = c["alpha_crit"], c["sweep"]
+    return [
+        "## Control: cached sweep and exact alpha_crit (bench_control.py)",
+        "",
+        *_table(
+            ["measurement", "seconds", "ratio"],
+            [
+                [f"alpha_exact, N={a['n']}", a["exact_s"], ""],
+                [
+                    f"alpha_brentq loop (timed on {a['brentq_measured_on']}, scaled)",
+                    a["brentq_s"],
+                    f"x{a['ratio_brentq_over_exact']:.0f} vs exact",
+                ],
+                [f"sweep on cached acts, {s['alphas']} alphas", s["sweep_cached_s"], ""],
+                ["one backbone pass to cache acts", s["cache_pass_s"], ""],
+                [
+                    "backbone re-run per alpha",
+                    s["rerun_per_alpha_s"],
+                    f"x{s['ratio_rerun_over_sweep']:.0f} vs cached sweep, "
+                    f"x{s['ratio_rerun_over_cache_plus_sweep']:.1f} vs cache pass + sweep",
+                ],
+            ],
+        ),  # fmt: skip
+        f"exact and brentq agree within 1e-6 on {_pct(a['frac_agree_1e-6_where_brentq_finite'])} "
+        "of the samples where brentq finds a root.",
+        "",
+    ]
+
+
+def _render_gradfam(g: dict) -> list[str]:
+    return [
+        "## Grad-FAM: closed form vs autograd",
+        "",
+        *_table(
+            ["method", "ms / image"],
+            [
+                ["closed form (feature_maps + einsum)", g["closed_form_ms_per_image"]],
+                ["autograd (one backward per feature)", g["autograd_ms_per_image"]],
+            ],
+        ),
+        f"resnet18 at {g['image_size']} px, {g['n_images']} images, {g['features']} features, "
+        f"batch {g['batch_size']}: speedup of the closed form **x"
+        f"{g['speedup_closed_over_autograd']:.2f}**; max relative difference "
+        f"{g['max_rel_diff']:.2g} ({g['nonzero_fraction']:.0%} of map cells non-zero).",
+        "",
+    ]
+
+
+def _render_prefect(p: dict) -> list[str]:
+    modes = p["modes"]
+    names = {
+        "none": "no Prefect (tasks.runner only)",
+        "temporary_api": "Prefect, temporary API",
+        "server": "Prefect, running `prefect server start`",
+    }
+    rows = []
+    for key, label in names.items():
+        m = modes[key]
+        over = "" if key == "none" else _f(p[f"{key}_overhead_call_s"])
+        rows.append([label, m["wall_s"], m["import_s"], m["call_s"], over])
+    return [
+        "## Prefect overhead (every stage skipped)",
+        "",
+        f"Stages: {', '.join(p['stages'])}. Server start-up: {p['server_start_s']:.1f} s "
+        "(not counted below).",
+        "",
+        *_table(["mode", "process s", "import s", "flow call s", "overhead vs no Prefect s"], rows),
+    ]
+
+
+def _render_finetune(f: dict) -> list[str]:
+    return [
+        "## Fine-tuning throughput (train loop)",
+        "",
+        *_table(
+            ["arch", "image px", "batch", "steps", "images/s", "seconds"],
+            [
+                [
+                    r["arch"],
+                    r["image_size"],
+                    r["batch_size"],
+                    r["steps"],
+                    r["images_per_s"],
+                    r["seconds"],
+                ]
+                for r in f["rows"]
+            ],
+        ),  # fmt: skip
+    ]
+
+
+RENDER = {
+    "stages": _render_stages,
+    "extract": _render_extract,
+    "sae": _render_sae,
+    "control": _render_control,
+    "gradfam": _render_gradfam,
+    "prefect": _render_prefect,
+    "finetune": _render_finetune,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads here (default: params.yaml's)"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    args = ap.parse_args(argv)
+
+    from salve.config import load
+
+    threads = args.threads or load(bp.REPO / "params.yaml").common.num_threads
+    if threads:
+        torch.set_num_threads(threads)
+    names = list(args.only or BENCHMARKS)
+    workdir = bp.temp_workdir()
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    try:
+        machine = bp.machine_info()
+        results = run(names, args.quick, workdir)
+    finally:
+        if args.keep:
+            print(f"[bench] work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    doc = {
+        "quick": args.quick,
+        "started": started,
+        "seconds": time.perf_counter() - t0,
+        "machine": machine,
+        "results": results,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (args.out_dir / "RESULTS.md").write_text(markdown(doc))
+    print(f"[bench] wrote {args.out_dir / 'RESULTS.md'} and {args.out_dir / 'results.json'}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
