@@ -28,6 +28,11 @@ def _prepare(args: argparse.Namespace) -> Path:
     return root
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: in logs (cron, CI, files) every update would be a line."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _print_rows(rows: list[dict], seconds: float) -> None:
     print(f"\n{'stage':<10} {'status':<9} {'seconds':>8}  summary")
     for r in rows:
@@ -77,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             root=str(root),
             stages=args.stages or None,
             force=args.force or None,
-            progress=not args.no_progress,
+            progress=_progress(args),
         )
     _print_rows(rows, time.perf_counter() - t0)
     return 0
@@ -94,7 +99,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             load(root / "params.yaml"),
             root,
             force=args.force,
-            progress=not args.no_progress,
+            progress=_progress(args),
         )
     _print_rows([outcome.row()], outcome.seconds)
     return 0
