@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME := $(CURDIR)/.prefect
 
-.PHONY: run test lint format bench clean-state
+.PHONY: run test lint format bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,4 +32,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_control.py
+	$(PY) benchmarks/run_all.py
