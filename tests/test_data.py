@@ -249,9 +249,13 @@ def test_cifar100_from_existing_layout(tmp_path: Path, monkeypatch: pytest.Monke
     rng = np.random.default_rng(0)
     names = [f"c{i:02d}" for i in range(100)]
 
+    written: dict[str, np.ndarray] = {}
+
     def dump(name: str, n_per_class: int) -> None:
+        # CIFAR's own format is a pickle: the test writes one (it never reads pickles back).
         labels = [c for c in range(100) for _ in range(n_per_class)]
         data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        written[name] = data
         with open(base / name, "wb") as fh:
             pickle.dump({"data": data, "fine_labels": labels}, fh)
 
@@ -282,9 +286,8 @@ def test_cifar100_from_existing_layout(tmp_path: Path, monkeypatch: pytest.Monke
     # Native size keeps pixels exactly (HWC -> CHW order is right).
     (raw / "cifar.tar.gz").unlink()  # now found on disk: no download needed
     d32 = prepare_dataset("cifar100", image_size=32, raw_dir=raw, progress=False)
-    with open(base / "test", "rb") as fh:
-        raw = pickle.load(fh)["data"].reshape(-1, 3, 32, 32)
-    assert torch.equal(d32.val_images, torch.from_numpy(raw))
+    expected = written["test"].reshape(-1, 3, 32, 32)
+    assert torch.equal(d32.val_images, torch.from_numpy(expected))
 
 
 # --------------------------------------------------------------------------------------------
