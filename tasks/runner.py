@@ -219,7 +219,9 @@ def run_stage(
             status = "restored"
         else:
             module = importlib.import_module(f"tasks.{name}")
-            started = time.time()
+            # File mtimes come from the kernel's coarse clock, which can lag time.time() by
+            # milliseconds: the margin keeps a file written at the very start of the run.
+            started = time.time() - 1.0
             module.run(cfg, root, progress=progress)
             prune_stale_outputs(root / STAGES[name].out_dir, started)
             repo.commit(name, force=True)
