@@ -29,8 +29,11 @@ def _prepare(args: argparse.Namespace) -> Path:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    """Progress bars only on a terminal: in logs (cron, CI, files) every update would be a line."""
-    return not args.no_progress and sys.stderr.isatty()
+    """Progress bars on a terminal by default: in logs (cron, CI, files) every update would be a
+    line. --progress forces them on, --no-progress off."""
+    if args.progress is not None:
+        return args.progress
+    return sys.stderr.isatty()
 
 
 def _print_rows(rows: list[dict], seconds: float) -> None:
@@ -162,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECTION.KEY=VALUE",
             help="validate, then write into params.yaml (as `dvc exp run -S`)",
         )
-        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        sp.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="show progress bars (default: only when stderr is a terminal)",
+        )
 
     r = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
     common(r)

@@ -353,7 +353,7 @@ def test_kill9_during_fit_sae_keeps_previous_outputs_and_rerun_completes(project
     apply_overrides(project / "params.yaml", ["sae.epochs=300", "sae.width=24"])
     log = tmp_path / "killed.log"
     # Progress bars on: tqdm's "fit_sae (relu)" line says the fitting loop has started.
-    with running(start_cli(project, "stage", "fit_sae", "--force", log=log)) as p:
+    with running(start_cli(project, "stage", "fit_sae", "--force", "--progress", log=log)) as p:
         wait_for(lambda: "fit_sae (relu)" in _tail(log), p, 180, "the SAE fitting loop", log)
         rc = kill_group(p)
     assert rc == -signal.SIGKILL, _tail(log)
