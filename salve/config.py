@@ -327,6 +327,21 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _write_keys(p: Path, items: list[tuple[str, str, Any]]) -> None:
+    """Set section.key = value in params.yaml, keeping its comments and key order; atomic."""
+    from salve.io import atomic_path
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = (rt.load(p.read_text(encoding="utf-8")) if p.exists() else None) or {}
+    for section, key, value in items:
+        if doc.get(section) is None:
+            doc[section] = {}
+        doc[section][key] = value
+    with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        rt.dump(doc, fh)
+
+
 def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
     """Validate overrides, then write them into params.yaml (comments kept), as `dvc exp run -S`.
 
@@ -338,28 +353,15 @@ def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
     plain = plain or {}
     if not isinstance(plain, dict):
         raise ConfigError(f"{p}: expected a mapping of sections, got {type(plain).__name__}")
-    for text in overrides:
-        section, key, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    for section, key, value in parsed:
         if plain.get(section) is None:
             plain[section] = {}
         if not isinstance(plain[section], dict):
             raise ConfigError(f"{p}: section {section!r} must be a mapping of keys")
         plain[section][key] = value
     cfg = from_dict(plain, f"{p} with --set")
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(p.read_text(encoding="utf-8")) if p.exists() else None
-    if doc is None:
-        doc = {}
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if section not in doc or doc[section] is None:
-            doc[section] = {}
-        doc[section][key] = value
-    from salve.io import atomic_path
-
-    with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        rt.dump(doc, fh)
+    _write_keys(p, parsed)
     return cfg
 
 
@@ -369,26 +371,18 @@ def fill_missing(path: str | Path) -> list[str]:
     DVC reads parameter values from the file, so the file must hold every key a stage declares;
     a value left to a default would otherwise be invisible to DVC's record.
     """
-    from ruamel.yaml import YAML
-
     p = Path(path)
     load(p)  # validate first: nothing is written for an invalid file
-    rt = YAML()
-    doc = rt.load(p.read_text(encoding="utf-8")) or {}
-    added = []
-    for section, values in Config().to_dict().items():
-        if doc.get(section) is None:
-            doc[section] = {}
-        for key, value in values.items():
-            if key not in doc[section]:
-                doc[section][key] = value
-                added.append(f"{section}.{key}")
-    if added:
-        from salve.io import atomic_path
-
-        with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            rt.dump(doc, fh)
-    return added
+    plain = _safe_load(p.read_text(encoding="utf-8"), str(p)) or {}
+    missing = [
+        (section, key, value)
+        for section, values in Config().to_dict().items()
+        for key, value in values.items()
+        if key not in (plain.get(section) or {})
+    ]
+    if missing:
+        _write_keys(p, missing)
+    return [f"{section}.{key}" for section, key, _ in missing]
 
 
 def params_markdown() -> str:

@@ -31,10 +31,11 @@ from tasks.common import (
 
 
 def _fingerprint(cfg: Config, root: Path) -> str:
+    params = cfg.to_dict()
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            [cfg.to_dict()["finetune"], cfg.to_dict()["common"], cfg.to_dict()["data"]],
+            [params[section] for section in ("finetune", "common", "data")],
             sort_keys=True,
         ).encode()
     )

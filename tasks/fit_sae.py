@@ -11,7 +11,14 @@ from salve.config import Config
 from salve.io import load_tensors, read_json, save_tensors, write_json
 from salve.models import head_of
 from salve.runtime import resolve_device, seed_everything
-from salve.sae import SaeSettings, SparseAutoencoder, fit_sae, quality_metrics, sae_from_tensors
+from salve.sae import (
+    SaeSettings,
+    SparseAutoencoder,
+    fit_sae,
+    quality_metrics,
+    sae_from_tensors,
+    sae_tensors,
+)
 from tasks.common import load_activations, run_metadata, stage_dir, write_metrics, write_plot
 from tasks.finetune import load_model
 
@@ -36,7 +43,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     out = stage_dir(root, "fit_sae")
     save_tensors(
         out / "sae.safetensors",
-        {k: v for k, v in sae.state_dict().items()},
+        sae_tensors(sae),
         metadata={"kind": s.kind},
     )
     write_json(
