@@ -4,4 +4,9 @@ The method as a library: pure functions and small classes, no orchestration, no 
 Stage wiring lives in ``tasks/`` (file I/O) and ``flows/`` (Prefect).
 """
 
+from salve.runtime import apply_base_settings as _apply_base_settings
+
 __version__ = "0.1.0"
+
+# Run-to-run identical MKL results (salve/runtime.py); set before any tensor operation.
+_apply_base_settings()

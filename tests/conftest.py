@@ -27,6 +27,12 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@salve.invalid")
 # DVC stage commands call `python -m tasks`: make that the interpreter running the tests.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
+# The CPU kernel paths of the default (common.reproducible: true), chosen before any tensor
+# operation of the session, as the salve entry points do (salve/runtime.py).
+from salve.runtime import pin_cpu_kernels  # noqa: E402
+
+pin_cpu_kernels(True)
+
 # Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
 TINY_PARAMS = {
     "common": {"seed": 0, "device": "cpu", "num_threads": 2},
