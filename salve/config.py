@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from pathlib import PurePosixPath
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from ruamel.yaml import YAML, YAMLError
+
+
+# finetune.weights: these words, or a file under this folder (a DVC input of finetune).
+WEIGHT_KEYWORDS = ("none", "imagenet")
+WEIGHTS_DIR = "weights"
+
+
+def _under(path: str, folder: str) -> bool:
+    parts = PurePosixPath(path).parts
+    return len(parts) >= 2 and parts[0] == folder and ".." not in parts
 
 
 class ConfigError(ValueError):
@@ -45,6 +57,11 @@ class CommonConfig:
     seed: int = _f(0, min=0, help="global seed (data split, init, SAE, AM)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when present")
     num_threads: int = _f(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
+    reproducible: bool = _f(
+        True,
+        help="pin CPU kernels to AVX2 code paths so results match across x86-64 CPUs "
+        "(about 1.5x slower CPU training; see README)",
+    )
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,9 @@ class DataConfig:
     )
     variant: str = _f("160px", choices=("160px", "320px", "full"), help="imagenette archive")
     path: str = _f(
-        "", help="imagefolder: its root (a folder per class); imagenette/cifar100: download folder"
+        "data",
+        help="the folder DVC tracks as fetch's input: imagefolder: its root (a folder per class); "
+        "imagenette/cifar100: where archives are downloaded; digits: unused",
     )
     image_size: int = _f(64, min=16, max=1024, help="square side images are resized to")
     val_fraction: float = _f(
@@ -67,19 +86,48 @@ class DataConfig:
         help="held-out share when the source has no split",
     )
     max_per_class: int = _f(0, min=0, help="cap on train images per class; 0 = all")
+    min_val_per_class: int = _f(
+        5, min=1, help="fetch refuses a class with fewer val images than this"
+    )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    arch: str = _f("resnet18", choices=("resnet18", "vit_b_16"), help="torchvision backbone")
-    weights: str = _f("none", help="none | imagenet | path to a backbone .safetensors")
-    epochs: int = _f(4, min=1, max=1000, help="training epochs")
+    arch: str = _f(
+        "resnet18",
+        help="any torchvision classification model with a linear head (resnet18, vit_b_16, "
+        "mobilenet_v3_small, convnext_tiny, ...)",
+    )
+    weights: str = _f(
+        "none",
+        help="none | imagenet | a .safetensors state dict under weights/ (a DVC input)",
+    )
+    epochs: int = _f(4, min=0, max=1000, help="epoch budget; 0 explains finetune.weights as is")
     batch_size: int = _f(16, min=1, max=4096, help="small batches give more disentangled features")
     lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="learning rate")
     optimizer: str = _f("adamw", choices=("adamw", "sgd"), help="optimiser")
     weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="decoupled weight decay")
-    augment: bool = _f(False, help="random crop + horizontal flip (off for digits)")
+    schedule: str = _f(
+        "onecycle",
+        choices=("onecycle", "cosine", "constant"),
+        help="learning-rate schedule over the epoch budget (warm-up, then decay)",
+    )
+    warmup: float = _f(0.15, min=0.0, max=0.9, help="share of the budget spent warming up")
+    patience: int = _f(
+        2, min=0, max=1000, help="stop after this many epochs without a better val accuracy"
+    )
+    augment: str = _f(
+        "auto",
+        choices=("auto", "none", "crop", "crop_flip"),
+        help="train-time augmentation; auto: crop for digits, crop_flip otherwise",
+    )
     mixed_precision: bool = _f(True, help="bf16/fp16 autocast on CUDA; ignored on CPU")
+    min_val_accuracy: float = _f(
+        0.8, min=0.0, max=1.0, help="quality gate: stop before the SAE below this val accuracy"
+    )
+    min_class_accuracy: float = _f(
+        0.5, min=0.0, max=1.0, help="quality gate: stop when any class is below this"
+    )
 
 
 @dataclass(frozen=True)
@@ -115,8 +163,12 @@ class RankConfig:
         help="a feature is cross-class when its 2nd-largest |class mean| is at least "
         "this fraction of its largest",
     )
-    min_class_mean: float = _f(
-        0.0, min=0.0, help="a cross-class feature needs its largest |class mean| above this"
+    min_mean_fraction: float = _f(
+        0.1,
+        min=0.0,
+        max=1.0,
+        help="a cross-class feature's largest |class mean| must be at least this fraction of "
+        "the largest |class mean| of any feature",
     )
     top_n: int = _f(5, min=1, max=1000, help="features listed per class")
 
@@ -127,6 +179,9 @@ class EditConfig:
         "projection",
         choices=("paper", "projection"),
         help="projection: W(I+s*alpha*dd^T); paper: w_ij*max(0,1+s*alpha*|c_j|)",
+    )
+    centre: bool = _f(
+        True, help="projection: act on a - b_dec (the SAE's centre), bias moved to match"
     )
     targets: str = _f(
         "dominant_and_cross",
@@ -151,6 +206,9 @@ class EditConfig:
         "suppress", choices=("suppress", "enhance"), help="direction of the saved edit"
     )
     checkpoint_alpha: float = _f(1.5, min=0.0, help="strength of the saved edit (alpha_unit)")
+    min_base_accuracy: float = _f(
+        0.5, min=0.0, max=1.0, help="classes below this accuracy before any edit are not evaluated"
+    )
 
 
 @dataclass(frozen=True)
@@ -176,16 +234,30 @@ class AlphaCritConfig:
 class GradfamConfig:
     top_k: int = _f(6, min=1, max=64, help="top-activating val images shown per feature")
     batch_size: int = _f(32, min=1, max=4096, help="images per Grad-FAM batch")
-    vit_tap: str = _f(
-        "block_input",
-        choices=("block_input", "block_ln1"),
-        help="ViT tokens differentiated (see salve/gradfam.py)",
+    layer: str = _f(
+        "auto",
+        help="feature map differentiated: auto (the deepest with a grid of at least 4x4), or a "
+        "module name (layer3, layer4, encoder.layers.encoder_layer_10, ...)",
+    )
+    deletion_steps: int = _f(
+        20, min=2, max=1000, help="faithfulness: pixels deleted in this many equal steps"
     )
     am_steps: int = _f(64, min=0, max=100_000, help="activation-maximisation steps")
     am_lr: float = _f(0.05, min=0.0, min_exclusive=True, help="activation-maximisation step size")
     am_l2: float = _f(1e-4, min=0.0, help="lambda_L2")
     am_tv: float = _f(1e-3, min=0.0, help="lambda_TV")
     am_jitter: int = _f(4, min=0, max=64, help="random shift in pixels per step")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    seeds: int = _f(5, min=1, max=100, help="SAE fits (seeds) every edit metric is averaged over")
+    projection_alpha: float = _f(
+        1.0, min=0.0, help="strength of the projection edits (1 removes the component)"
+    )
+    paper_alpha: float = _f(
+        8.0, min=0.0, help="strength of the paper-rule edit, per-feature units"
+    )
 
 
 @dataclass(frozen=True)
@@ -199,6 +271,7 @@ class Config:
     edit: EditConfig = field(default_factory=EditConfig)
     alpha_crit: AlphaCritConfig = field(default_factory=AlphaCritConfig)
     gradfam: GradfamConfig = field(default_factory=GradfamConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -282,12 +355,34 @@ def from_dict(raw: Any, source: str = "params.yaml") -> Config:
 
 
 def _check_cross_field(cfg: Config, source: str) -> None:
-    if cfg.data.source == "imagefolder" and not cfg.data.path:
-        raise ConfigError(f"{source}: data.path must name a folder when data.source is imagefolder")
-    if cfg.finetune.arch == "vit_b_16" and cfg.data.image_size % 16:
+    if not cfg.data.path.strip():
         raise ConfigError(
-            f"{source}: data.image_size={cfg.data.image_size} must be a multiple of 16 for "
-            "vit_b_16 (its patch size)"
+            f"{source}: data.path must name a folder (DVC tracks it as fetch's input); the "
+            "default is data, the repository's data folder"
+        )
+    arch = cfg.finetune.arch
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", arch):
+        raise ConfigError(
+            f"{source}: finetune.arch={arch!r} is not a torchvision model name (e.g. resnet18, "
+            "vit_b_16, mobilenet_v3_small)"
+        )
+    patch = re.fullmatch(r"vit_[a-z]_(\d+)", arch)
+    if patch and cfg.data.image_size % int(patch[1]):
+        raise ConfigError(
+            f"{source}: data.image_size={cfg.data.image_size} must be a multiple of "
+            f"{patch[1]} for {arch} (its patch size)"
+        )
+    weights = cfg.finetune.weights
+    if weights not in WEIGHT_KEYWORDS and not _under(weights, WEIGHTS_DIR):
+        raise ConfigError(
+            f"{source}: finetune.weights={weights!r} must be none, imagenet, or a file under "
+            f"{WEIGHTS_DIR}/ (DVC tracks that folder as finetune's input): copy or link it "
+            f"there, e.g. `ln -s /path/to/model.safetensors {WEIGHTS_DIR}/`"
+        )
+    if cfg.finetune.epochs == 0 and weights in WEIGHT_KEYWORDS:
+        raise ConfigError(
+            f"{source}: finetune.epochs=0 explains a trained model as it is, so "
+            "finetune.weights must name its .safetensors file under weights/"
         )
     if cfg.alpha_crit.grid_min >= cfg.alpha_crit.grid_max:
         raise ConfigError(

@@ -60,7 +60,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         lr=f.lr,
         optimizer=f.optimizer,
         weight_decay=f.weight_decay,
-        augment=f.augment,
+        augment=f.augment not in ("auto", "none"),
         mixed_precision=f.mixed_precision,
         seed=cfg.common.seed,
     )

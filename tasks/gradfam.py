@@ -46,7 +46,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         top = top_activating(codes, feature, g.top_k)
         x = normalise(images[top], mean, std)
         maps = upsample_normalise(
-            gradfam_maps(model, sae, x, [feature], batch_size=g.batch_size, vit_tap=g.vit_tap),
+            gradfam_maps(model, sae, x, [feature], batch_size=g.batch_size, vit_tap="block_input"),
             size,
         )[:, 0]
         tensors[f"maps.{feature}"] = maps

@@ -20,7 +20,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     mu = class_mean_codes(codes, labels, len(classes))
     dominant = dominant_features(mu).tolist()
     top = top_features(mu, r.top_n).tolist()
-    cross = cross_class_features(mu, r.cross_class_fraction, r.min_class_mean)
+    cross = cross_class_features(
+        mu, r.cross_class_fraction, r.min_mean_fraction * float(mu.abs().max())
+    )
     out = stage_dir(root, "rank")
     write_json(
         out / "ranking.json",
@@ -39,7 +41,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             "cross_class": cross,
             "rule": {
                 "cross_class_fraction": r.cross_class_fraction,
-                "min_class_mean": r.min_class_mean,
+                "min_mean_fraction": r.min_mean_fraction,
             },
         },
     )

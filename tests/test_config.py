@@ -26,7 +26,10 @@ from salve.config import (
 REPO = Path(__file__).resolve().parents[1]
 
 # Values that satisfy the cross-field rules whatever single field is being varied.
-_CONTEXT: dict[str, dict] = {"data": {"path": "some/folder"}}
+_CONTEXT: dict[str, dict] = {
+    "data": {"path": "some/folder"},
+    "finetune": {"weights": "weights/model.safetensors"},
+}
 
 
 def _all_fields() -> list[tuple[str, str, type, dataclasses.Field]]:
@@ -149,9 +152,23 @@ def test_unknown_section_and_unknown_key() -> None:
 
 
 def test_cross_field_rules() -> None:
-    with pytest.raises(ConfigError, match=r"data\.path"):
-        from_dict({"data": {"source": "imagefolder"}})
+    with pytest.raises(ConfigError, match=r"data\.path must name a folder"):
+        from_dict({"data": {"source": "imagefolder", "path": " "}})
     assert from_dict({"data": {"source": "imagefolder", "path": "x"}}).data.path == "x"
+
+    for arch in ("ResNet", "1net", "vit-b-16", ""):
+        with pytest.raises(ConfigError, match=r"finetune\.arch"):
+            from_dict({"finetune": {"arch": arch}})
+    with pytest.raises(ConfigError, match=r"multiple of 32 for vit_b_32"):
+        from_dict({"finetune": {"arch": "vit_b_32"}, "data": {"image_size": 48}})
+
+    for weights in ("/abs/model.safetensors", "model.safetensors", "weights/../x", "data/x"):
+        with pytest.raises(ConfigError, match=r"finetune\.weights=.*under weights/"):
+            from_dict({"finetune": {"weights": weights}})
+    assert from_dict({"finetune": {"weights": "weights/sub/m.safetensors"}})
+    with pytest.raises(ConfigError, match=r"finetune\.epochs=0 explains"):
+        from_dict({"finetune": {"epochs": 0, "weights": "imagenet"}})
+    assert from_dict({"finetune": {"epochs": 0, "weights": "weights/m.safetensors"}})
 
     with pytest.raises(ConfigError, match=r"data\.image_size=40.*multiple of 16"):
         from_dict({"finetune": {"arch": "vit_b_16"}, "data": {"image_size": 40}})
@@ -202,9 +219,9 @@ def test_load_errors(tmp_path: Path) -> None:
 def test_load_reads_exponent_floats_as_dvc_does(tmp_path: Path) -> None:
     """YAML 1.2 (DVC's ruamel): `1e-3` is a float, not the string PyYAML would make of it."""
     p = tmp_path / "params.yaml"
-    p.write_text("sae:\n  l1: 1e-3\n  lr: 2E-4\nrank:\n  min_class_mean: 1e-10\n")
+    p.write_text("sae:\n  l1: 1e-3\n  lr: 2E-4\nrank:\n  min_mean_fraction: 1e-10\n")
     cfg = load(p)
-    assert cfg.sae.l1 == 1e-3 and cfg.sae.lr == 2e-4 and cfg.rank.min_class_mean == 1e-10
+    assert cfg.sae.l1 == 1e-3 and cfg.sae.lr == 2e-4 and cfg.rank.min_mean_fraction == 1e-10
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +265,7 @@ def test_apply_overrides_writes_typed_values_and_keeps_comments(params_copy: Pat
     before = params_copy.read_text().splitlines()
     cfg = apply_overrides(
         params_copy,
-        ["sae.width=128", "sae.l1=1e-2", "sae.kind=topk", "rank.min_class_mean=1e-10"],
+        ["sae.width=128", "sae.l1=1e-2", "sae.kind=topk", "rank.min_mean_fraction=1e-10"],
     )
     assert (cfg.sae.width, cfg.sae.l1, cfg.sae.kind) == (128, 0.01, "topk")
     assert type(cfg.sae.width) is int and type(cfg.sae.l1) is float
@@ -256,13 +273,13 @@ def test_apply_overrides_writes_typed_values_and_keeps_comments(params_copy: Pat
     raw = yaml.safe_load(params_copy.read_text())
     assert raw["sae"]["width"] == 128 and type(raw["sae"]["width"]) is int
     assert load(params_copy) == cfg
-    assert load(params_copy).rank.min_class_mean == 1e-10
+    assert load(params_copy).rank.min_mean_fraction == 1e-10
 
     after = params_copy.read_text().splitlines()
     assert len(after) == len(before)
     changed = {i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b}
     keys = [before[i].split(":")[0].strip() for i in sorted(changed)]
-    assert keys == ["kind", "width", "l1", "min_class_mean"]
+    assert keys == ["kind", "width", "l1", "min_mean_fraction"]
     for i in changed:  # a changed line keeps its own comment
         if "#" in before[i]:
             assert after[i].endswith(before[i][before[i].index("#") :])
