@@ -9,13 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from pathlib import PurePosixPath
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
 
 from ruamel.yaml import YAML, YAMLError
-
 
 # finetune.weights: these words, or a file under this folder (a DVC input of finetune).
 WEIGHT_KEYWORDS = ("none", "imagenet")
@@ -255,9 +253,7 @@ class EvaluateConfig:
     projection_alpha: float = _f(
         1.0, min=0.0, help="strength of the projection edits (1 removes the component)"
     )
-    paper_alpha: float = _f(
-        8.0, min=0.0, help="strength of the paper-rule edit, per-feature units"
-    )
+    paper_alpha: float = _f(8.0, min=0.0, help="strength of the paper-rule edit, per-feature units")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def pin_cpu_kernels(reproducible: bool) -> dict[str, str]:
     libraries have already read their settings, so only a new process can change them.
     """
     global _MODE
-    if _MODE is not None and _MODE != reproducible:
+    if _MODE is not None and reproducible != _MODE:
         raise KernelModeError(
             f"common.reproducible={reproducible} was asked for, but this process already chose "
             f"its CPU kernels with common.reproducible={_MODE}; start a new process (salve run "
