@@ -10,22 +10,30 @@ import sys
 import time
 from pathlib import Path
 
-from salve.config import apply_overrides, fill_missing, load
+from salve.config import Config, apply_overrides, fill_missing
 from tasks import STAGE_ORDER, STAGES
 from tasks.runner import exit_code_reporting_errors
 
 
-def _prepare(args: argparse.Namespace) -> Path:
-    """Apply --set overrides and fill missing keys, validating params.yaml (no work yet)."""
+def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
+    """Validate params.yaml with the --set overrides and the user's files, then write them.
+
+    Nothing is written unless everything validated: a failed start leaves params.yaml as it was.
+    The CPU kernels are then pinned (salve/runtime.py), before any tensor operation.
+    """
+    from salve.runtime import pin_cpu_kernels
+    from tasks.preflight import preflight
+
     root = Path(args.root).resolve()
     params = root / "params.yaml"
+    cfg = apply_overrides(params, args.set, check=lambda c: preflight(c, root))
     if args.set:
-        apply_overrides(params, args.set)
         print(f"params.yaml updated: {', '.join(args.set)}")
     added = fill_missing(params)
     if added:
         print(f"params.yaml: added missing keys with their defaults: {', '.join(added)}")
-    return root
+    pin_cpu_kernels(cfg.common.reproducible)
+    return root, cfg
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -96,10 +104,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     with pipeline_lock(root):
-        _prepare(args)
+        _, cfg = _prepare(args)
         outcome = run_stage(
             args.name,
-            load(root / "params.yaml"),
+            cfg,
             root,
             force=args.force,
             progress=_progress(args),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
@@ -433,11 +434,15 @@ def _write_keys(p: Path, items: list[tuple[str, str, Any]]) -> None:
         rt.dump(doc, fh)
 
 
-def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
+def apply_overrides(
+    path: str | Path, overrides: list[str], check: Callable[[Config], object] | None = None
+) -> Config:
     """Validate overrides, then write them into params.yaml (comments kept), as `dvc exp run -S`.
 
     Writing them to the file keeps DVC's record true: the values a stage ran with are the values
-    in params.yaml, which DVC records in dvc.lock. Nothing is written if any override is invalid.
+    in params.yaml, which DVC records in dvc.lock. Nothing is written unless the whole resulting
+    configuration validates, including ``check`` (e.g. that the data folder exists), which may
+    raise.
     """
     p = Path(path)
     plain = _safe_load(p.read_text(encoding="utf-8"), str(p)) if p.exists() else {}
@@ -452,7 +457,10 @@ def apply_overrides(path: str | Path, overrides: list[str]) -> Config:
             raise ConfigError(f"{p}: section {section!r} must be a mapping of keys")
         plain[section][key] = value
     cfg = from_dict(plain, f"{p} with --set")
-    _write_keys(p, parsed)
+    if check is not None:
+        check(cfg)
+    if parsed:
+        _write_keys(p, parsed)
     return cfg
 
 

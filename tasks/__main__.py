@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from salve.config import load
+from salve.runtime import pin_cpu_kernels
 from tasks import STAGES
+from tasks.preflight import preflight
 from tasks.runner import exit_code_reporting_errors
 
 
@@ -22,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         root = Path(args.params).resolve().parent
+        cfg = load(args.params)
+        preflight(cfg, root)
+        pin_cpu_kernels(cfg.common.reproducible)  # before any tensor operation
         module = importlib.import_module(f"tasks.{args.stage}")
-        summary = module.run(load(args.params), root, progress=not args.no_progress)
+        summary = module.run(cfg, root, progress=not args.no_progress)
         print(json.dumps(summary, indent=1, default=str))
         return 0
 

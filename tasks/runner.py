@@ -51,9 +51,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from salve.download import DownloadError, UnsafeArchiveError
     from salve.io import ArtifactError
     from salve.models import WeightsUnavailableError
+    from salve.runtime import KernelModeError
     from salve.train import DivergenceError
+    from tasks.preflight import InputError
 
     return (
+        InputError,
+        KernelModeError,
         ArtifactError,
         DatasetError,
         DownloadError,
@@ -209,8 +213,11 @@ def run_stage(
 ) -> StageOutcome:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    from salve.runtime import pin_cpu_kernels
+
     t0 = time.perf_counter()
     root = Path(root).resolve()
+    pin_cpu_kernels(cfg.common.reproducible)  # idempotent; entry points call it first
     remove_stale_temp_files(root, name)
     with dvc_repo(root) as repo:
         if not force and stage_is_fresh(repo, name):

@@ -93,6 +93,9 @@ def make_project(root: Path, params: dict | None = None) -> Path:
         elif src.exists():
             shutil.copy2(src, root / name)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
+    for folder in ("data", "weights"):  # the user-input folders DVC tracks, as a clone has them
+        (root / folder).mkdir(exist_ok=True)
+        shutil.copy2(REPO / folder / "README.md", root / folder / "README.md")
     write_params(root, params or TINY_PARAMS)
     git(root, "init", "-q", "-b", "main")
     dvc(root, "init", "-q")

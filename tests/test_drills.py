@@ -230,13 +230,14 @@ def _entry_matches(root: Path, entry: dict) -> bool:
     path = root / entry["path"]
     digest = entry.get("md5", "")
     if digest.endswith(".dir"):
-        h = digest.removesuffix(".dir")
-        manifest = root / ".dvc" / "cache" / "files" / "md5" / h[:2] / f"{h[2:]}.dir"
-        if not path.is_dir() or not manifest.is_file():
+        if not path.is_dir():
             return False
-        want = {e["relpath"]: e["md5"] for e in json.loads(manifest.read_text())}
-        have = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
-        return set(want) == set(have) and all(_md5(have[k]) == v for k, v in want.items())
+        # A folder's hash is the md5 of its manifest: the sorted (relpath, md5) list as JSON.
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        manifest = [{"md5": _md5(p), "relpath": p.relative_to(path).as_posix()} for p in files]
+        manifest.sort(key=lambda e: e["relpath"])
+        text = json.dumps(manifest, sort_keys=True).encode()
+        return hashlib.md5(text).hexdigest() == digest.removesuffix(".dir")
     return path.is_file() and _md5(path) == digest
 
 
