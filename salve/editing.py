@@ -4,23 +4,43 @@ The classifier head is linear: ``logits = a @ W.T + b`` with ``W`` [K, M], ``b``
 exact head input. A feature's decoder column ``c`` [M] edits ``W`` in one of two ways:
 
 - ``"paper"`` (SALVE): ``w'_ij = w_ij * max(0, 1 + s * alpha * |c_j|)``. One factor per activation
-  dimension, shared by all classes, so no weight ever changes sign.
+  dimension, shared by all classes, so no weight ever changes sign. The bias never moves.
 - ``"projection"`` (beyond the paper): ``W' = W (I + s * alpha * d d^T)``, ``d = c / ||c||``.
 
-``s = -1`` suppresses, ``s = +1`` enhances. The bias is never touched. Because the head is linear
-and ``a`` is its exact input, the edited model's logits for any alpha follow from cached
-activations, without re-running the backbone (:func:`edited_logits`, :func:`accuracy_curves`).
+``s = -1`` suppresses, ``s = +1`` enhances.
 
-Exactness: factors and edited weights are computed in float64 and rounded once to the weight's
-dtype. A factor of exactly 1.0 (alpha = 0) therefore returns the original weight bit for bit,
-and ``alpha = 0`` projection edits are skipped rather than added as ``+0.0`` (which would turn
-``-0.0`` into ``+0.0``).
+Centring (projection only). The SAE reads ``a - b_dec``, so its features describe deviations from
+the centre ``b_dec``, not the raw activation. The raw projection also rescales the centre's own
+component ``d . b_dec``, which can be large and of either sign: suppressing a feature can then
+*raise* its own class's logit. Given ``centre_m`` (the SAE's ``b_dec``), the edit acts on
+``a - b_dec`` only::
+
+    logits' = W' (a - b_dec) + W b_dec + b,   i.e.   b' = b + (W - W') b_dec,
+
+so the head's output at ``a = b_dec`` is unchanged. The paper rule ignores the centre: it is
+defined on the raw activation (one factor per dimension, bias unchanged), and the alpha_crit
+formulas (``salve.alpha_crit``) are derived for exactly that form; a centred variant would be a
+different method.
+
+API: the weight-level functions (:func:`edit_head`, :func:`edited_weights`, :func:`invert_edit`)
+return the weight alone when called without ``bias_k``, as before, and an :class:`EditedHead`
+``(weight, bias)`` when ``bias_k`` is given. A centre needs the bias (the edit moves it). The
+logit-level functions take the bias anyway and accept ``centre_m`` as a keyword.
+
+Because the head is linear and ``a`` is its exact input, the edited model's logits for any alpha
+follow from cached activations, without re-running the backbone (:func:`edited_logits`,
+:func:`accuracy_curves`).
+
+Exactness: factors, edited weights and biases are computed in float64 and rounded once to the
+input's dtype. A factor of exactly 1.0 (alpha = 0) therefore returns the original weight bit for
+bit, and ``alpha = 0`` projection edits are skipped rather than added as ``+0.0`` (which would
+turn ``-0.0`` into ``+0.0``); the bias is returned untouched in that case too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple, overload
 
 import torch
 
@@ -32,6 +52,13 @@ _SIGN_NAMES = {"suppress": -1, "enhance": 1}
 _MODES = ("paper", "projection")
 # Elements of the [A, n, K] logit block (plus [A, K, M] edited weights) per chunk over samples.
 _CHUNK_BUDGET = 1 << 22
+
+
+class EditedHead(NamedTuple):
+    """An edited linear head: ``weight`` [K, M] (or [A, K, M]) and ``bias`` [K] (or [A, K])."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
 
 
 def resolve_sign(sign: Sign) -> int:
@@ -100,14 +127,67 @@ def _unit(col_m: torch.Tensor) -> torch.Tensor:
     return col_m / norm
 
 
+def _centre64(
+    centre_m: torch.Tensor | None,
+    bias_k: torch.Tensor | None,
+    weight_km: torch.Tensor,
+    mode: str,
+) -> torch.Tensor | None:
+    """The centre as float64 [M] where it applies (projection), None otherwise; checks shapes."""
+    if bias_k is not None and tuple(bias_k.shape) != (weight_km.shape[0],):
+        raise ValueError(f"bias_k must be [K={weight_km.shape[0]}], got {tuple(bias_k.shape)}")
+    if centre_m is None:
+        return None
+    if bias_k is None:
+        raise ValueError("a centred edit moves the bias: pass bias_k together with centre_m")
+    if tuple(centre_m.shape) != (weight_km.shape[1],):
+        raise ValueError(
+            f"centre_m must be [M={weight_km.shape[1]}] (the SAE's b_dec), "
+            f"got {tuple(centre_m.shape)}"
+        )
+    centre64 = centre_m.detach().to(torch.float64)
+    if not bool(torch.isfinite(centre64).all()):
+        raise ValueError("centre_m must be finite")
+    return centre64 if mode == "projection" else None
+
+
+@overload
+def edit_head(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: None = ...,
+    centre_m: None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def edit_head(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: torch.Tensor,
+    centre_m: torch.Tensor | None = ...,
+) -> EditedHead: ...
+
+
 def edit_head(
     weight_km: torch.Tensor,
     cols: torch.Tensor,
     alpha: Alpha,
     sign: Sign,
     mode: Mode = "paper",
-) -> torch.Tensor:
-    """Return the edited head weight (a new tensor, same dtype); the bias is never changed.
+    *,
+    bias_k: torch.Tensor | None = None,
+    centre_m: torch.Tensor | None = None,
+) -> torch.Tensor | EditedHead:
+    """Return the edited head weight (a new tensor, same dtype), or ``(weight, bias)``.
 
     ``cols`` is one decoder column [M] or several [F, M]; ``alpha`` is one strength or one per
     feature. Several features:
@@ -116,22 +196,65 @@ def edit_head(
       sequential edits, which commute (up to the rounding of intermediate steps);
     - projection: ``W (I + s a_1 d_1 d_1^T)(I + s a_2 d_2 d_2^T)...`` in the order given; these
       commute only when the directions are parallel or orthogonal.
+
+    With ``bias_k`` the result is an :class:`EditedHead`. With ``centre_m`` as well (projection),
+    the bias moves to ``b + (W - W') centre``, the composite of the sequential centred edits; the
+    paper rule returns the bias unchanged (see the module docstring).
     """
     _check_mode(mode)
     s = resolve_sign(sign)
     cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
+    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
     w64 = weight_km.detach().to(torch.float64)
     if mode == "paper":
         factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
         for col_m, a in zip(cols_fm, alphas_f, strict=True):
             factor_m = factor_m * paper_factors(col_m, a, s)
-        return (w64 * factor_m).to(weight_km.dtype)
+        edited = (w64 * factor_m).to(weight_km.dtype)
+        return edited if bias_k is None else EditedHead(edited, bias_k.detach().clone())
+    b64 = None if bias_k is None else bias_k.detach().to(torch.float64)
+    moved = False
     for col_m, a in zip(cols_fm, alphas_f, strict=True):
         if a == 0:  # skip: adding +0.0 would turn -0.0 weights into +0.0
             continue
         d_m = _unit(col_m)
-        w64 = w64 + (s * a) * torch.outer(w64 @ d_m, d_m)
-    return w64.to(weight_km.dtype)
+        wd_k = w64 @ d_m
+        if centre64 is not None and b64 is not None:
+            # (W_t - W_{t+1}) c = -s a (W_t d)(d . c); summed over steps: (W - W') c.
+            b64 = b64 - (s * a) * (wd_k * torch.dot(d_m, centre64))
+            moved = True
+        w64 = w64 + (s * a) * torch.outer(wd_k, d_m)
+    edited = w64.to(weight_km.dtype)
+    if bias_k is None:
+        return edited
+    bias = b64.to(bias_k.dtype) if moved and b64 is not None else bias_k.detach().clone()
+    return EditedHead(edited, bias)
+
+
+@overload
+def invert_edit(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: None = ...,
+    centre_m: None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def invert_edit(
+    weight_km: torch.Tensor,
+    cols: torch.Tensor,
+    alpha: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: torch.Tensor,
+    centre_m: torch.Tensor | None = ...,
+) -> EditedHead: ...
 
 
 def invert_edit(
@@ -140,16 +263,21 @@ def invert_edit(
     alpha: Alpha,
     sign: Sign,
     mode: Mode = "paper",
-) -> torch.Tensor:
+    *,
+    bias_k: torch.Tensor | None = None,
+    centre_m: torch.Tensor | None = None,
+) -> torch.Tensor | EditedHead:
     """Undo :func:`edit_head` with the same arguments, where the edit is invertible.
 
     Paper: divide by the factors; a factor of 0 (a clamped dimension) erased information, so it
     raises. Projection: ``(I + s a d d^T)^{-1} = I - s a / (1 + s a) d d^T``, applied in reverse
-    order; ``1 + s a == 0`` is singular and raises.
+    order; ``1 + s a == 0`` is singular and raises. With ``bias_k`` (the edited bias) and
+    ``centre_m``, the bias moves back by ``(W - W') centre`` step by step.
     """
     _check_mode(mode)
     s = resolve_sign(sign)
     cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
+    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
     w64 = weight_km.detach().to(torch.float64)
     if mode == "paper":
         factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
@@ -157,7 +285,10 @@ def invert_edit(
             factor_m = factor_m * paper_factors(col_m, a, s)
         if bool((factor_m == 0).any()):
             raise ValueError("edit clamped some factors to 0: it cannot be inverted")
-        return (w64 / factor_m).to(weight_km.dtype)
+        restored = (w64 / factor_m).to(weight_km.dtype)
+        return restored if bias_k is None else EditedHead(restored, bias_k.detach().clone())
+    b64 = None if bias_k is None else bias_k.detach().to(torch.float64)
+    moved = False
     for col_m, a in zip(reversed(cols_fm), reversed(alphas_f), strict=True):
         if a == 0:
             continue
@@ -166,7 +297,41 @@ def invert_edit(
             raise ValueError("projection edit with 1 + s*alpha == 0 is singular")
         d_m = _unit(col_m)
         w64 = w64 - (s * a / denom) * torch.outer(w64 @ d_m, d_m)
-    return w64.to(weight_km.dtype)
+        if centre64 is not None and b64 is not None:
+            # b_t = b_{t+1} - (W_t - W_{t+1}) c = b_{t+1} + s a (W_t d)(d . c)
+            b64 = b64 + (s * a) * ((w64 @ d_m) * torch.dot(d_m, centre64))
+            moved = True
+    restored = w64.to(weight_km.dtype)
+    if bias_k is None:
+        return restored
+    bias = b64.to(bias_k.dtype) if moved and b64 is not None else bias_k.detach().clone()
+    return EditedHead(restored, bias)
+
+
+@overload
+def edited_weights(
+    weight_km: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: None = ...,
+    centre_m: None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def edited_weights(
+    weight_km: torch.Tensor,
+    col_m: torch.Tensor,
+    alphas_a: Alpha,
+    sign: Sign,
+    mode: Mode = ...,
+    *,
+    bias_k: torch.Tensor,
+    centre_m: torch.Tensor | None = ...,
+) -> EditedHead: ...
 
 
 def edited_weights(
@@ -175,10 +340,14 @@ def edited_weights(
     alphas_a: Alpha,
     sign: Sign,
     mode: Mode = "paper",
-) -> torch.Tensor:
+    *,
+    bias_k: torch.Tensor | None = None,
+    centre_m: torch.Tensor | None = None,
+) -> torch.Tensor | EditedHead:
     """Edited weights for a grid of alphas, [A, K, M], each bit-identical to ``edit_head``'s.
 
     Vectorised over the grid (broadcast, no loop), float64 then one rounding to the weight dtype.
+    With ``bias_k``: an :class:`EditedHead` whose bias is [A, K] (moved only when centred).
     """
     _check_mode(mode)
     s = resolve_sign(sign)
@@ -186,17 +355,30 @@ def edited_weights(
     col64 = col_m.detach().to(torch.float64)
     if col64.shape != (weight_km.shape[1],):
         raise ValueError(f"col_m must be [M={weight_km.shape[1]}], got {tuple(col_m.shape)}")
+    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
+    n_alpha = len(alphas)
+    biases_ak = None if bias_k is None else bias_k.detach().unsqueeze(0).expand(n_alpha, -1).clone()
     w64 = weight_km.detach().to(torch.float64)
     if mode == "paper":
         factor_am = paper_factors(col64, alphas, s)
-        return (w64.unsqueeze(0) * factor_am.unsqueeze(1)).to(weight_km.dtype)
+        edited = (w64.unsqueeze(0) * factor_am.unsqueeze(1)).to(weight_km.dtype)
+        return edited if biases_ak is None else EditedHead(edited, biases_ak)
     if bool((alphas == 0).all()):
-        return weight_km.detach().unsqueeze(0).expand(len(alphas), -1, -1).clone()
+        edited = weight_km.detach().unsqueeze(0).expand(n_alpha, -1, -1).clone()
+        return edited if biases_ak is None else EditedHead(edited, biases_ak)
     d_m = _unit(col64)
-    delta_km = torch.outer(w64 @ d_m, d_m)
-    edited = w64.unsqueeze(0) + (s * alphas).view(-1, 1, 1) * delta_km.unsqueeze(0)
-    edited = torch.where((alphas == 0).view(-1, 1, 1), w64.unsqueeze(0), edited)
-    return edited.to(weight_km.dtype)
+    wd_k = w64 @ d_m
+    is_zero_a11 = (alphas == 0).view(-1, 1, 1)
+    step_a11 = (s * alphas).view(-1, 1, 1)
+    edited64 = w64.unsqueeze(0) + step_a11 * torch.outer(wd_k, d_m).unsqueeze(0)
+    edited = torch.where(is_zero_a11, w64.unsqueeze(0), edited64).to(weight_km.dtype)
+    if biases_ak is None or bias_k is None:
+        return edited
+    if centre64 is not None:
+        b64 = bias_k.detach().to(torch.float64)
+        moved_ak = b64 - step_a11[:, :, 0] * (wd_k * torch.dot(d_m, centre64))
+        biases_ak = torch.where(is_zero_a11[:, :, 0], biases_ak, moved_ak.to(bias_k.dtype))
+    return EditedHead(edited, biases_ak)
 
 
 def _logit_chunks(
@@ -208,15 +390,18 @@ def _logit_chunks(
     sign: Sign,
     mode: Mode,
     chunk_size: int | None,
+    centre_m: torch.Tensor | None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, logits [A, n, K])`` over sample chunks, bounding peak memory."""
     if acts_nm.dim() != 2 or acts_nm.shape[1] != weight_km.shape[1]:
         raise ValueError(f"acts_nm must be [N, M={weight_km.shape[1]}], got {tuple(acts_nm.shape)}")
     dtype = torch.promote_types(acts_nm.dtype, weight_km.dtype)
-    weights_akm = edited_weights(weight_km, col_m, alphas_a, sign, mode).to(dtype)
-    weights_amk = weights_akm.transpose(1, 2)
-    bias = bias_k.detach().to(dtype)
-    n_alpha, n_class, _ = weights_akm.shape
+    head = edited_weights(
+        weight_km, col_m, alphas_a, sign, mode, bias_k=bias_k.detach(), centre_m=centre_m
+    )
+    weights_amk = head.weight.to(dtype).transpose(1, 2)
+    biases_a1k = head.bias.to(dtype).unsqueeze(1)
+    n_alpha, _, n_class = weights_amk.shape
     n = acts_nm.shape[0]
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_BUDGET // max(1, n_alpha * n_class))
@@ -224,7 +409,7 @@ def _logit_chunks(
         stop = min(n, start + chunk_size)
         x_nm = acts_nm[start:stop].detach().to(dtype)
         # [n, M] @ [A, M, K] -> [A, n, K]: the edited head applied to every alpha at once.
-        yield start, stop, torch.matmul(x_nm, weights_amk) + bias
+        yield start, stop, torch.matmul(x_nm, weights_amk) + biases_a1k
 
 
 def edited_logits(
@@ -236,17 +421,20 @@ def edited_logits(
     sign: Sign,
     mode: Mode = "paper",
     chunk_size: int | None = None,
+    *,
+    centre_m: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [A, N, K] of the edited head for every alpha in the grid, from cached activations.
 
     Exact because ``acts_nm`` is the head's input: the backbone does not depend on alpha.
-    Computed in the promoted dtype of ``acts_nm`` and ``weight_km``.
+    Computed in the promoted dtype of ``acts_nm`` and ``weight_km``. ``centre_m`` centres the
+    projection edit (the edited bias is applied per alpha).
     """
     alphas = _alphas64(alphas_a).reshape(-1)
     dtype = torch.promote_types(acts_nm.dtype, weight_km.dtype)
     out = torch.empty(len(alphas), acts_nm.shape[0], weight_km.shape[0], dtype=dtype)
     for start, stop, block in _logit_chunks(
-        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size
+        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size, centre_m
     ):
         out[:, start:stop] = block
     return out
@@ -261,12 +449,14 @@ def edited_predictions(
     sign: Sign,
     mode: Mode = "paper",
     chunk_size: int | None = None,
+    *,
+    centre_m: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Argmax predictions [A, N] (int64) of the edited head, without holding all logits."""
     alphas = _alphas64(alphas_a).reshape(-1)
     out = torch.empty(len(alphas), acts_nm.shape[0], dtype=torch.int64)
     for start, stop, block in _logit_chunks(
-        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size
+        acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size, centre_m
     ):
         out[:, start:stop] = block.argmax(dim=-1)
     return out
@@ -283,6 +473,8 @@ def accuracy_curves(
     mode: Mode = "paper",
     num_classes: int | None = None,
     chunk_size: int | None = None,
+    *,
+    centre_m: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy of the edited head along an alpha grid, as fractions in [0, 1] (float64).
 
@@ -296,7 +488,7 @@ def accuracy_curves(
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in [0, {k})")
     preds_an = edited_predictions(
-        acts_nm, weight_km, bias_k, col_m, alphas_a, sign, mode, chunk_size
+        acts_nm, weight_km, bias_k, col_m, alphas_a, sign, mode, chunk_size, centre_m=centre_m
     )
     correct_an = (preds_an == labels.unsqueeze(0)).to(torch.float64)
     counts_k = torch.bincount(labels, minlength=k).to(torch.float64)

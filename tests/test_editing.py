@@ -257,3 +257,156 @@ def test_selectivity() -> None:
     assert nan_cls["score"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         selectivity(base, edited, 4)
+
+
+# --- centred projection -------------------------------------------------------------------------
+
+
+def _raw_vs_centred_case() -> dict[str, torch.Tensor]:
+    """Two classes, d = e0. The SAE centre sits at a.d = -10; class 0 lies at a.d = -2 (above the
+    centre: the feature is ON for it), class 1 at -18. Head: z0 = a0, z1 = a1, no bias."""
+    return {
+        "weight": torch.eye(2, dtype=F64),
+        "bias": torch.zeros(2, dtype=F64),
+        "centre": torch.tensor([-10.0, 0.0], dtype=F64),
+        "col": torch.tensor([3.0, 0.0], dtype=F64),  # any length: the projection normalises it
+        "acts": torch.tensor([[-2.0, -1.0], [-2.0, -3.0], [-18.0, 5.0]], dtype=F64),
+        "labels": torch.tensor([0, 0, 1]),
+    }
+
+
+def test_raw_projection_raises_its_target_centred_lowers_it() -> None:
+    c = _raw_vs_centred_case()
+    args = (c["weight"], c["bias"], c["col"], [0.0, 1.0], "suppress", "projection")
+    raw = edited_logits(c["acts"], *args)
+    centred = edited_logits(c["acts"], *args, centre_m=c["centre"])
+    # Hand: raw full suppression zeroes z0 (-2 -> 0: UP); centred sets z0 = w0.centre = -10.
+    assert torch.equal(raw[0, :, 0], torch.tensor([-2.0, -2.0, -18.0], dtype=F64))
+    assert torch.equal(raw[1, :, 0], torch.zeros(3, dtype=F64))
+    assert torch.equal(centred[1, :, 0], torch.full((3,), -10.0, dtype=F64))
+    assert torch.equal(raw[:, :, 1], centred[:, :, 1])  # class 1's row is orthogonal to d
+    acc_raw, _ = accuracy_curves(c["acts"], c["labels"], *args)
+    acc_centred, _ = accuracy_curves(c["acts"], c["labels"], *args, centre_m=c["centre"])
+    # Class 0: base 1/2 (-2 > -3 only); raw "suppression" makes both correct (0 > -1, 0 > -3);
+    # centred makes both wrong (-10 < -1, -3). Class 1 (z0 far below z1 = 5) stays correct.
+    assert torch.equal(acc_raw, torch.tensor([[0.5, 1.0], [1.0, 1.0]], dtype=F64))
+    assert torch.equal(acc_centred, torch.tensor([[0.5, 1.0], [0.0, 1.0]], dtype=F64))
+    # At a = centre the centred edit leaves the logits unchanged, the raw one does not.
+    at_centre = c["centre"].unsqueeze(0)
+    got = edited_logits(at_centre, *args, centre_m=c["centre"])
+    assert torch.equal(got[1], got[0])
+    assert not torch.equal(edited_logits(at_centre, *args)[1], got[0])
+
+
+def test_centred_bias_hand_and_paper_ignores_centre() -> None:
+    c = _raw_vs_centred_case()
+    head = edit_head(
+        c["weight"], c["col"], 1.0, -1, "projection", bias_k=c["bias"], centre_m=c["centre"]
+    )
+    assert torch.equal(head.weight, torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=F64))
+    assert torch.equal(head.bias, torch.tensor([-10.0, 0.0], dtype=F64))  # b + (W - W') c
+    # The paper rule accepts the centre and ignores it: the bias never moves.
+    paper = edit_head(
+        c["weight"], c["col"], 0.2, -1, "paper", bias_k=c["bias"], centre_m=c["centre"]
+    )
+    assert torch.equal(paper.bias, c["bias"])
+    assert torch.equal(paper.weight, edit_head(c["weight"], c["col"], 0.2, -1, "paper"))
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_centred_bias_closed_form(sign: int) -> None:
+    weight, bias, centre = _rand(5, 12, seed=30), _rand(5, seed=31), _rand(12, seed=32) * 3
+    cols = _rand(3, 12, seed=33)
+    alphas = [0.4, 0.0, 1.3]
+    head = edit_head(weight, cols, alphas, sign, "projection", bias_k=bias, centre_m=centre)
+    assert torch.equal(head.weight, edit_head(weight, cols, alphas, sign, "projection"))
+    torch.testing.assert_close(
+        head.bias, bias + (weight - head.weight) @ centre, atol=1e-12, rtol=0
+    )
+    # Sequential centred edits compose to the same head (same centre throughout).
+    w, b = weight, bias
+    for col, a in zip(cols, alphas, strict=True):
+        w, b = edit_head(w, col, a, sign, "projection", bias_k=b, centre_m=centre)
+    torch.testing.assert_close(w, head.weight, atol=1e-12, rtol=0)
+    torch.testing.assert_close(b, head.bias, atol=1e-12, rtol=0)
+    # The grid version matches edit_head bit for bit, weight and bias.
+    grid = torch.tensor([0.0, 0.4, 2.0])
+    many = edited_weights(weight, cols[0], grid, sign, "projection", bias_k=bias, centre_m=centre)
+    assert many.weight.shape == (3, 5, 12) and many.bias.shape == (3, 5)
+    for i, a in enumerate(grid.tolist()):
+        one = edit_head(weight, cols[0], a, sign, "projection", bias_k=bias, centre_m=centre)
+        assert torch.equal(_bits(many.weight[i]), _bits(one.weight))
+        assert torch.equal(_bits(many.bias[i]), _bits(one.bias))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_centred_alpha_zero_is_bit_identical(mode: str, dtype: torch.dtype) -> None:
+    weight = _rand(4, 10, seed=34, dtype=dtype)
+    weight[0, 0] = -0.0
+    bias = _rand(4, seed=35, dtype=dtype)
+    bias[1] = -0.0
+    centre, col = _rand(10, seed=36), _rand(10, seed=37)
+    one = edit_head(weight, col, 0.0, -1, mode, bias_k=bias, centre_m=centre)
+    assert torch.equal(_bits(one.weight), _bits(weight)) and torch.equal(
+        _bits(one.bias), _bits(bias)
+    )
+    grid = edited_weights(weight, col, [0.0, 0.5, 0.0], 1, mode, bias_k=bias, centre_m=centre)
+    for i in (0, 2):
+        assert torch.equal(_bits(grid.weight[i]), _bits(weight))
+        assert torch.equal(_bits(grid.bias[i]), _bits(bias))
+    acts = _rand(6, 10, seed=38, dtype=dtype)
+    logits = edited_logits(acts, weight, bias, col, [0.0], -1, mode, centre_m=centre)
+    # Bit for bit what the uncentred path gives (same kernels), and the original head's logits.
+    assert torch.equal(logits, edited_logits(acts, weight, bias, col, [0.0], -1, mode))
+    torch.testing.assert_close(logits[0], F.linear(acts, weight, bias))
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_centred_edit_then_invert_restores(sign: int) -> None:
+    weight, bias, centre = _rand(6, 20, seed=40), _rand(6, seed=41), _rand(20, seed=42) * 5
+    cols, alphas = _rand(2, 20, seed=43), [0.7, 0.3]
+    edited = edit_head(weight, cols, alphas, sign, "projection", bias_k=bias, centre_m=centre)
+    assert not torch.allclose(edited.bias, bias)
+    back = invert_edit(
+        edited.weight, cols, alphas, sign, "projection", bias_k=edited.bias, centre_m=centre
+    )
+    torch.testing.assert_close(back.weight, weight, atol=1e-12, rtol=0)
+    torch.testing.assert_close(back.bias, bias, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sign", ["suppress", "enhance"])
+def test_centred_logits_equal_a_real_linear_layer(sign: str) -> None:
+    n, m, k = 29, 16, 4
+    acts, weight, bias = _rand(n, m, seed=50).relu(), _rand(k, m, seed=51), _rand(k, seed=52)
+    col, centre = _rand(m, seed=53), acts.mean(0)
+    alphas = torch.tensor([0.0, 0.5, 1.0, 3.0])
+    got = edited_logits(acts, weight, bias, col, alphas, sign, "projection", 7, centre_m=centre)
+    preds = edited_predictions(
+        acts, weight, bias, col, alphas, sign, "projection", 5, centre_m=centre
+    )
+    assert torch.equal(preds, got.argmax(-1))
+    layer = torch.nn.Linear(m, k, dtype=F64)
+    for i, alpha in enumerate(alphas.tolist()):
+        edited = edit_head(weight, col, alpha, sign, "projection", bias_k=bias, centre_m=centre)
+        with torch.no_grad():
+            layer.weight.copy_(edited.weight)
+            layer.bias.copy_(edited.bias)
+            torch.testing.assert_close(got[i], layer(acts), atol=1e-12, rtol=0)
+        # The same head as reading the centred, projected representation with the original head.
+        d = col / col.norm()
+        s = -1.0 if sign == "suppress" else 1.0
+        rep = (acts - centre) + s * alpha * ((acts - centre) @ d).unsqueeze(1) * d + centre
+        torch.testing.assert_close(got[i], rep @ weight.T + bias, atol=1e-10, rtol=0)
+
+
+def test_centre_needs_the_bias_and_the_right_shape() -> None:
+    weight, col = _rand(3, 4, seed=60), _rand(4, seed=61)
+    with pytest.raises(ValueError, match="pass bias_k"):
+        edit_head(weight, col, 0.5, -1, "projection", centre_m=torch.zeros(4))
+    with pytest.raises(ValueError, match="centre_m must be"):
+        edit_head(
+            weight, col, 0.5, -1, "projection", bias_k=torch.zeros(3), centre_m=torch.zeros(5)
+        )
+    with pytest.raises(ValueError, match="bias_k must be"):
+        edited_weights(weight, col, [0.5], -1, "projection", bias_k=torch.zeros(4))
