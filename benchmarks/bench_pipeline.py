@@ -319,16 +319,18 @@ def bench_extract(n: int, batch_size: int, image_size: int, repeats: int) -> dic
 
 def bench_sae(n: int, d: int, width: int, epochs: int, batch_size: int, k: int) -> dict[str, Any]:
     """salve.sae.fit_sae on post-ReLU-like random activations [n, d], every variant."""
-    from salve.sae import SAE_KINDS, SaeSettings, fit_sae
+    from salve.config import SaeConfig
+    from salve.sae import SAE_KINDS, fit_sae
 
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(n, d, generator=g).relu()
-    fit_sae(acts[:batch_size], SaeSettings(epochs=1, width=width), progress=False)  # warm-up
+    warm_up = SaeConfig(epochs=1, width=width)
+    fit_sae(acts[:batch_size], warm_up, seed=0, progress=False)
     rows = []
     for kind in SAE_KINDS:
-        s = SaeSettings(kind=kind, width=width, epochs=epochs, batch_size=batch_size, k=k)
+        s = SaeConfig(kind=kind, width=width, epochs=epochs, batch_size=batch_size, k=k)
         t0 = time.perf_counter()
-        fit_sae(acts, s, progress=False)
+        fit_sae(acts, s, seed=0, progress=False)
         seconds = time.perf_counter() - t0
         rows.append({"kind": kind, "seconds": seconds, "samples_per_s": n * epochs / seconds})
     info = {"n": n, "d": d, "width": width, "epochs": epochs, "batch_size": batch_size, "k": k}
@@ -363,9 +365,10 @@ def bench_gradfam(
     n: int, image_size: int, width: int, n_features: int, batch_size: int, repeats: int
 ) -> dict[str, Any]:
     """Per image: feature_maps + gradfam_closed_form vs gradfam_autograd (resnet18, relu SAE)."""
+    from salve.config import SaeConfig
     from salve.gradfam import feature_maps, gradfam_autograd, gradfam_closed_form
     from salve.models import build_model, penultimate
-    from salve.sae import SaeSettings, init_sae
+    from salve.sae import init_sae
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, image_size=image_size).eval()
@@ -373,7 +376,7 @@ def bench_gradfam(
     x = torch.randn(n, 3, image_size, image_size, generator=g)
     with torch.no_grad():
         acts = penultimate(model, x)
-    sae = init_sae(acts, SaeSettings(kind="relu", width=width)).eval()
+    sae = init_sae(acts, SaeConfig(kind="relu", width=width), seed=0).eval()
     feats = list(range(n_features))
 
     def closed() -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,7 +11,6 @@ from salve.io import load_tensors, read_json, save_tensors, write_json
 from salve.models import head_of
 from salve.runtime import resolve_device, seed_everything
 from salve.sae import (
-    SaeSettings,
     SparseAutoencoder,
     fit_sae,
     quality_metrics,
@@ -29,8 +27,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
     train_acts, train_labels = load_activations(root, "train")
     val_acts, val_labels = load_activations(root, "val")
-    settings = SaeSettings(**asdict(s), seed=cfg.common.seed)
-    sae, history = fit_sae(train_acts, settings, device=device, progress=progress)
+    sae, history = fit_sae(train_acts, s, seed=cfg.common.seed, device=device, progress=progress)
     model, _ = load_model(root)
     head = head_of(model)
     metrics = {
@@ -56,6 +53,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             "d_latent": s.width,
             "decoder_columns_normalised": s.normalise_decoder,
             "hook_point": "head input (exact)",
+            "encode": sae.describe(),
         }
         | run_metadata(root, cfg, device, ("sae", "common")),
     )
@@ -79,7 +77,9 @@ def load_sae(root: Path) -> tuple[SparseAutoencoder, dict]:
     out = stage_dir(root, "fit_sae")
     info = read_json(out / "sae.json")
     tensors = load_tensors(out / "sae.safetensors", ("encoder.weight", "decoder.weight"))
-    return sae_from_tensors(tensors, info["kind"], info.get("k", 0)), info
+    # sidecars written before the encode rule was recorded hold only kind and k
+    rule = info.get("encode") or info["kind"]
+    return sae_from_tensors(tensors, rule, info.get("k", 0)), info
 
 
 @torch.no_grad()

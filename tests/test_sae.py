@@ -1,23 +1,29 @@
-"""salve.sae: metric oracles, every SAE kind fits, exact Jacobians, state round trips."""
+"""salve.sae: metric oracles, every SAE kind fits, exact Jacobians, state round trips, the
+registry, and codes recomputed from the saved tensors and each kind's encode description."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import salve.sae as sae_mod
-from salve.io import load_tensors, save_tensors
+from salve.config import SaeConfig
+from salve.io import load_tensors, save_tensors, write_json
 from salve.sae import (
     SAE_KINDS,
-    SaeLossWeights,
-    SaeSettings,
+    JumpReluSAE,
     SparseAutoencoder,
+    build_sae,
     fit_sae,
     init_sae,
+    loss_weights,
     quality_metrics,
     sae_from_tensors,
     sae_loss,
@@ -56,9 +62,9 @@ def acts() -> torch.Tensor:
     return synthetic_sparse()
 
 
-def _settings(kind: str, **kw) -> SaeSettings:
+def _settings(kind: str, **kw) -> SaeConfig:
     base = {"kind": kind, "width": 32, "l1": 1e-3, "k": 4, "lr": 1e-2, "epochs": 25}
-    return SaeSettings(**(base | {"batch_size": 64} | kw))
+    return SaeConfig(**(base | {"batch_size": 64} | kw))
 
 
 def _random_sae(kind: str, d: int = 6, width: int = 8, seed: int = 0, k: int = 3):
@@ -67,7 +73,7 @@ def _random_sae(kind: str, d: int = 6, width: int = 8, seed: int = 0, k: int = 3
     with torch.no_grad():
         sae.decoder.bias.normal_()
         sae.encoder.bias.normal_(std=0.3)
-        if sae.log_threshold is not None:
+        if isinstance(sae, JumpReluSAE):
             sae.log_threshold.fill_(math.log(0.2))
     return sae
 
@@ -192,13 +198,13 @@ def test_sae_loss_hand_computed_relu_and_linear() -> None:
     a = torch.tensor([[1.0, 2.0], [-1.0, -3.0]], dtype=F64)
     w_enc, w_dec = [[1.0, 0.0], [0.0, -1.0]], [[2.0, 0.0], [0.0, 1.0]]
     # relu: pre [1,-2], [-1,3] -> codes [1,0], [0,3] -> recon [2,0], [0,3]; errors 5, 37
-    loss, parts = sae_loss(_tiny_sae("relu", w_enc, w_dec), a, SaeLossWeights(l1=0.5))
+    loss, parts = sae_loss(_tiny_sae("relu", w_enc, w_dec), a, {"l1": 0.5})
     assert parts == {"mse": 21.0, "l1": 2.0} and loss.item() == 22.0
     # linear: codes = pre -> recon [2,-2], [-2,3]; errors 17, 37; l1 mean(3, 4)
-    loss, parts = sae_loss(_tiny_sae("linear", w_enc, w_dec), a, SaeLossWeights(l1=0.5))
+    loss, parts = sae_loss(_tiny_sae("linear", w_enc, w_dec), a, {"l1": 0.5})
     assert parts == {"mse": 27.0, "l1": 3.5} and loss.item() == 28.75
     # l1 = 0 leaves the plain reconstruction error
-    loss, parts = sae_loss(_tiny_sae("linear", w_enc, w_dec), a, SaeLossWeights(l1=0.0))
+    loss, parts = sae_loss(_tiny_sae("linear", w_enc, w_dec), a, {"l1": 0.0})
     assert loss.item() == 27.0 and "l1" not in parts
 
 
@@ -207,12 +213,12 @@ def test_sae_loss_hand_computed_topk_regularisers() -> None:
     eye = [[1.0, 0.0], [0.0, 1.0]]
     sae = _tiny_sae("topk", eye, eye, k=1)
     # codes [3,0], [0,2]; mse mean(1, 1) = 1; outside the top-1: 1 and 1
-    loss, parts = sae_loss(sae, a, SaeLossWeights(l1=5.0))
+    loss, parts = sae_loss(sae, a, {"l1": 5.0})
     assert loss.item() == 1.0 and parts == {"mse": 1.0}  # no l1 on codes for topk
-    loss, _ = sae_loss(sae, a, SaeLossWeights(aux_l1=0.25))
+    loss, _ = sae_loss(sae, a, {"aux_l1": 0.25})
     assert loss.item() == 1.25
     ratio = (4 / math.sqrt(10) + 3 / math.sqrt(5)) / 2
-    loss, _ = sae_loss(sae, a, SaeLossWeights(l1_l2_ratio=2.0))
+    loss, _ = sae_loss(sae, a, {"l1_l2_ratio": 2.0})
     assert loss.item() == pytest.approx(1 + 2 * ratio, rel=1e-14)
 
 
@@ -223,8 +229,8 @@ def test_sae_loss_hand_computed_topk_regularisers() -> None:
 @pytest.mark.parametrize("kind", SAE_KINDS)
 def test_every_kind_fits_and_reduces_the_loss(acts, kind: str) -> None:
     s = _settings(kind)
-    before = quality_metrics(init_sae(acts, s), acts)
-    sae, history = fit_sae(acts, s, progress=False)
+    before = quality_metrics(init_sae(acts, s, seed=0), acts)
+    sae, history = fit_sae(acts, s, seed=0, progress=False)
     after = quality_metrics(sae, acts)
     assert len(history) == s.epochs and [h["epoch"] for h in history[:2]] == [1, 2]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
@@ -261,9 +267,9 @@ def test_batchtopk_threshold_calibration_hand_check(acts) -> None:
             top = p.flatten().topk(3 * p.shape[0]).values
             return top[top > 0].min()
 
-        sae.calibrate_batchtopk_(x)  # one batch
+        sae.calibrate_(x)  # one batch
         assert float(sae.batchtopk_threshold) == float(kept_min(pre))
-        sae.calibrate_batchtopk_(x, batch_size=128)  # two batches: mean of their minima
+        sae.calibrate_(x, batch_size=128)  # two batches: mean of their minima
         expected = (kept_min(pre[:128]) + kept_min(pre[128:])) / 2
         assert float(sae.batchtopk_threshold) == pytest.approx(float(expected), rel=1e-6)
         sae.eval()
@@ -274,7 +280,7 @@ def test_batchtopk_threshold_calibration_hand_check(acts) -> None:
 
 def test_batchtopk_threshold_saved_and_round_trips(acts, tmp_path: Path) -> None:
     s = _settings("batchtopk", epochs=10)
-    sae, _ = fit_sae(acts, s, progress=False)
+    sae, _ = fit_sae(acts, s, seed=0, progress=False)
     threshold = float(sae.batchtopk_threshold)
     assert threshold > 0
     tensors = sae_tensors(sae)
@@ -329,7 +335,7 @@ def test_normalise_decoder_keeps_the_function(kind: str) -> None:
         sae.decoder.weight.mul_(scale)  # columns of norm != 1
         sae.encoder.weight.div_(scale[:, None])
         sae.encoder.bias.div_(scale)
-        if sae.log_threshold is not None:
+        if isinstance(sae, JumpReluSAE):
             sae.log_threshold.sub_(scale.log())
     x = torch.randn(40, 6, generator=_gen(7)) * 2
     recon0, codes0, _ = sae(x)
@@ -346,40 +352,42 @@ def test_normalise_decoder_keeps_the_function(kind: str) -> None:
 def test_init_puts_decoder_bias_at_data_mean(acts) -> None:
     x = acts * 10 + 50.0  # a large offset, as pooled post-ReLU features have
     s = _settings("relu")
-    sae = init_sae(x, s)
+    sae = init_sae(x, s, seed=0)
     assert torch.equal(sae.b_dec, x.double().mean(dim=0).float())
     assert torch.allclose(sae.W_dec.norm(dim=0), torch.ones(s.width), atol=1e-6)
     assert torch.equal(sae.W_enc, sae.W_dec.T) and bool((sae.b_enc == 0).all())
-    again = init_sae(x, s)
+    again = init_sae(x, s, seed=0)
     assert torch.equal(again.W_dec, sae.W_dec)
-    assert not torch.equal(init_sae(x, _settings("relu", seed=1)).W_dec, sae.W_dec)
-    assert init_sae(x, _settings("topk")).k == s.k and init_sae(x, s).k == 0
+    assert not torch.equal(init_sae(x, s, seed=1).W_dec, sae.W_dec)
+    assert init_sae(x, _settings("topk"), seed=0).k == s.k and "k" not in sae.describe()
 
 
 def test_fit_sae_is_deterministic_for_a_seed(acts) -> None:
     s = _settings("topk", epochs=5, aux_l1=0.1, l1_l2_ratio=0.01)
-    a, hist_a = fit_sae(acts, s, progress=False)
-    b, hist_b = fit_sae(acts, s, progress=False)
+    a, hist_a = fit_sae(acts, s, seed=0, progress=False)
+    b, hist_b = fit_sae(acts, s, seed=0, progress=False)
     ta, tb = sae_tensors(a), sae_tensors(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert hist_a == hist_b
-    c, _ = fit_sae(acts, _settings("topk", epochs=5, aux_l1=0.1, l1_l2_ratio=0.01, seed=1))
+    c, _ = fit_sae(acts, s, seed=1, progress=False)
     assert not torch.equal(c.W_dec, a.W_dec)
 
 
 def test_fit_sae_without_decoder_normalisation(acts) -> None:
-    sae, _ = fit_sae(acts, _settings("relu", epochs=5, normalise_decoder=False), progress=False)
+    sae, _ = fit_sae(
+        acts, _settings("relu", epochs=5, normalise_decoder=False), seed=0, progress=False
+    )
     assert not torch.allclose(sae.W_dec.norm(dim=0), torch.ones(32), atol=1e-3)
 
 
 def test_non_finite_loss_raises_divergence(acts, monkeypatch) -> None:
     huge = acts * 1e30  # float32 squared error overflows to inf
     with pytest.raises(DivergenceError, match=r"epoch 1.*sae\.lr"):
-        fit_sae(huge, _settings("relu"), progress=False)
+        fit_sae(huge, _settings("relu"), seed=0, progress=False)
     nan = acts.clone()
     nan[3, 2] = math.nan
     with pytest.raises(DivergenceError):
-        fit_sae(nan, _settings("relu"), progress=False)
+        fit_sae(nan, _settings("relu"), seed=0, progress=False)
 
     calls = []
 
@@ -390,7 +398,7 @@ def test_non_finite_loss_raises_divergence(acts, monkeypatch) -> None:
 
     monkeypatch.setattr(sae_mod, "sae_loss", fake_loss)
     with pytest.raises(DivergenceError, match="epoch 1"):
-        fit_sae(acts, _settings("relu"), progress=False)
+        fit_sae(acts, _settings("relu"), seed=0, progress=False)
     assert len(calls) == 3
 
 
@@ -401,3 +409,133 @@ def test_unknown_kind_and_bad_k() -> None:
         SparseAutoencoder(4, 4, "topk", k=5)
     with pytest.raises(ValueError, match="k <= d_latent"):
         SparseAutoencoder(4, 4, "batchtopk", k=0)
+
+
+def test_loss_weights_are_the_config_weights_in_raw_loss_units() -> None:
+    cfg = SaeConfig(l1=0.03, aux_l1=0.1, l1_l2_ratio=0.01)
+    # the loss is divided by scale_sq: l1 terms count per sqrt(scale_sq), the ratio is unitless
+    w = loss_weights(cfg, 4.0)
+    assert w == pytest.approx({"l1": 0.06, "aux_l1": 0.2, "l1_l2_ratio": 0.04}, rel=1e-15)
+    assert loss_weights(cfg, 1.0) == {"l1": 0.03, "aux_l1": 0.1, "l1_l2_ratio": 0.01}
+
+
+# --------------------------------------------------------------------------------------------
+# registry and the encode description
+
+
+def test_registry_matches_the_config_choices() -> None:
+    kind_field = next(f for f in fields(SaeConfig) if f.name == "kind")
+    assert tuple(SAE_KINDS) == kind_field.metadata["choices"]
+
+
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_registry_builds_every_kind_and_round_trips(kind: str, tmp_path: Path) -> None:
+    built = build_sae(kind, 6, 8, k=3)
+    assert type(built) is SAE_KINDS[kind] and isinstance(built, SparseAutoencoder)
+    assert (built.kind, built.d_in, built.d_latent) == (kind, 6, 8)
+    assert getattr(built, "k", None) == (3 if kind in ("topk", "batchtopk") else None)
+    assert type(SparseAutoencoder(6, 8, kind, k=3)) is SAE_KINDS[kind]  # the single-class call
+    sae = _random_sae(kind).eval()
+    if kind == "batchtopk":
+        sae.batchtopk_threshold.fill_(0.3)
+    save_tensors(tmp_path / "sae.safetensors", sae_tensors(sae))
+    write_json(tmp_path / "sae.json", sae.describe())
+    description = json.loads((tmp_path / "sae.json").read_text())
+    back = sae_from_tensors(load_tensors(tmp_path / "sae.safetensors"), description)
+    assert type(back) is type(sae) and not back.training and back.describe() == description
+    x = torch.randn(10, 6, generator=_gen(8))
+    for got, want in zip(back(x), sae(x), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_unknown_kind_names_the_allowed_ones() -> None:
+    allowed = "allowed: linear, relu, topk, batchtopk, jumprelu"
+    with pytest.raises(ValueError, match=f"unknown SAE kind 'gated'; {allowed}"):
+        build_sae("gated", 4, 4)
+    tensors = sae_tensors(build_sae("relu", 4, 4))
+    with pytest.raises(ValueError, match=allowed):
+        sae_from_tensors(tensors, {"kind": "gated"})
+    with pytest.raises(TypeError, match=r"needs one: build_sae\(kind"):
+        SparseAutoencoder(4, 4)
+
+
+def test_a_description_that_disagrees_with_the_weights_is_refused() -> None:
+    sae = _random_sae("jumprelu")
+    tensors, rule = sae_tensors(sae), sae.describe()
+    log_flag = rule["threshold"] | {"log_parameterised": False}
+    with pytest.raises(ValueError, match="disagrees.*on threshold"):
+        sae_from_tensors(tensors, rule | {"threshold": log_flag})
+    with pytest.raises(ValueError, match="disagrees.*on shapes"):
+        sae_from_tensors(sae_tensors(_random_sae("jumprelu", width=5)), rule)
+    topk = _random_sae("topk")
+    with pytest.raises(ValueError, match="disagrees.*on activation"):
+        sae_from_tensors(sae_tensors(topk), topk.describe() | {"activation": "relu"})
+
+
+def test_sidecars_without_a_description_still_load() -> None:
+    """Earlier files held a zero batchtopk_threshold for every kind and a sidecar kind and k."""
+    relu = _random_sae("relu").eval()
+    legacy = sae_tensors(relu) | {"batchtopk_threshold": torch.zeros(())}
+    back = sae_from_tensors(legacy, "relu", 8)
+    x = torch.randn(10, 6, generator=_gen(9))
+    assert torch.equal(back.encode(x), relu.encode(x))
+    with pytest.raises(ValueError, match="non-zero batchtopk_threshold.*batchtopk"):
+        sae_from_tensors(legacy | {"batchtopk_threshold": torch.tensor(0.5)}, "relu")
+
+
+def _codes_from_file(tensors: dict, rule: dict, a: torch.Tensor) -> torch.Tensor:
+    """The encode rule as a reader of sae.json would write it: plain torch, no salve code."""
+    names = rule["tensors"]
+    w_enc, b_enc, b_dec = (tensors[names[key]] for key in ("W_enc", "b_enc", "b_dec"))
+    pre = torch.nn.functional.linear(a - b_dec, w_enc, b_enc)
+    if rule["activation"] == "identity":
+        return pre
+    if rule["activation"] == "relu":
+        return pre * (pre > 0)
+    if rule["activation"] == "topk":
+        top = torch.zeros_like(pre, dtype=torch.bool)
+        top.scatter_(-1, pre.topk(rule["k"], dim=-1).indices, True)
+        return pre * (top & (pre > 0))
+    assert rule["activation"] == "threshold"
+    threshold = tensors[rule["threshold"]["tensor"]]
+    assert list(threshold.shape) == rule["shapes"]["threshold"]  # scalar or one per latent
+    if rule["threshold"]["log_parameterised"]:
+        threshold = threshold.exp()
+    return pre * (pre > threshold)
+
+
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_codes_recomputed_from_file_and_description_alone(acts, kind: str, tmp_path) -> None:
+    sae, _ = fit_sae(acts, _settings(kind, epochs=5), seed=0, progress=False)
+    save_file(sae_tensors(sae), str(tmp_path / "sae.safetensors"))
+    (tmp_path / "sae.json").write_text(json.dumps(sae.describe()))
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    rule = json.loads((tmp_path / "sae.json").read_text())
+    assert set(rule["tensors"].values()) == set(tensors)  # every tensor in the file is named
+    a = acts * 1.5 + 2.0  # off the training distribution, so no accident of the fit helps
+    with torch.no_grad():
+        recon, codes, _ = sae(a)
+    mine = _codes_from_file(tensors, rule, a)
+    assert torch.equal(mine, codes)
+    names = rule["tensors"]
+    w_dec, b_dec = tensors[names["W_dec"]], tensors[names["b_dec"]]
+    assert torch.equal(torch.nn.functional.linear(mine, w_dec, b_dec), recon)
+    if kind != "linear":
+        assert 0 < int((codes != 0).sum()) < codes.numel()  # a real mix of on and off
+    # the centring on b_dec is part of the rule: an uncentred encoder gets other codes
+    plain = _codes_from_file(tensors | {names["b_dec"]: torch.zeros_like(b_dec)}, rule, a)
+    assert not torch.equal(plain, codes)
+
+
+def test_load_sae_reads_new_and_earlier_sidecars(acts, tmp_path: Path) -> None:
+    from tasks.fit_sae import load_sae
+
+    sae, _ = fit_sae(acts, _settings("batchtopk", epochs=3), seed=0, progress=False)
+    out = tmp_path / "results" / "fit_sae"
+    save_tensors(out / "sae.safetensors", sae_tensors(sae))
+    earlier = {"format": "salve-sae", "kind": "batchtopk", "k": 4}
+    for sidecar in (earlier | {"encode": sae.describe()}, earlier):
+        write_json(out / "sae.json", sidecar)
+        back, info = load_sae(tmp_path)
+        assert info == sidecar and type(back) is type(sae)
+        assert torch.equal(back.encode(acts), sae.encode(acts))
