@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from salve.config import SaeConfig
-from salve.sae import SaeSettings, SparseAutoencoder, fit_sae, quality_metrics
+from salve.sae import SparseAutoencoder, fit_sae, quality_metrics
 
 SAE_VARIANTS = (
     "linear",
@@ -87,8 +87,7 @@ def fit_variant(
     acts_nm: torch.Tensor, sae: SaeConfig, *, seed: int, device: torch.device | None = None
 ) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
     """The one call into salve.sae's fitting loop (kept here so a signature change is one line)."""
-    settings = SaeSettings(**dataclasses.asdict(sae), seed=seed)
-    return fit_sae(acts_nm, settings, device=device, progress=False)
+    return fit_sae(acts_nm, sae, seed=seed, device=device, progress=False)
 
 
 def match_l0_by_l1(
