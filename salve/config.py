@@ -102,7 +102,9 @@ class FinetuneConfig:
         help="none | imagenet | a .safetensors state dict under weights/ (a DVC input)",
     )
     epochs: int = _f(4, min=0, max=1000, help="epoch budget; 0 explains finetune.weights as is")
-    batch_size: int = _f(16, min=1, max=4096, help="small batches give more disentangled features")
+    batch_size: int = _f(
+        16, min=2, max=4096, help="small batches give more disentangled features (min 2: BatchNorm)"
+    )
     lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="learning rate")
     optimizer: str = _f("adamw", choices=("adamw", "sgd"), help="optimiser")
     weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="decoupled weight decay")

@@ -1,16 +1,28 @@
-"""Fine-tuning loop: small batches, per-epoch validation, resumable, divergence-checked."""
+"""Fine-tuning: warm-up then decay, augmentation, early stopping on val accuracy, best epoch kept.
+
+A from-scratch ResNet trained at a constant learning rate for a fixed number of epochs did not
+converge on new data (val accuracy 0.48 / 0.69 / 0.59 / 0.64 per epoch on a simple 6-class folder,
+one class never predicted). The recipe here: the learning rate rises linearly over the first
+``warmup`` share of the step budget, then decays (one-cycle: cosine to lr/1e4; cosine: to 0);
+train-time augmentation (random crops, plus horizontal flips where they keep the label); the val
+accuracy is measured after every epoch, the best epoch's weights are kept, and training stops
+after ``patience`` epochs without improvement. Everything is seeded by (seed, epoch), and the
+schedule is a pure function of the step, so a run resumed from an epoch checkpoint reproduces an
+uninterrupted one exactly.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from salve.config import FinetuneConfig
 from salve.data import normalise
 
 
@@ -19,9 +31,17 @@ class DivergenceError(RuntimeError):
     were."""
 
 
+class QualityGateError(RuntimeError):
+    """The fine-tuned classifier is too weak to explain; the message names the weak classes."""
+
+
 # An epoch whose mean cross-entropy exceeds this multiple of the chance-level loss ln(K) has
 # diverged (a huge learning rate gives finite but exploding losses, not NaN).
 EXPLOSION_FACTOR = 100.0
+# One-cycle: start at lr / WARMUP_DIV, end at lr / FINAL_DIV.
+WARMUP_DIV = 25.0
+FINAL_DIV = 1e4
+CROP_PAD = 4  # pixels of replicate padding before a random crop back to the image size
 
 
 def finite_parameters(model: nn.Module) -> bool:
@@ -34,42 +54,75 @@ class EpochRecord:
     train_loss: float
     train_accuracy: float
     val_accuracy: float
+    lr: float
     seconds: float
+    val_class_accuracy: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    augment: bool = False
-    mixed_precision: bool = True
-    seed: int = 0
+def resolve_augment(augment: str, source: str) -> str:
+    """`auto`: crops only for digits (a flipped digit is another glyph), crops and flips else."""
+    if augment == "auto":
+        return "crop" if source == "digits" else "crop_flip"
+    return augment
 
 
-def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    if s.optimizer == "sgd":
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=s.lr, momentum=0.9, weight_decay=s.weight_decay
+            model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
         )
-    return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def augment_batch(images_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random 4-px-padded crop and horizontal flip, driven by `gen` so runs are reproducible."""
+def learning_rate(step: int, total_steps: int, cfg: FinetuneConfig) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) out of ``total_steps``."""
+    warm = int(round(cfg.warmup * total_steps))
+    if step < warm:
+        start = cfg.lr / WARMUP_DIV if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    floor = cfg.lr / FINAL_DIV if cfg.schedule == "onecycle" else 0.0
+    span = max(1, total_steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batches(n: int, batch_size: int, order: torch.Tensor) -> list[torch.Tensor]:
+    """Index batches of ``order``; a final batch of one sample joins the one before it.
+
+    BatchNorm cannot normalise a batch of one in training mode, so the rule is deterministic:
+    a last batch of size 1 is merged (that batch holds batch_size + 1 samples). A batch size
+    above n gives one batch of all samples.
+    """
+    if n < 2:
+        raise ValueError(f"fine-tuning needs at least 2 training images, got {n}")
+    cuts = list(range(0, n, batch_size)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+        del cuts[-2]
+    return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return len(batches(n, batch_size, torch.arange(n)))
+
+
+def augment_batch(images_u8: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after replicate padding, plus a horizontal flip for half the images when
+    ``mode`` is crop_flip. Driven by ``gen`` so runs are reproducible."""
+    if mode == "none":
+        return images_u8
     n, _, h, w = images_u8.shape
-    pad = 4
-    padded = nn.functional.pad(images_u8, (pad, pad, pad, pad), mode="replicate")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    padded = nn.functional.pad(images_u8, (CROP_PAD,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * CROP_PAD + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * CROP_PAD + 1, (n,), generator=gen)
     flip = torch.rand(n, generator=gen) < 0.5
     out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    out[flip] = out[flip].flip(-1)
+    if mode == "crop_flip":
+        out[flip] = out[flip].flip(-1)
     return out
 
 
@@ -97,52 +150,87 @@ def predict(
     return preds if len(preds) else torch.empty(0, dtype=torch.long)
 
 
+def class_accuracy(pred_n: torch.Tensor, labels_n: torch.Tensor, num_classes: int) -> list[float]:
+    """Per-class accuracy (NaN for a class without samples)."""
+    hits = torch.zeros(num_classes, dtype=torch.float64)
+    hits.index_add_(0, labels_n, (pred_n == labels_n).to(torch.float64))
+    counts = torch.bincount(labels_n, minlength=num_classes).to(torch.float64)
+    return (hits / counts).tolist()
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the model and optimiser: history and the best epoch."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def best_accuracy(self) -> float:
+        return self.history[self.best_epoch - 1].val_accuracy if self.best_epoch else -1.0
+
+    def stopped_early(self, patience: int) -> bool:
+        return (
+            bool(patience)
+            and bool(self.history)
+            and (self.history[-1].epoch - self.best_epoch >= patience)
+        )
+
+
 def train_classifier(
     model: nn.Module,
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     val_images: torch.Tensor,
     val_labels: torch.Tensor,
-    settings: TrainSettings,
+    cfg: FinetuneConfig,
     *,
+    seed: int,
+    augment: str,
+    num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     device: torch.device,
-    start_epoch: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
-    history: list[EpochRecord] | None = None,
-    on_epoch_end: Callable[[int, nn.Module, torch.optim.Optimizer, list[EpochRecord]], None]
-    | None = None,
+    state: TrainState | None = None,
+    on_epoch_end: Callable[[nn.Module, torch.optim.Optimizer, TrainState], None] | None = None,
     progress: bool = True,
-) -> list[EpochRecord]:
-    """Train with cross-entropy. Each epoch's shuffle is seeded by (seed, epoch), so resuming
-    from an epoch checkpoint reproduces an uninterrupted run exactly."""
+) -> TrainState:
+    """Train with cross-entropy for at most ``cfg.epochs`` epochs; returns the history and the
+    best epoch's weights (the model itself holds the last epoch's). ``augment`` is resolved
+    (see resolve_augment). Continues from ``state`` when resuming."""
     model.to(device)
-    optimizer = optimizer or make_optimizer(model, settings)
-    history = list(history or [])
-    use_amp = settings.mixed_precision and device.type == "cuda"
+    optimizer = optimizer or make_optimizer(model, cfg)
+    state = state or TrainState()
+    use_amp = cfg.mixed_precision and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss()
     n = train_images.shape[0]
-    for epoch in range(start_epoch, settings.epochs):
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    chance = math.log(max(num_classes, 2))
+    for epoch in range(len(state.history), cfg.epochs):
+        if state.stopped_early(cfg.patience):
+            break
         t0 = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(settings.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(n, generator=gen)
-        total_loss = 0.0
-        correct = 0
+        total_loss, correct = 0.0, 0
+        parts = batches(n, cfg.batch_size, order)
         bar = tqdm(
-            range(0, n, settings.batch_size),
-            desc=f"finetune epoch {epoch + 1}/{settings.epochs}",
+            parts,
+            desc=f"finetune epoch {epoch + 1}/{cfg.epochs}",
             disable=not progress,
             leave=False,
         )
-        for start in bar:
-            idx = order[start : start + settings.batch_size]
-            batch = train_images[idx]
-            if settings.augment:
-                batch = augment_batch(batch, gen)
+        for i, idx in enumerate(bar):
+            lr = learning_rate(epoch * per_epoch + i, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = augment_batch(train_images[idx], augment, gen)
             x = normalise(batch, mean, std).to(device, non_blocking=True)
             y = train_labels[idx].to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -150,10 +238,9 @@ def train_classifier(
                 loss = loss_fn(logits, y)
             if not torch.isfinite(loss):
                 raise DivergenceError(
-                    f"fine-tuning diverged at epoch {epoch + 1}, "
-                    f"batch {start // settings.batch_size} (loss {float(loss.detach())}). "
-                    f"Lower finetune.lr (now {settings.lr}); the previous checkpoint, if any, "
-                    "is kept."
+                    f"fine-tuning diverged at epoch {epoch + 1}, batch {i} "
+                    f"(loss {float(loss.detach())}). Lower finetune.lr (now {cfg.lr}); the "
+                    "previous checkpoint, if any, is kept."
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -162,28 +249,62 @@ def train_classifier(
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(dim=1) == y).sum())
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        chance = math.log(max(int(logits.shape[1]), 2))
         if total_loss / n > EXPLOSION_FACTOR * chance or not finite_parameters(model):
             raise DivergenceError(
                 f"fine-tuning diverged at epoch {epoch + 1}: mean training loss "
                 f"{total_loss / n:.4g} is over {EXPLOSION_FACTOR:g}x the chance-level loss "
                 f"{chance:.3g}, or the weights are no longer finite. Lower finetune.lr (now "
-                f"{settings.lr}); the previous checkpoint, if any, is kept."
+                f"{cfg.lr}); the previous checkpoint, if any, is kept."
             )
         val_pred = predict(model, val_images, mean, std, device=device)
         val_acc = float((val_pred == val_labels).double().mean()) if len(val_labels) else math.nan
-        history.append(
+        state.history.append(
             EpochRecord(
                 epoch=epoch + 1,
                 train_loss=total_loss / n,
                 train_accuracy=correct / n,
                 val_accuracy=val_acc,
+                lr=lr,
                 seconds=time.perf_counter() - t0,
+                val_class_accuracy=class_accuracy(val_pred, val_labels, num_classes),
             )
         )
+        if val_acc > state.best_accuracy:
+            state.best_epoch = epoch + 1
+            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, model, optimizer, history)
-    return history
+            on_epoch_end(model, optimizer, state)
+    return state
+
+
+def quality_gate(
+    val_accuracy: float,
+    class_accuracy: dict[str, float],
+    *,
+    min_val_accuracy: float,
+    min_class_accuracy: float,
+) -> str | None:
+    """Why the classifier is not worth explaining (None when it passes).
+
+    Everything downstream (features, edits, alpha_crit) is computed on this classifier: on a 64 %
+    model with a never-predicted class every figure looks like a result and is not.
+    """
+    weak = {c: a for c, a in class_accuracy.items() if not a >= min_class_accuracy}
+    if val_accuracy >= min_val_accuracy and not weak:
+        return None
+    listed = ", ".join(f"{c} {a:.0%}" for c, a in sorted(weak.items(), key=lambda kv: kv[1]))
+    classes = (
+        f"; classes below finetune.min_class_accuracy {min_class_accuracy:.0%}: {listed}"
+        if weak
+        else ""
+    )
+    return (
+        f"quality gate: the classifier reaches {val_accuracy:.1%} val accuracy "
+        f"(finetune.min_val_accuracy {min_val_accuracy:.0%}){classes}. Fixes: a larger epoch "
+        "budget (finetune.epochs), pretrained weights (finetune.weights), more or cleaner "
+        "images; to explain it anyway set finetune.min_val_accuracy=0 and "
+        "finetune.min_class_accuracy=0. The fine-tuned model is kept in results/finetune."
+    )
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from salve.activations import extract_activations
 from salve.config import Config
 from salve.io import save_tensors
 from salve.runtime import resolve_device, seed_everything
+from salve.train import QualityGateError, quality_gate
 from tasks.common import load_split, stage_dir, write_metrics
 from tasks.finetune import load_model
 
@@ -16,6 +17,14 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     device = resolve_device(cfg.common.device)
     seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
     model, sidecar = load_model(root)
+    problem = quality_gate(
+        sidecar["val_accuracy"],
+        sidecar["val_class_accuracy"],
+        min_val_accuracy=cfg.finetune.min_val_accuracy,
+        min_class_accuracy=cfg.finetune.min_class_accuracy,
+    )
+    if problem:  # before any work: the SAE and everything after it would explain a weak model
+        raise QualityGateError(problem)
     norm = sidecar["normalisation"]
     summary = {}
     for split in ("train", "val"):

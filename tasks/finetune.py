@@ -1,4 +1,5 @@
-"""finetune: train the backbone with a K-class head; resumable per epoch."""
+"""finetune: train the backbone with a K-class head (resumable per epoch), or, with
+`finetune.epochs: 0`, take the user's trained model as it is; the best val epoch is kept."""
 
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from salve.io import ArtifactError, load_tensors, save_tensors
 from salve.models import build_model, save_checkpoint
 from salve.runtime import resolve_device, seed_everything
 from salve.train import (
-    TrainSettings,
+    EpochRecord,
+    TrainState,
+    class_accuracy,
     load_optimizer_tensors,
     make_optimizer,
     optimizer_tensors,
+    predict,
+    resolve_augment,
     train_classifier,
 )
 from tasks.common import (
@@ -29,19 +34,55 @@ from tasks.common import (
     write_plot,
 )
 
+PLOT_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
+
 
 def _fingerprint(cfg: Config, root: Path) -> str:
     params = cfg.to_dict()
     h = hashlib.sha256()
     h.update(
-        json.dumps(
-            [params[section] for section in ("finetune", "common", "data")],
-            sort_keys=True,
-        ).encode()
+        json.dumps([params[s] for s in ("finetune", "common", "data")], sort_keys=True).encode()
     )
     for split in ("train", "val"):
         h.update((stage_dir(root, "fetch") / f"{split}.safetensors").read_bytes())
     return h.hexdigest()[:16]
+
+
+def _resume_path(root: Path) -> Path:
+    return root / ".salve" / "resume" / "finetune.safetensors"
+
+
+def _save_resume(path: Path, fingerprint: str, model, optimizer, state: TrainState) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in (state.best_state or {}).items()}
+    tensors |= optimizer_tensors(optimizer)
+    metadata = {
+        "fingerprint": fingerprint,
+        "best_epoch": str(state.best_epoch),
+        "history": json.dumps([h.as_dict() for h in state.history]),
+    }
+    save_tensors(path, tensors, metadata=metadata)
+
+
+def _load_resume(path: Path, fingerprint: str, model, optimizer) -> TrainState:
+    """The state of an interrupted run with the same inputs, or a fresh one."""
+    if not path.exists():
+        return TrainState()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            info = fh.metadata() or {}
+        if info.get("fingerprint") != fingerprint:
+            return TrainState()
+        tensors = load_tensors(path)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer_tensors(optimizer, tensors)
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        history = [EpochRecord(**h) for h in json.loads(info["history"])]
+        return TrainState(history, int(info["best_epoch"]), best or None)
+    except (ArtifactError, KeyError, ValueError, RuntimeError):
+        return TrainState()  # unusable resume point: start over
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -52,96 +93,84 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     val_x, val_y = load_split(root, "val")
     meta = load_dataset_meta(root)
     classes = meta["classes"]
+    num_classes = len(classes)
     image_size = int(train_x.shape[-1])
-    model = build_model(f.arch, len(classes), image_size=image_size, weights=f.weights).to(device)
-    settings = TrainSettings(
-        epochs=f.epochs,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        optimizer=f.optimizer,
-        weight_decay=f.weight_decay,
-        augment=f.augment not in ("auto", "none"),
-        mixed_precision=f.mixed_precision,
-        seed=cfg.common.seed,
-    )
-    optimizer = make_optimizer(model, settings)
+    weights = f.weights if f.weights in ("none", "imagenet") else str(root / f.weights)
+    model = build_model(f.arch, num_classes, image_size=image_size, weights=weights).to(device)
 
-    # Resume point: last finished epoch of an interrupted run with the same inputs.
-    resume_path = root / ".salve" / "resume" / "finetune.safetensors"
-    fingerprint = _fingerprint(cfg, root)
-    start_epoch, history = 0, []
-    if resume_path.exists():
-        try:
-            state = load_tensors(resume_path)
-            from safetensors import safe_open
-
-            with safe_open(str(resume_path), "pt") as fh:
-                info = fh.metadata() or {}
-            if info.get("fingerprint") == fingerprint:
-                model.load_state_dict(
-                    {k[6:]: v for k, v in state.items() if k.startswith("model.")}
-                )
-                load_optimizer_tensors(optimizer, state)
-                start_epoch = int(info["epoch"])
-                history = json.loads(info["history"])
-        except (ArtifactError, KeyError, ValueError):
-            start_epoch, history = 0, []  # unusable resume point: start over
-
-    def save_resume(epoch, model, optimizer, hist) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors |= optimizer_tensors(optimizer)
-        save_tensors(
-            resume_path,
-            tensors,
-            metadata={
-                "fingerprint": fingerprint,
-                "epoch": str(epoch),
-                "history": json.dumps([h.as_dict() for h in hist]),
-            },
+    resume_path = _resume_path(root)
+    if f.epochs == 0:
+        pred = predict(model, val_x, IMAGENET_MEAN, IMAGENET_STD, device=device)
+        record = EpochRecord(
+            epoch=0,
+            train_loss=float("nan"),
+            train_accuracy=float("nan"),
+            val_accuracy=float((pred == val_y).double().mean()),
+            lr=0.0,
+            seconds=0.0,
+            val_class_accuracy=class_accuracy(pred, val_y, num_classes),
         )
-
-    from salve.train import EpochRecord
-
-    records = train_classifier(
-        model,
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        settings,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        device=device,
-        start_epoch=start_epoch,
-        optimizer=optimizer,
-        history=[EpochRecord(**h) for h in history],
-        on_epoch_end=save_resume,
-        progress=progress,
-    )
+        state = TrainState([record], 0, None)
+        best = record
+    else:
+        optimizer = make_optimizer(model, f)
+        fingerprint = _fingerprint(cfg, root)
+        state = _load_resume(resume_path, fingerprint, model, optimizer)
+        resumed_from = len(state.history)
+        state = train_classifier(
+            model,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            f,
+            seed=cfg.common.seed,
+            augment=resolve_augment(f.augment, meta["info"]["source"]),
+            num_classes=num_classes,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            device=device,
+            optimizer=optimizer,
+            state=state,
+            on_epoch_end=lambda m, o, s: _save_resume(resume_path, fingerprint, m, o, s),
+            progress=progress,
+        )
+        model.load_state_dict(state.best_state)
+        best = state.history[state.best_epoch - 1]
     model.eval().cpu()
+    last = state.history[-1]
+    val_class = dict(zip(classes, best.val_class_accuracy, strict=True))
     sidecar = {
         "classes": classes,
         "image_size": image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "head": "fc" if f.arch == "resnet18" else "heads.head",
         "edit": None,
-        "resumed_from_epoch": start_epoch,
+        "best_epoch": state.best_epoch,
+        "val_accuracy": best.val_accuracy,
+        "val_class_accuracy": val_class,
     } | run_metadata(root, cfg, device, ("finetune", "common", "data"))
+    if f.epochs:
+        sidecar["resumed_from_epoch"] = resumed_from
     save_checkpoint(stage_dir(root, "finetune") / "model.safetensors", model, sidecar)
     resume_path.unlink(missing_ok=True)
-    rows = [r.as_dict() for r in records]
+    rows = [{k: r.as_dict()[k] for k in PLOT_COLUMNS} for r in state.history]
     write_plot(root, "finetune", "epochs.csv", rows)
-    last = records[-1]
     summary = {
         "arch": f.arch,
-        "val_accuracy": last.val_accuracy,
-        "train_accuracy": last.train_accuracy,
-        "train_loss": last.train_loss,
-        "epochs": f.epochs,
+        "val_accuracy": best.val_accuracy,
+        "best_epoch": state.best_epoch,
+        "epochs_run": last.epoch,
+        "last_val_accuracy": last.val_accuracy,
+        "stopped_early": last.epoch < f.epochs,
+        "train_accuracy": best.train_accuracy,
+        "train_loss": best.train_loss,
+        "min_class_val_accuracy": min(best.val_class_accuracy),
+        "val_class_accuracy": val_class,
         "device": str(device),
     }
     write_metrics(root, "finetune", summary)
-    return summary
+    return {k: summary[k] for k in ("val_accuracy", "best_epoch", "epochs_run")}
 
 
 def load_model(root: Path) -> tuple[torch.nn.Module, dict]:

@@ -52,7 +52,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from salve.io import ArtifactError
     from salve.models import WeightsUnavailableError
     from salve.runtime import KernelModeError
-    from salve.train import DivergenceError
+    from salve.train import DivergenceError, QualityGateError
     from tasks.preflight import InputError
 
     return (
@@ -63,6 +63,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DownloadError,
         UnsafeArchiveError,
         DivergenceError,
+        QualityGateError,
         WeightsUnavailableError,
         PipelineBusyError,
         FileNotFoundError,

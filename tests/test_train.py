@@ -1,22 +1,32 @@
-"""salve.train: bit-reproducible fine-tuning, exact resume, divergence detection, augmentation."""
+"""salve.train: bit-reproducible fine-tuning, exact resume, the schedule, early stopping with
+the best epoch kept, the batch-of-one rule, augmentation and the quality gate."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
 
+from salve.config import FinetuneConfig
 from salve.data import normalise
 from salve.models import build_model
 from salve.train import (
+    FINAL_DIV,
+    WARMUP_DIV,
     DivergenceError,
-    TrainSettings,
+    TrainState,
     augment_batch,
+    batches,
+    learning_rate,
     load_optimizer_tensors,
     make_optimizer,
     optimizer_tensors,
     predict,
+    quality_gate,
+    resolve_augment,
     train_classifier,
 )
 
@@ -51,12 +61,12 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return build_model("resnet18", K)
 
 
-def _settings(**kw) -> TrainSettings:
-    base = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "augment": True, "seed": 3}
-    return TrainSettings(**(base | kw))
+def _settings(**kw) -> FinetuneConfig:
+    base = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "patience": 0}
+    return dataclasses.replace(FinetuneConfig(), **(base | kw))
 
 
-def _train(model, data, settings, **kw):
+def _train(model, data, settings, *, seed: int = 3, augment: str = "crop_flip", **kw):
     return train_classifier(
         model,
         data["train_x"],
@@ -64,6 +74,9 @@ def _train(model, data, settings, **kw):
         data["val_x"],
         data["val_y"],
         settings,
+        seed=seed,
+        augment=augment,
+        num_classes=K,
         mean=MEAN,
         std=STD,
         device=CPU,
@@ -79,7 +92,11 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _history_without_time(history) -> list[dict]:
-    return [{k: v for k, v in h.as_dict().items() if k != "seconds"} for h in history]
+    """Comparable records: no wall time, NaN (a class without val images) as a string."""
+    import json
+
+    rows = [{k: v for k, v in h.as_dict().items() if k != "seconds"} for h in history]
+    return json.loads(json.dumps(rows).replace("NaN", '"nan"'))
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +104,22 @@ def reference(data):
     """One uninterrupted 2-epoch run, with a snapshot of model+optimizer after epoch 1."""
     snapshots = {}
 
-    def snap(epoch, model, optimizer, history):
-        snapshots[epoch] = {
+    def snap(model, optimizer, state):
+        snapshots[len(state.history)] = {
             "model": copy.deepcopy(model.state_dict()),
             "optim": optimizer_tensors(optimizer),
-            "history": list(history),
+            "state": copy.deepcopy(state),
         }
 
     model = _model()
-    history = _train(model, data, _settings(), on_epoch_end=snap)
-    return model, history, snapshots
+    state = _train(model, data, _settings(), on_epoch_end=snap)
+    return model, state.history, snapshots
 
 
 def test_same_seed_gives_bit_identical_weights(data, reference) -> None:
     model, history, _ = reference
     again = _model()
-    history2 = _train(again, data, _settings())
+    history2 = _train(again, data, _settings()).history
     _assert_same_state(model.state_dict(), again.state_dict())
     assert _history_without_time(history) == _history_without_time(history2)
     assert [h.epoch for h in history] == [1, 2]
@@ -126,15 +143,15 @@ def _tiny(seed: int = 0) -> torch.nn.Module:
 def test_seed_and_optimizer_state_matter(data) -> None:
     """Negative controls, so the equalities above cannot hold by accident."""
     a, b, c = _tiny(), _tiny(), _tiny()
-    _train(a, data, _settings(seed=3))
-    _train(b, data, _settings(seed=4))  # other shuffle and augmentation
+    _train(a, data, _settings(), seed=3)
+    _train(b, data, _settings(), seed=4)  # other shuffle and augmentation
     assert not torch.equal(a[0].weight, b[0].weight)
     # resuming from epoch 1 without the optimizer state does not reproduce the run
     snaps = {}
-    _train(c, data, _settings(epochs=1), on_epoch_end=lambda e, m, o, h: snaps.update(m=m))
+    _train(c, data, _settings(epochs=1), on_epoch_end=lambda m, o, s: snaps.update(m=m, s=s))
     fresh = _tiny(seed=5)
     fresh.load_state_dict(snaps["m"].state_dict())
-    _train(fresh, data, _settings(), start_epoch=1)
+    _train(fresh, data, _settings(), state=copy.deepcopy(snaps["s"]))
     assert not torch.equal(a[0].weight, fresh[0].weight)
 
 
@@ -147,14 +164,10 @@ def test_resume_from_epoch_1_equals_uninterrupted_run(data, reference) -> None:
     resumed.load_state_dict(snap["model"])
     optimizer = make_optimizer(resumed, _settings())
     load_optimizer_tensors(optimizer, snap["optim"])
-    history2 = _train(
-        resumed,
-        data,
-        _settings(),
-        start_epoch=1,
-        optimizer=optimizer,
-        history=snap["history"],
+    state2 = _train(
+        resumed, data, _settings(), optimizer=optimizer, state=copy.deepcopy(snap["state"])
     )
+    history2 = state2.history
     _assert_same_state(model.state_dict(), resumed.state_dict())
     assert _history_without_time(history2) == _history_without_time(history)
 
@@ -192,10 +205,13 @@ def test_nan_loss_raises_divergence_and_does_not_step(data, monkeypatch) -> None
 def test_augment_batch_is_a_crop_and_flip_and_deterministic() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
-    out = augment_batch(images, torch.Generator().manual_seed(5))
+    out = augment_batch(images, "crop_flip", torch.Generator().manual_seed(5))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert torch.equal(out, augment_batch(images, torch.Generator().manual_seed(5)))
-    assert not torch.equal(out, augment_batch(images, torch.Generator().manual_seed(6)))
+    assert torch.equal(out, augment_batch(images, "crop_flip", torch.Generator().manual_seed(5)))
+    assert not torch.equal(
+        out, augment_batch(images, "crop_flip", torch.Generator().manual_seed(6))
+    )
+    assert augment_batch(images, "none", torch.Generator()) is images
 
     # Oracle: each output is a window of the 4-px replicate-padded image, maybe mirrored.
     padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4), mode="replicate")
@@ -207,10 +223,14 @@ def test_augment_batch_is_a_crop_and_flip_and_deterministic() -> None:
 
 def test_augment_batch_uses_all_offsets_and_flips() -> None:
     images = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8).repeat(400, 3, 1, 1)
-    out = augment_batch(images, torch.Generator().manual_seed(0))
+    out = augment_batch(images, "crop_flip", torch.Generator().manual_seed(0))
     distinct = {tuple(o[0].flatten().tolist()) for o in out}
     assert len(distinct) > 100  # 81 offsets x 2 flips; a stuck generator gives 1
     assert sum(torch.equal(o, images[0]) for o in out) < 20
+    crops = augment_batch(images, "crop", torch.Generator().manual_seed(0))
+    assert 60 < len({tuple(o[0].flatten().tolist()) for o in crops}) <= 81  # never mirrored
+    mirrored = images[0, 0].flip(-1)
+    assert not any(torch.equal(o[0], mirrored) for o in crops)
 
 
 def test_predict_is_argmax_of_logits_and_restores_mode(data) -> None:
@@ -224,3 +244,105 @@ def test_predict_is_argmax_of_logits_and_restores_mode(data) -> None:
     assert preds.dtype == torch.long and torch.equal(preds, expected)
     assert torch.equal(predict(model, x, MEAN, STD, batch_size=64), expected)
     assert predict(model, x[:0], MEAN, STD).shape == (0,)
+
+
+# -- schedule, batches, early stopping, gate ------------------------------------------------
+
+
+def test_learning_rate_schedules_match_their_closed_forms() -> None:
+    cfg = _settings(lr=0.01, warmup=0.2, schedule="onecycle")
+    total = 50  # 10 warm-up steps
+    lrs = [learning_rate(s, total, cfg) for s in range(total)]
+    start = 0.01 / WARMUP_DIV
+    assert lrs[0] == pytest.approx(start + (0.01 - start) / 10)
+    assert lrs[9] == pytest.approx(0.01)  # the peak ends the warm-up
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then only decays
+    floor = 0.01 / FINAL_DIV
+    mid = floor + (0.01 - floor) * 0.5 * (1 + math.cos(math.pi * 20 / 40))
+    assert lrs[30] == pytest.approx(mid)
+    assert learning_rate(total, total, cfg) == pytest.approx(floor)
+    cos = _settings(lr=0.01, warmup=0.0, schedule="cosine")
+    assert learning_rate(0, 100, cos) == pytest.approx(0.01)
+    assert learning_rate(100, 100, cos) == pytest.approx(0.0, abs=1e-15)
+    const = _settings(lr=0.01, warmup=0.1, schedule="constant")
+    assert learning_rate(0, 100, const) == pytest.approx(0.001)
+    assert learning_rate(50, 100, const) == 0.01
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "expected"),
+    [(10, 3, [3, 3, 4]), (9, 3, [3, 3, 3]), (5, 8, [5]), (17, 16, [17]), (2, 2, [2])],
+)
+def test_a_final_batch_of_one_joins_the_previous_batch(n, size, expected) -> None:
+    parts = batches(n, size, torch.arange(n))
+    assert [len(p) for p in parts] == expected
+    assert torch.equal(torch.cat(parts), torch.arange(n))  # every sample once, in order
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        batches(1, 4, torch.arange(1))
+
+
+def test_batch_size_one_and_a_batch_larger_than_the_data_train(data) -> None:
+    for size in (2, 11, 100):  # 12 samples: 6 x 2, then 11 + 1 merged, then all 12 at once
+        state = _train(_tiny(), data, _settings(epochs=1, batch_size=size))
+        assert len(state.history) == 1 and math.isfinite(state.history[0].train_loss)
+
+
+def test_early_stopping_keeps_the_best_epoch(data, monkeypatch) -> None:
+    import salve.train as train_mod
+
+    scripted = iter([0.25, 0.75, 0.5, 0.5, 1.0])  # val accuracy per epoch: best is epoch 2
+
+    def fake_predict(model, images, *a, **k):
+        acc = next(scripted)
+        hits = round(acc * len(data["val_y"]))
+        pred = data["val_y"].clone()
+        pred[hits:] = (pred[hits:] + 1) % K
+        return pred
+
+    monkeypatch.setattr(train_mod, "predict", fake_predict)
+    weights = {}
+    state = _train(
+        _tiny(),
+        data,
+        _settings(epochs=5, patience=2),
+        on_epoch_end=lambda m, o, s: weights.update({len(s.history): copy.deepcopy(m)}),
+    )
+    assert [h.val_accuracy for h in state.history] == [0.25, 0.75, 0.5, 0.5]  # stopped at 4
+    assert state.best_epoch == 2 and state.best_accuracy == 0.75
+    _assert_same_state(state.best_state, weights[2].state_dict())
+    assert state.stopped_early(2) and not TrainState().stopped_early(2)
+
+
+def test_per_class_val_accuracy_is_recorded(data) -> None:
+    state = _train(_tiny(), data, _settings(epochs=1))
+    record = state.history[0]
+    preds = predict(_tiny(), data["val_x"], MEAN, STD)  # shape check only
+    assert len(record.val_class_accuracy) == K and preds.shape == data["val_y"].shape
+    counts = torch.bincount(data["val_y"], minlength=K)
+    for k in range(K):
+        assert math.isnan(record.val_class_accuracy[k]) == (counts[k] == 0)
+
+
+def test_resolve_augment() -> None:
+    assert resolve_augment("auto", "digits") == "crop"
+    assert resolve_augment("auto", "imagefolder") == "crop_flip"
+    assert resolve_augment("none", "imagefolder") == "none"
+
+
+def test_quality_gate_names_weak_classes_and_the_fixes() -> None:
+    ok = quality_gate(0.97, {"a": 0.95, "b": 1.0}, min_val_accuracy=0.8, min_class_accuracy=0.5)
+    assert ok is None
+    msg = quality_gate(
+        0.64,
+        {"circle": 0.9, "square": 0.0, "star": 0.4},
+        min_val_accuracy=0.8,
+        min_class_accuracy=0.5,
+    )
+    assert "64.0% val accuracy" in msg and "square 0%, star 40%" in msg and "circle" not in msg
+    assert "finetune.epochs" in msg and "finetune.min_val_accuracy=0" in msg
+    # a class without val images (NaN) is weak, not silently passing
+    nan = quality_gate(0.9, {"a": float("nan")}, min_val_accuracy=0.8, min_class_accuracy=0.5)
+    assert nan is not None and "a nan%" in nan
+    # the documented override
+    assert quality_gate(0.1, {"a": 0.0}, min_val_accuracy=0, min_class_accuracy=0) is None
