@@ -205,7 +205,7 @@ def test_imagefolder_resize_shorter_side_then_center_crop(tmp_path: Path) -> Non
     ("setup", "pattern"),
     [
         ("missing", "does not exist"),
-        ("empty_path", "needs path"),
+        ("empty_path", "needs data.path"),
         ("one_class", "need at least 2"),
         ("empty_class", "holds no images"),
         ("unreadable", "bad.png: cannot read this image"),
