@@ -794,14 +794,16 @@ class _ScanNotes:
                 "(an image needs one of the extensions " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")"
             )
         if self.outside_classes:
+            n = len(self.outside_classes)
             parts.append(
-                f"ignored {_count(len(self.outside_classes), 'image', self.outside_classes)} "
-                "outside any class folder"
+                f"ignored {_count(n, 'image')} outside any class folder "
+                f"({_some(self.outside_classes, 5)})"
             )
         if self.ignored_folders:
+            n = len(self.ignored_folders)
             parts.append(
-                f"ignored {_count(len(self.ignored_folders), 'folder', self.ignored_folders)} "
-                "beside train/ and val/"
+                f"ignored {_count(n, 'folder')} beside train/ and val/ "
+                f"({_some(self.ignored_folders, 5)})"
             )
         if self.symlinked_folders:
             links = self.symlinked_folders
