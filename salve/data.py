@@ -18,11 +18,13 @@ resized to S (bilinear) and the centre S x S is cropped.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import shutil
+import stat
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -361,7 +363,7 @@ class ImageFilePlan:
             val_images=decode_images(self.val_files, size, progress=progress, desc="decode val"),
             val_labels=torch.as_tensor(self.val_labels, dtype=torch.int64),
             classes=list(self.classes),
-            info=json.loads(json.dumps(self.info)),  # a copy: PreparedData may be edited
+            info=copy.deepcopy(self.info),  # PreparedData.info may be edited; the plan stays
         )
 
 
@@ -1045,9 +1047,11 @@ def _plan_imagefolder(
         )
     root = Path(path).expanduser()
     try:
-        is_dir = root.is_dir()
-    except PermissionError as exc:
+        is_dir = stat.S_ISDIR(root.stat().st_mode)
+    except PermissionError as exc:  # a parent folder cannot be traversed
         raise _permission_error("imagefolder", "data folder", root, exc) from exc
+    except OSError:  # missing, a dangling link, a file on the way
+        is_dir = False
     if not is_dir:
         raise DatasetError(
             f"imagefolder: {root} does not exist or is not a folder; set data.path to a folder "

@@ -648,14 +648,14 @@ def test_untraversable_data_folder_is_a_permission_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = _folder(tmp_path / "ds", n=2)
-    real = Path.is_dir
+    real = Path.stat
 
-    def is_dir(self: Path) -> bool:
-        if self == root:
+    def stat(self: Path, **k) -> os.stat_result:
+        if self == root:  # as when a parent folder lacks execute permission
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self)
+        return real(self, **k)
 
-    monkeypatch.setattr(Path, "is_dir", is_dir)
+    monkeypatch.setattr(Path, "stat", stat)
     with pytest.raises(DatasetError, match=f"permission denied reading the data folder {root}"):
         prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
 
