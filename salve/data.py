@@ -622,7 +622,8 @@ def _prepare_cifar100(
         dest = raw_dir / cifar_cls.base_folder
         if not (staging / cifar_cls.base_folder).is_dir():
             raise DatasetError(
-                f"{tgz}: no {cifar_cls.base_folder}/ folder inside; delete it and retry"
+                f"{tgz}: no {cifar_cls.base_folder}/ folder inside; delete it (in data.path) "
+                "and retry"
             ) from None
         if dest.exists():
             shutil.rmtree(dest)
