@@ -1,7 +1,9 @@
-"""Artifact I/O: atomic writes, safetensors with clear errors, JSON/CSV.
+"""Artifact I/O: atomic writes, safetensors with clear errors, JSON/CSV, streamed tensor files.
 
 Every artifact is written to a temporary file in the destination folder and renamed into place,
-so an interrupted run never leaves a half-written file under its final name.
+so an interrupted run never leaves a half-written file under its final name. Tensors too large
+to hold in memory are written row chunk by row chunk (`TensorFileWriter`) and read back by row
+range (`read_rows`), in the same safetensors format as `save_tensors`.
 """
 
 from __future__ import annotations
@@ -9,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
+import operator
 import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 
 class ArtifactError(RuntimeError):
@@ -142,3 +147,314 @@ def load_tensors(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[
             "It was written by another version: rerun the stage that produces it."
         )
     return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed tensor files: safetensors written and read by row ranges, memory bounded by a chunk
+# --------------------------------------------------------------------------------------------
+
+# safetensors' dtype codes (the header's "dtype") for the torch dtypes they store.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "F32": torch.float32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+# safetensors refuses larger headers; so do we (a corrupt length must not allocate gigabytes).
+MAX_HEADER_BYTES = 100_000_000
+TensorSpecs = Mapping[str, tuple[torch.dtype, Sequence[int]]]
+
+
+def _corrupt(p: Path, detail: str) -> ArtifactError:
+    return ArtifactError(
+        f"{p}: not a readable safetensors file ({detail}). It is truncated or corrupted: "
+        "delete it and rerun the stage that produces it (e.g. `salve stage NAME --force`)."
+    )
+
+
+def _data_order(dtypes: Mapping[str, torch.dtype]) -> list[str]:
+    """The order safetensors lays tensors out in (by dtype, then name), asked of safetensors.
+
+    One-element stand-ins cost nothing and keep the layout identical to `save_file`'s whatever
+    rule the installed safetensors follows.
+    """
+    if not dtypes:
+        return []
+    blob = save({name: torch.zeros(1, dtype=dtype) for name, dtype in dtypes.items()})
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    return sorted(dtypes, key=lambda name: header[name]["data_offsets"][0])
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    """Compact JSON, padded with spaces to a multiple of 8 bytes (as safetensors pads it)."""
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+class _Slot:
+    """One tensor's place in the file and how many of its rows are written so far."""
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], begin: int) -> None:
+        self.name, self.dtype, self.shape, self.begin = name, dtype, shape, begin
+        self.rows = shape[0] if shape else 1  # a 0-dim tensor is written as one "row"
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self.end = begin + self.rows * self.row_bytes
+        self.written = 0
+
+
+class TensorFileWriter:
+    """Write a safetensors file chunk by chunk, with memory bounded by one chunk.
+
+    The shapes are declared up front, so the header and every tensor's byte range are known
+    before any data: each chunk goes straight to its place in the file. Rows of one tensor are
+    appended in order; chunks of different tensors may be interleaved freely.
+
+    The file appears under its final name only once every declared row is written (`close`, or
+    a `with` block that ends cleanly); an exception, `abort`, or rows that do not add up leave
+    nothing there (an existing file is kept). The bytes equal `safetensors.torch.save_file` of
+    the full tensors with the same metadata; metadata keys are written sorted (save_file's
+    order for two or more keys varies from run to run).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: TensorSpecs,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        slots = self._plan(specs)
+        header: dict[str, Any] = {}
+        if metadata is not None:
+            bad = [k for k, v in metadata.items() if type(k) is not str or type(v) is not str]
+            if bad:
+                raise ValueError(f"{self.path}: metadata must map str to str; bad keys {bad}")
+            header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+        for slot in slots:
+            header[slot.name] = {
+                "dtype": _DTYPE_CODES[slot.dtype],
+                "shape": list(slot.shape),
+                "data_offsets": [slot.begin, slot.end],
+            }
+        head = _header_bytes(header)
+        self._slots = {slot.name: slot for slot in slots}
+        self._data_start = 8 + len(head)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp: Path | None = _new_temp_file(self.path)
+        self._mode = stat.S_IMODE((self.path if self.path.exists() else self._tmp).stat().st_mode)
+        try:
+            self._fh = open(self._tmp, "r+b")  # noqa: SIM115 - closed in close()/abort()
+            self._fh.write(len(head).to_bytes(8, "little") + head)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _plan(self, specs: TensorSpecs) -> list[_Slot]:
+        problems = []
+        clean: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for name, spec in specs.items():
+            try:
+                dtype, shape = spec
+                shape = tuple(operator.index(n) for n in shape)
+            except (TypeError, ValueError):
+                problems.append(f"{name!r}: expected (dtype, shape), got {spec!r}")
+                continue
+            if not isinstance(name, str) or not name or name == "__metadata__":
+                problems.append(f"{name!r}: not a valid tensor name")
+            elif dtype not in _DTYPE_CODES:
+                problems.append(f"{name!r}: dtype {dtype} has no safetensors code")
+            elif any(n < 0 for n in shape):
+                problems.append(f"{name!r}: negative size in shape {shape}")
+            else:
+                clean[name] = (dtype, shape)
+        if problems:
+            raise ValueError(f"{self.path}: bad tensor specs: " + "; ".join(problems))
+        slots, offset = [], 0
+        for name in _data_order({name: dtype for name, (dtype, _) in clean.items()}):
+            slot = _Slot(name, *clean[name], begin=offset)
+            slots.append(slot)
+            offset = slot.end
+        return slots
+
+    @property
+    def data_order(self) -> list[str]:
+        """Tensor names in the order their data lies in the file."""
+        return list(self._slots)
+
+    def rows_written(self, name: str) -> int:
+        return self._slots[name].written
+
+    def write(self, name: str, rows: torch.Tensor) -> None:
+        """Append `rows` (shape [r, *shape[1:]], the declared dtype) to tensor `name`."""
+        if self._tmp is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"{self.path}: no tensor {name!r}; declared {list(self._slots)}")
+        if rows.dtype != slot.dtype:
+            raise ValueError(f"{self.path}: {name}: got dtype {rows.dtype}, declared {slot.dtype}")
+        if slot.shape:
+            ok = rows.dim() == len(slot.shape) and tuple(rows.shape[1:]) == slot.shape[1:]
+            n = int(rows.shape[0]) if rows.dim() else 0
+        else:
+            ok, n = rows.dim() == 0, 1
+        if not ok:
+            want = f"[r, {', '.join(map(str, slot.shape[1:]))}]" if slot.shape else "[] (0-dim)"
+            raise ValueError(f"{self.path}: {name}: chunk shape {list(rows.shape)}, want {want}")
+        if slot.written + n > slot.rows:
+            raise ValueError(
+                f"{self.path}: {name}: {slot.written} + {n} rows exceed the declared {slot.rows}"
+            )
+        if n == 0:
+            return
+        flat = rows.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.seek(self._data_start + slot.begin + slot.written * slot.row_bytes)
+        self._fh.write(flat.numpy())
+        slot.written += n
+
+    def close(self) -> None:
+        """Check every row is written, then rename the file into place (fsynced)."""
+        if self._tmp is None:
+            return
+        slots = self._slots.values()
+        short = [f"{s.name} {s.written} of {s.rows}" for s in slots if s.written < s.rows]
+        if short:
+            self.abort()
+            raise ValueError(
+                f"{self.path}: rows written do not add up ({', '.join(short)} rows); nothing "
+                "was written under this name. Write every declared row before closing."
+            )
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.chmod(self._tmp, self._mode)
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Discard the temp file; the final name is left as it was."""
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> TensorFileWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _read_layout(
+    path: str | os.PathLike,
+) -> tuple[Path, int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """(path, data start, {name: (dtype, shape, begin, end)} in data order), all checked."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            prefix = fh.read(8)
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if n < 0:
+                raise _corrupt(p, f"{size} bytes, shorter than the 8-byte header length")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise _corrupt(p, f"header length {n} does not fit the file's {size} bytes")
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise ArtifactError(f"{p}: file not found. Run the stage that produces it first.") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{p}: is a folder, not a safetensors file.") from None
+    except OSError as exc:
+        raise ArtifactError(
+            f"{p}: cannot read it ({exc}). Check its permissions and the disk, then retry."
+        ) from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(p, f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(p, "header is not a JSON object")
+    layout = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(p, f"bad header entry for {name!r}: {entry!r}") from exc
+        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(p, f"{name}: offsets {[begin, end]} do not fit shape {list(shape)}")
+        layout[name] = (dtype, shape, begin, end)
+    layout = dict(sorted(layout.items(), key=lambda kv: (kv[1][2], kv[1][3])))
+    at = 0
+    for name, (_, _, begin, end) in layout.items():
+        if begin != at:
+            raise _corrupt(p, f"{name}: data starts at byte {begin}, expected {at}")
+        at = end
+    if size != 8 + n + at:
+        raise _corrupt(p, f"the header promises {8 + n + at} bytes, the file holds {size}")
+    return p, 8 + n, layout
+
+
+def tensor_info(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of a safetensors file, in data order, reading only its header."""
+    _, _, layout = _read_layout(path)
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in layout.items()}
+
+
+def read_rows(path: str | os.PathLike, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows `[start:stop]` (Python slice rules) of tensor `name`, read with plain file reads.
+
+    Only those rows' bytes are read (no memory map), so memory stays bounded by the request.
+    """
+    p, data_start, layout = _read_layout(path)
+    if name not in layout:
+        raise ArtifactError(
+            f"{p}: missing tensors {[name]}; found {sorted(layout)}. "
+            "It was written by another version: rerun the stage that produces it."
+        )
+    dtype, shape, begin, _ = layout[name]
+    if not shape:
+        raise ValueError(f"{p}: {name} is 0-dim and has no rows; use load_tensors")
+    lo, hi, _ = slice(operator.index(start), operator.index(stop)).indices(shape[0])
+    n = max(0, hi - lo)
+    out_shape = (n, *shape[1:])
+    nbytes = n * math.prod(shape[1:]) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(out_shape, dtype=dtype)
+    buf = bytearray(nbytes)
+    with open(p, "rb") as fh:
+        fh.seek(data_start + begin + lo * (nbytes // n))
+        got = fh.readinto(buf)
+    if got != nbytes:
+        raise _corrupt(p, f"{name}: rows {lo}:{hi} end past the end of the file")
+    return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)

@@ -5,25 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from salve.config import Config
-from salve.data import check_prepared, prepare_dataset
+from salve.data import SCAN_KEYS, check_prepared, prepare_dataset
 from salve.io import save_tensors, write_json
 from tasks.common import stage_dir, write_metrics
 
 
+def data_folder(root: Path, path: str) -> Path:
+    """`data.path` as a folder: relative paths are relative to the repository root, not the
+    working directory (a stage must read the same folder wherever it is started from)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     d = cfg.data
-    raw_dir = Path(d.path) if d.path and d.source != "imagefolder" else root / "data" / "raw"
+    folder = data_folder(root, d.path)
     prepared = prepare_dataset(
         d.source,
         image_size=d.image_size,
-        raw_dir=raw_dir,
+        raw_dir=folder,
         variant=d.variant,
-        path=d.path,
+        path=str(folder),
         val_fraction=d.val_fraction,
         max_per_class=d.max_per_class,
+        min_val_per_class=d.min_val_per_class,
         seed=cfg.common.seed,
         progress=progress,
     )
+    if d.source == "imagefolder":
+        prepared.info["root"] = d.path  # as configured: meta.json is the same on every clone
     check_prepared(prepared)
     out = stage_dir(root, "fetch")
     save_tensors(
@@ -41,5 +51,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "val_samples": int(prepared.val_labels.numel()),
         "image_size": d.image_size,
     }
+    # Folder sources: what the scan skipped or relabelled, as counts and one line ("" if none).
+    summary |= {k: prepared.info[k] for k in (*SCAN_KEYS, "data_notes") if k in prepared.info}
     write_metrics(root, "fetch", summary)
     return summary

@@ -1,31 +1,43 @@
 """prepare_dataset sources (digits, imagefolder, CIFAR-100 layout), splits, normalise,
-check_prepared."""
+check_prepared; how image files decode; what a folder scan reports; chunked decoding; fetch."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import json
+import logging
+import os
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from PIL import Image
 
+import salve.data
+from salve.config import from_dict
 from salve.data import (
+    IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMAGENETTE_ARCHIVES,
     IMAGENETTE_CLASSES,
+    DatasetError,
     PreparedData,
     check_prepared,
+    load_image,
     normalise,
+    plan_image_files,
     prepare_dataset,
     stratified_split,
     subsample_per_class,
 )
+from salve.io import TensorFileWriter, save_tensors
 
 # --------------------------------------------------------------------------------------------
 # digits
@@ -205,7 +217,7 @@ def test_imagefolder_resize_shorter_side_then_center_crop(tmp_path: Path) -> Non
     ("setup", "pattern"),
     [
         ("missing", "does not exist"),
-        ("empty_path", "needs path"),
+        ("empty_path", "needs data.path"),
         ("one_class", "need at least 2"),
         ("empty_class", "holds no images"),
         ("unreadable", "bad.png: cannot read this image"),
@@ -346,3 +358,423 @@ def test_check_prepared_errors(change: dict, pattern: str) -> None:
     bad = dataclasses.replace(_tiny(), **change)
     with pytest.raises(ValueError, match=pattern):
         check_prepared(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# How one image file decodes
+# --------------------------------------------------------------------------------------------
+
+
+def _grey16_file(tmp_path: Path, mode: str, values: np.ndarray) -> Path:
+    """A 16-bit grey file that PIL opens in `mode` (I;16: PNG, I;16B and I: TIFF)."""
+    if mode == "I;16":
+        img, name = Image.fromarray(values.astype(np.uint16)), "g.png"
+    elif mode == "I;16B":
+        img = Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+        name = "g.tif"
+    else:
+        img, name = Image.fromarray(values.astype(np.int32)), "g.tif"
+    img.save(tmp_path / name)
+    with Image.open(tmp_path / name) as back:
+        assert back.mode == mode  # the file really exercises that mode
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path: Path, mode: str) -> None:
+    # round(v / 257) steps up at v = 257 k + 129: 128 -> 0, 129 -> 1, 65406 -> 254, 65407 -> 255.
+    values = np.array(
+        [
+            [0, 128, 129, 385],
+            [386, 32767, 32768, 65406],
+            [65407, 65535, 257 * 100, 257 * 100 + 129],
+            [1000, 2000, 3000, 4000],
+        ]
+    )
+    if mode == "I":  # 32-bit: values outside 0..65535 are clipped first
+        values[3, :2] = (-5, 70000)
+    arr = load_image(_grey16_file(tmp_path, mode, values), 4)
+    clipped = np.clip(values, 0, 65535)
+    want = np.floor(clipped * 255 / 65535 + 0.5).astype(np.uint8)  # v * 255 / 65535, rounded
+    assert want[:3].tolist() == [[0, 0, 1, 1], [2, 127, 128, 254], [255, 255, 100, 101]]
+    for c in range(3):
+        assert np.array_equal(arr[..., c], want), (mode, arr[..., c])
+
+
+# Where the stored image's row 0 and column 0 appear when shown (EXIF 2.3, tag 0x0112), written
+# as numpy transforms of the stored [H, W, C] array.
+EXIF_SHOWN = {
+    1: lambda a: a,  # row 0 top, column 0 left
+    2: lambda a: a[:, ::-1],  # row 0 top, column 0 right
+    3: lambda a: a[::-1, ::-1],  # row 0 bottom, column 0 right
+    4: lambda a: a[::-1, :],  # row 0 bottom, column 0 left
+    5: lambda a: a.transpose(1, 0, 2),  # row 0 left, column 0 top
+    6: lambda a: a[::-1].transpose(1, 0, 2),  # row 0 right, column 0 top
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # row 0 right, column 0 bottom
+    8: lambda a: a[:, ::-1].transpose(1, 0, 2),  # row 0 left, column 0 bottom
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(EXIF_SHOWN))
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int) -> None:
+    stored = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "x.png", exif=exif)
+    shown = EXIF_SHOWN[orientation](stored)
+    h, w = shown.shape[:2]  # the shorter side is already 4: no resize, only the centre crop
+    top, left = (h - 4) // 2, (w - 4) // 2
+    assert np.array_equal(load_image(tmp_path / "x.png", 4), shown[top : top + 4, left : left + 4])
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path: Path) -> None:
+    # Stored 16 wide x 8 tall: left half red, right half blue. Orientation 6 shows it 8 wide x
+    # 16 tall with the stored left edge on top: red above, blue below.
+    stored = np.zeros((8, 16, 3), dtype=np.uint8)
+    stored[:, :8, 0] = 255
+    stored[:, 8:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "x.jpg", exif=exif, quality=95)
+    arr = load_image(tmp_path / "x.jpg", 8).astype(int)  # the centre 8 x 8: rows 4..11 shown
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    assert np.abs(arr[1, 6] - red).max() < 40  # unrotated, this pixel would be blue
+    assert np.abs(arr[6, 1] - blue).max() < 40  # unrotated, this pixel would be red
+
+
+@pytest.mark.parametrize(
+    ("make", "want"),
+    [
+        (lambda: Image.new("RGBA", (3, 3), (10, 20, 30, 0)), (10, 20, 30)),  # alpha dropped
+        (lambda: Image.new("LA", (3, 3), (70, 0)), (70, 70, 70)),
+        (lambda: Image.new("CMYK", (3, 3), (0, 255, 0, 0)), (255, 0, 255)),  # 255 - C, M, Y
+        (lambda: Image.new("L", (3, 3), 99), (99, 99, 99)),
+        (lambda: Image.new("1", (3, 3), 1), (255, 255, 255)),
+    ],
+    ids=["RGBA", "LA", "CMYK", "L", "1"],
+)
+def test_other_modes_convert_as_documented(tmp_path: Path, make, want) -> None:
+    img = make()
+    path = tmp_path / ("x.tif" if img.mode == "CMYK" else "x.png")
+    img.save(path)
+    assert load_image(path, 3).reshape(-1, 3).tolist() == [list(want)] * 9
+
+
+def test_palette_with_transparency_takes_its_palette_colour(tmp_path: Path) -> None:
+    img = Image.new("P", (3, 3), 1)
+    img.putpalette([0, 0, 0, 9, 8, 7])
+    img.save(tmp_path / "p.png", transparency=1)
+    assert load_image(tmp_path / "p.png", 3).reshape(-1, 3).tolist() == [[9, 8, 7]] * 9
+
+
+def _decode_as_before(path: Path, size: int) -> np.ndarray:
+    """The decoder before 16-bit and EXIF handling, for files that have neither."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def test_plain_eight_bit_images_decode_to_the_same_bytes_as_before(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for i, (w, h, ext) in enumerate([(200, 120, "jpg"), (37, 51, "png"), (64, 40, "webp")]):
+        path = tmp_path / f"{i}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        assert np.array_equal(load_image(path, 24), _decode_as_before(path, 24)), path
+
+
+# --------------------------------------------------------------------------------------------
+# What a folder scan skips or relabels: kept as before, now reported
+# --------------------------------------------------------------------------------------------
+
+
+def test_scan_reports_hidden_nested_non_image_and_stray_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _folder(tmp_path / "ds")
+    _write(root / ".cache" / "0.png", (1, 1, 1))  # a hidden "class"
+    _write(root / "cat" / ".thumbs" / "t.png", (2, 2, 2))  # a hidden sub-folder
+    (root / "cat" / ".DS_Store").write_bytes(b"x")
+    _write(root / "cat" / "._0.png", (3, 3, 3))  # hidden file with an image extension
+    _write(root / "dog" / "sub" / "deep" / "a.png", COLOURS["dog"])  # nested: labelled dog
+    _write(root / "dog" / "sub" / "b.png", COLOURS["dog"])
+    (root / "fox" / "notes.txt").write_text("not an image")
+    _write(root / "stray.png", (4, 4, 4))  # in no class folder
+    (root / "README.md").write_text("plain files beside the class folders pass quietly")
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        d = prepare_dataset(
+            "imagefolder", image_size=4, raw_dir=tmp_path, path=str(root), progress=False
+        )
+    line = (
+        "imagefolder: skipped 2 hidden folders (.cache, cat/.thumbs), 2 hidden files; "
+        "2 images in nested sub-folders were labelled with their top class folder; "
+        "ignored 1 non-image file in class folders (an image needs one of the extensions "
+        + " ".join(sorted(IMAGE_EXTENSIONS))
+        + "); ignored 1 image outside any class folder (stray.png)"
+    )
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("salve", logging.WARNING, line)
+    ]
+    assert d.info["data_notes"] == line
+    assert {k: d.info[k] for k in salve.data.SCAN_KEYS} == {
+        "skipped_hidden": 4,
+        "nested_images": 2,
+        "non_image_files": 1,
+        "images_outside_classes": 1,
+    }
+    assert d.info["hidden_folders"] == [".cache", "cat/.thumbs"]
+    assert d.classes == ["cat", "dog", "fox"]
+    assert d.info["counts"]["train"] + d.info["counts"]["val"] == 17  # 5 + 7 + 5
+    assert d.info["train_per_class"]["dog"] + d.info["val_per_class"]["dog"] == 7
+    _assert_colours(d.train_images, d.train_labels, d.classes)  # no hidden image was decoded
+    _assert_colours(d.val_images, d.val_labels, d.classes)
+
+
+def test_scan_reports_folders_beside_train_and_val(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _folder(tmp_path / "ds" / "train", n=2)
+    _folder(tmp_path / "ds" / "val", n=1)
+    _folder(tmp_path / "ds" / "test", n=1)
+    _write(tmp_path / "ds" / "train" / ".git" / "x.png", (1, 1, 1))
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        d = prepare_dataset(
+            "imagefolder", image_size=4, raw_dir=tmp_path, path=str(tmp_path / "ds"), progress=False
+        )
+    assert d.info["data_notes"] == (
+        "imagefolder: skipped 1 hidden folder (train/.git); ignored 1 folder beside train/ "
+        "and val/ (test)"
+    )
+    assert caplog.records[0].getMessage() == d.info["data_notes"]
+
+
+def test_a_clean_folder_reports_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        d = prepare_dataset(
+            "imagefolder", image_size=4, raw_dir=tmp_path, path=str(_folder(tmp_path / "ds"))
+        )
+    assert caplog.records == [] and d.info["data_notes"] == ""
+    assert all(d.info[k] == 0 for k in salve.data.SCAN_KEYS)
+
+
+# --------------------------------------------------------------------------------------------
+# Too few val images per class: refused before anything is decoded
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(path: Path, size: int) -> np.ndarray:
+        raise AssertionError("decoded an image before the split was checked")
+
+    monkeypatch.setattr(salve.data, "load_image", refuse)
+
+
+def test_too_few_val_images_stratified(tmp_path: Path, no_decoding: None) -> None:
+    root = tmp_path / "ds"
+    for cls, n in (("cat", 10), ("dog", 10), ("fox", 2), ("emu", 1)):
+        for i in range(n):
+            _write(root / cls / f"{i}.png", (1, 2, 3))
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(
+            "imagefolder", image_size=4, raw_dir=tmp_path, path=str(root), min_val_per_class=2
+        )
+    msg = str(info.value)
+    # round(0.2 * 2) = 0, raised to 1; a single image stays in train: 0.
+    assert "2 class(es) have fewer than data.min_val_per_class=2 val images" in msg
+    assert "emu (0), fox (1)" in msg
+    for fix in ("add images", "data.val_fraction (now 0.2)", "val/", "lower data.min_val"):
+        assert fix in msg, fix
+    # The default (1) still refuses a class with no val image at all: its accuracy is NaN.
+    with pytest.raises(DatasetError, match=r"data.min_val_per_class=1 val images.*: emu \(0\)"):
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+
+
+def test_too_few_val_images_given_split(tmp_path: Path, no_decoding: None) -> None:
+    _folder(tmp_path / "ds" / "train", n=3)
+    for cls in ("cat", "dog"):
+        _write(tmp_path / "ds" / "val" / cls / "0.png", COLOURS[cls])
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(tmp_path / "ds"))
+    msg = str(info.value)
+    assert ": fox (0)." in msg and "val/ folders" in msg and "data.min_val_per_class" in msg
+    assert "val_fraction" not in msg  # it does not apply to a given split
+
+
+def test_too_few_val_images_array_source() -> None:
+    with pytest.raises(DatasetError, match=r"10 class\(es\).*0 \(36\), 1 \(36\)"):
+        prepare_dataset("digits", image_size=8, raw_dir=Path("u"), min_val_per_class=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Permission problems name the path, the cause and data.path
+# --------------------------------------------------------------------------------------------
+
+
+def _deny(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
+    """os.scandir of `target` fails as for a folder without read permission (we run as root,
+    which chmod cannot lock out)."""
+    real = os.scandir
+
+    def scandir(path=".", *a):
+        if Path(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize(("where", "kind"), [("", "folder"), ("dog", "class folder")])
+def test_unreadable_folders_are_permission_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, kind: str
+) -> None:
+    root = _folder(tmp_path / "ds", n=2)
+    target = root / where if where else root
+    _deny(monkeypatch, target)
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+    msg = str(info.value)
+    assert f"permission denied reading the {kind} {target} (Permission denied)" in msg
+    assert "data.path" in msg and "holds no images" not in msg
+
+
+def test_untraversable_data_folder_is_a_permission_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _folder(tmp_path / "ds", n=2)
+    real = Path.stat
+
+    def stat(self: Path, **k) -> os.stat_result:
+        if self == root:  # as when a parent folder lacks execute permission
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, **k)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(DatasetError, match=f"permission denied reading the data folder {root}"):
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+
+
+def test_unreadable_image_is_a_permission_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _folder(tmp_path / "ds", n=2)
+    locked = root / "dog" / "1.png"
+    real = PIL.Image.open
+
+    def open_image(fp, *a, **k):
+        if Path(fp) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(fp))
+        return real(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", open_image)
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+    msg = str(info.value)
+    assert f"{locked}: permission denied reading this image" in msg and "data.path" in msg
+    assert "cannot read this image" not in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_chmod_locked_class_folder_and_image(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "ds", n=2)
+    (root / "dog").chmod(0)
+    try:
+        with pytest.raises(DatasetError, match="permission denied reading the class folder"):
+            prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+    finally:
+        (root / "dog").chmod(0o755)
+    (root / "dog" / "1.png").chmod(0)
+    with pytest.raises(DatasetError, match="permission denied reading this image"):
+        prepare_dataset("imagefolder", image_size=4, raw_dir=tmp_path, path=str(root))
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked decoding and streaming into a tensor file
+# --------------------------------------------------------------------------------------------
+
+
+def test_plan_chunks_stream_to_the_same_bytes_as_prepared_data(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(3)
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir(parents=True)
+        for i in range(7):
+            w, h = (int(v) for v in rng.integers(6, 20, 2))
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    opts = {"image_size": 5, "raw_dir": tmp_path, "path": str(root), "max_per_class": 5, "seed": 4}
+    data = prepare_dataset("imagefolder", progress=False, **opts)
+    plan = plan_image_files("imagefolder", progress=False, **opts)
+    assert plan.info == data.info and plan.classes == data.classes
+    for split in ("train", "val"):
+        chunks = list(plan.chunks(split, chunk_size=4, progress=False))
+        assert [len(x) for x, _ in chunks][:-1] == [4] * (len(chunks) - 1)
+        assert torch.equal(torch.cat([x for x, _ in chunks]), getattr(data, f"{split}_images"))
+        assert torch.equal(torch.cat([y for _, y in chunks]), getattr(data, f"{split}_labels"))
+        streamed, saved = tmp_path / f"s_{split}.st", tmp_path / f"r_{split}.st"
+        with TensorFileWriter(streamed, plan.tensor_specs(split)) as w:
+            for x, y in plan.chunks(split, chunk_size=3, progress=False):
+                w.write("images", x)
+                w.write("labels", y)
+        save_tensors(
+            saved,
+            {
+                "images": getattr(data, f"{split}_images"),
+                "labels": getattr(data, f"{split}_labels"),
+            },
+        )
+        assert streamed.read_bytes() == saved.read_bytes()
+
+
+def test_plan_refuses_array_sources(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="use prepare_dataset"):
+        plan_image_files("digits", image_size=8, raw_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The fetch stage: data.path relative to the repository root; the scan line in its metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_fetch_reads_data_path_from_the_repo_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import fetch
+
+    repo = tmp_path / "repo"
+    _folder(repo / "data" / "pets", n=25)  # 5 val images per class: data.min_val_per_class
+    (repo / "data" / "pets" / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = {"source": "imagefolder", "path": "data/pets", "image_size": 16}
+    summary = fetch.run(from_dict({"data": data}), repo, progress=False)
+    metrics = json.loads((repo / "metrics" / "fetch.json").read_text())
+    assert metrics == summary
+    assert metrics["data_notes"].startswith("imagefolder: ignored 1 non-image file")
+    assert metrics["non_image_files"] == 1 and metrics["val_samples"] == 15
+    meta = json.loads((repo / "results" / "fetch" / "meta.json").read_text())
+    assert meta["info"]["root"] == "data/pets"  # as configured, the same on every clone
+    # Four per class leave 4 val images: below data.min_val_per_class (5), refused.
+    with pytest.raises(DatasetError, match=r"min_val_per_class=5 val images.*cat \(4\)"):
+        fetch.run(from_dict({"data": data | {"val_fraction": 0.16}}), repo, progress=False)
+
+
+def test_fetch_metrics_for_digits_keep_their_keys(tmp_path: Path) -> None:
+    from tasks import fetch
+
+    cfg = from_dict({"data": {"image_size": 16, "max_per_class": 2}})
+    fetch.run(cfg, tmp_path, progress=False)
+    metrics = json.loads((tmp_path / "metrics" / "fetch.json").read_text())
+    assert sorted(metrics) == [
+        "image_size",
+        "num_classes",
+        "source",
+        "train_samples",
+        "val_samples",
+    ]

@@ -1,4 +1,5 @@
-"""salve.io: atomic writes, bit-exact safetensors round trips, clear errors on bad artifacts."""
+"""salve.io: atomic writes, bit-exact safetensors round trips, clear errors on bad artifacts,
+streamed tensor files byte-identical to safetensors' own."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import math
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import salve.io as sio
 from salve.io import (
     ArtifactError,
+    TensorFileWriter,
     atomic_path,
     load_tensors,
     read_json,
+    read_rows,
     save_tensors,
+    tensor_info,
     write_bytes,
     write_csv,
     write_json,
@@ -192,3 +198,239 @@ def test_read_json_errors(tmp_path: Path) -> None:
     bad.write_text('{"a": ')
     with pytest.raises(ArtifactError, match="bad.json.*not valid JSON"):
         read_json(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed tensor files
+# --------------------------------------------------------------------------------------------
+
+
+def _stream(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None,
+    chunks: list[int],
+) -> None:
+    """Write `tensors` through TensorFileWriter, interleaving tensors, uneven chunk sizes."""
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with TensorFileWriter(path, specs, metadata) as w:
+        cursors = dict.fromkeys(tensors, 0)
+        step = 0
+        while any(cursors[k] < len(v) for k, v in tensors.items() if v.dim()):
+            for name in reversed(list(tensors)):  # not the file's data order
+                t = tensors[name]
+                if t.dim() == 0 or cursors[name] >= len(t):
+                    continue
+                size = chunks[step % len(chunks)]
+                w.write(name, t[cursors[name] : cursors[name] + size])
+                cursors[name] += size
+                step += 1
+        for name, t in tensors.items():
+            if t.dim() == 0:
+                w.write(name, t)
+
+
+def _fetch_like(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "images": torch.randint(0, 256, (n, 3, 5, 5), dtype=torch.uint8, generator=g),
+        "labels": torch.randint(0, 10, (n,), generator=g),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"kind": "relu"}])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _fetch_like(11, 0),
+        lambda: {"acts": torch.randn(9, 7), "labels": torch.arange(9)},
+        lambda: {k: v.contiguous() for k, v in _sample_tensors().items()},
+        lambda: {"a": torch.zeros(0, 3, dtype=torch.uint8), "b": torch.ones(2, dtype=torch.int8)},
+        lambda: {},
+        lambda: {
+            str(dt).split(".")[-1]: torch.arange(6).reshape(3, 2).to(dt)
+            for dt in (torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32)
+            + (torch.uint64, torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2)
+        },
+    ],
+    ids=["fetch", "acts", "sample-dtypes", "empty", "no-tensors", "more-dtypes"],
+)
+def test_streamed_file_is_byte_identical_to_save_file(tmp_path: Path, make, metadata) -> None:
+    tensors = make()
+    if not tensors and metadata == {}:
+        # save_file writes invalid JSON here ('{},"__metadata__":{}}'); ours stays valid.
+        _stream(tmp_path / "x.safetensors", tensors, metadata, [1])
+        assert (tmp_path / "x.safetensors").read_bytes()[8:].rstrip() == b'{"__metadata__":{}}'
+        return
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=metadata)
+    for chunks in ([1], [4, 1, 3], [1000]):
+        out = tmp_path / f"streamed{len(chunks)}.safetensors"
+        _stream(out, tensors, metadata, chunks)
+        assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), chunks
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "ref.safetensors"  # no temp files
+
+
+def test_streamed_metadata_keys_are_sorted_and_round_trip(tmp_path: Path) -> None:
+    # save_file orders two or more metadata keys differently from run to run; we sort them.
+    meta = {f"k{i}": str(i) for i in (3, 1, 2)} | {"é": 'q"uote'}
+    p = tmp_path / "m.safetensors"
+    _stream(p, _fetch_like(3, 1), meta, [2])
+    n = int.from_bytes(p.read_bytes()[:8], "little")
+    header = json.loads(p.read_bytes()[8 : 8 + n])
+    assert list(header["__metadata__"]) == ["k1", "k2", "k3", "é"]
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as fh:
+        assert fh.metadata() == meta
+    back = load_file(str(p))
+    want = _fetch_like(3, 1)
+    assert all(torch.equal(back[k], want[k]) for k in want)
+
+
+def test_streamed_file_appears_only_when_every_row_is_written(tmp_path: Path) -> None:
+    target = tmp_path / "train.safetensors"
+    save_tensors(target, {"old": torch.ones(1)})
+    target.chmod(0o640)
+    before = target.read_bytes()
+    t = _fetch_like(6, 2)
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}
+    # Rows that do not add up: refused at close, nothing replaces the old file.
+    short = r"do not add up \(labels 0 of 6, images 4 of 6"
+    with pytest.raises(ValueError, match=short), TensorFileWriter(target, specs) as w:
+        w.write("images", t["images"][:4])
+    assert target.read_bytes() == before and _listing(tmp_path) == ["train.safetensors"]
+    # An exception inside the block (an interrupted run): the same.
+    with pytest.raises(RuntimeError, match="decoder died"), TensorFileWriter(target, specs) as w:
+        w.write("labels", t["labels"])
+        raise RuntimeError("decoder died")
+    assert target.read_bytes() == before and _listing(tmp_path) == ["train.safetensors"]
+    # Until close, the final name still holds the old file.
+    w = TensorFileWriter(target, specs)
+    w.write("images", t["images"])
+    w.write("labels", t["labels"])
+    assert target.read_bytes() == before
+    w.close()
+    assert all(torch.equal(load_tensors(target)[k], t[k]) for k in t)
+    assert _listing(tmp_path) == ["train.safetensors"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # a replaced file keeps its mode
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    fresh = tmp_path / "fresh.safetensors"
+    _stream(fresh, t, None, [6])
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+@pytest.mark.parametrize(
+    ("name", "chunk", "pattern"),
+    [
+        ("labels", torch.arange(7), r"0 \+ 7 rows exceed the declared 6"),
+        ("labels", torch.arange(3, dtype=torch.int32), "got dtype torch.int32"),
+        ("images", torch.zeros(2, 3, 5, 4, dtype=torch.uint8), r"want \[r, 3, 5, 5\]"),
+        ("images", torch.zeros(3, 5, 5, dtype=torch.uint8), r"want \[r, 3, 5, 5\]"),
+        ("acts", torch.zeros(1), r"no tensor 'acts'; declared \['labels', 'images'\]"),
+    ],
+)
+def test_writer_refuses_bad_chunks(tmp_path: Path, name, chunk, pattern) -> None:
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in _fetch_like(6, 0).items()}
+    with pytest.raises(ValueError, match=pattern), TensorFileWriter(tmp_path / "x", specs) as w:
+        w.write(name, chunk)
+    assert _listing(tmp_path) == []
+
+
+def test_writer_refuses_bad_specs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="negative size"):
+        TensorFileWriter(tmp_path / "x", {"a": (torch.float32, (-1, 2))})
+    with pytest.raises(ValueError, match="not a valid tensor name"):
+        TensorFileWriter(tmp_path / "x", {"__metadata__": (torch.float32, (1,))})
+    with pytest.raises(ValueError, match="metadata must map str to str"):
+        TensorFileWriter(tmp_path / "x", {}, metadata={"n": 3})
+    assert _listing(tmp_path) == []
+
+
+def test_read_rows_equals_slicing_and_tensor_info(tmp_path: Path) -> None:
+    tensors = {k: v.contiguous() for k, v in _sample_tensors().items()} | _fetch_like(13, 3)
+    p = tmp_path / "t.safetensors"
+    save_file(tensors, str(p))
+    info = tensor_info(p)
+    assert info == {k: (tensors[k].dtype, tuple(tensors[k].shape)) for k in info}
+    assert set(info) == set(tensors)
+    rng = np.random.default_rng(0)
+    for name, t in tensors.items():
+        if t.dim() == 0:
+            with pytest.raises(ValueError, match="0-dim"):
+                read_rows(p, name, 0, 1)
+            continue
+        n = len(t)
+        ranges = [(0, n), (0, 0), (n, n + 5), (-3, n), (2, 1)]
+        ranges += [tuple(sorted(rng.integers(0, n + 1, 2).tolist())) for _ in range(5)]
+        for start, stop in ranges:
+            got = read_rows(p, name, start, stop)
+            want = t[start:stop]
+            assert got.dtype == want.dtype and got.shape == want.shape, (name, start, stop)
+            assert torch.equal(_bits(got), _bits(want)), (name, start, stop)
+
+
+def test_read_rows_reads_only_the_requested_bytes(tmp_path: Path, monkeypatch) -> None:
+    p = tmp_path / "t.safetensors"
+    t = _fetch_like(50, 4)
+    save_file(t, str(p))
+    reads: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def read(self, n=-1):
+            data = self.fh.read(n)
+            reads.append(len(data))
+            return data
+
+        def readinto(self, buf):
+            got = self.fh.readinto(buf)
+            reads.append(got)
+            return got
+
+        def seek(self, *a):
+            return self.fh.seek(*a)
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Counting(real_open(*a, **k)))
+    got = read_rows(p, "images", 10, 12)
+    monkeypatch.undo()
+    assert torch.equal(got, t["images"][10:12])
+    n_header = int.from_bytes(p.read_bytes()[:8], "little")
+    assert sum(reads) == 8 + n_header + 2 * 3 * 5 * 5  # the header and two images, no more
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 40, -1, -75])
+def test_truncated_file_is_artifact_error_for_read_rows(tmp_path: Path, keep: int) -> None:
+    good = tmp_path / "good.safetensors"
+    save_tensors(good, _fetch_like(4, 5))
+    bad = tmp_path / "train.safetensors"
+    bad.write_bytes(good.read_bytes()[:keep])
+    for call in (lambda: read_rows(bad, "images", 0, 1), lambda: tensor_info(bad)):
+        with pytest.raises(ArtifactError) as info:
+            call()
+        msg = str(info.value)
+        assert str(bad) in msg and "truncated or corrupted" in msg and "rerun the stage" in msg
+
+
+def test_read_rows_missing_file_garbage_and_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="not found"):
+        read_rows(tmp_path / "none.safetensors", "x", 0, 1)
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
+    with pytest.raises(ArtifactError, match="g.safetensors.*header is not JSON"):
+        tensor_info(garbage)
+    p = tmp_path / "acts.safetensors"
+    save_tensors(p, {"acts": torch.zeros(2, 3)})
+    with pytest.raises(ArtifactError) as info:
+        read_rows(p, "labels", 0, 1)
+    msg = str(info.value)
+    assert "labels" in msg and str(p) in msg and "'acts'" in msg and "rerun the stage" in msg
