@@ -12,7 +12,7 @@ from pathlib import Path
 
 from salve.config import Config, apply_overrides, fill_missing
 from tasks import STAGE_ORDER, STAGES
-from tasks.runner import exit_code_reporting_errors
+from tasks.runner import StageOutcome, exit_code_reporting_errors
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
@@ -44,65 +44,76 @@ def _progress(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty()
 
 
-def _print_rows(rows: list[dict], seconds: float) -> None:
-    print(f"\n{'stage':<10} {'status':<9} {'seconds':>8}  summary")
-    for r in rows:
-        print(f"{r['stage']:<10} {r['status']:<9} {r['seconds']:>8.2f}  {r['summary']}")
-    print(f"total {seconds:.1f} s")
+def _print_total(seconds: float, root: Path) -> None:
+    report = root / STAGES["report"].out_dir / "index.html"
+    where = f"; report: {report.relative_to(root)}" if report.exists() else ""
+    print(f"total {seconds:.1f} s{where}", flush=True)
 
 
-def _all_fresh(root: Path, wanted: list[str]) -> list[dict] | None:
-    """Rows for a no-op run when DVC finds every wanted stage up to date, else None.
+def _all_fresh(root: Path, wanted: list[str]) -> list[StageOutcome] | None:
+    """Outcomes of a no-op run when DVC finds every wanted stage up to date, else None.
 
     Starting a Prefect flow costs 7-14 s with no server running (its temporary API); when
     nothing is stale there is nothing for it to orchestrate, so none is started.
     """
-    from tasks.runner import StageOutcome, dvc_repo
+    from tasks.runner import dvc_repo
 
     t0 = time.perf_counter()
     with dvc_repo(root) as repo:
         if repo.status(targets=wanted):
             return None
     seconds = (time.perf_counter() - t0) / max(len(wanted), 1)
-    rows = []
+    outcomes = []
     for name in wanted:
         metrics = root / STAGES[name].metrics_file
         summary = json.loads(metrics.read_text()) if metrics.exists() else {}
-        rows.append(StageOutcome(name, "skipped", seconds, summary).row())
-    return rows
+        outcomes.append(StageOutcome(name, "skipped", seconds, summary))
+    return outcomes
+
+
+def _start(args: argparse.Namespace) -> Path:
+    """Before anything else: the run log (Prefect not yet imported) and the signal handlers."""
+    from flows import interrupt, logs
+
+    root = Path(args.root).resolve()
+    logs.configure(root, debug=args.debug)
+    interrupt.install()
+    return root
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.runner import pipeline_lock
 
-    root = Path(args.root).resolve()
+    root = _start(args)
     with pipeline_lock(root):  # before params.yaml is touched: runs must not overlap
         _prepare(args)
         os.chdir(root)
         t0 = time.perf_counter()
         wanted = [s for s in STAGE_ORDER if not args.stages or s in args.stages]
         if not args.force and not args.always_flow:
-            rows = _all_fresh(root, wanted)
-            if rows is not None:
-                _print_rows(rows, time.perf_counter() - t0)
+            outcomes = _all_fresh(root, wanted)
+            if outcomes is not None:
+                for outcome in outcomes:
+                    print(outcome.line())
+                _print_total(time.perf_counter() - t0, root)
                 print("every stage is up to date: no flow started (--always-flow to start one)")
                 return 0
         from flows.pipeline import pipeline
 
-        rows = pipeline(
+        pipeline(
             root=str(root),
             stages=args.stages or None,
             force=args.force or None,
             progress=_progress(args),
         )
-    _print_rows(rows, time.perf_counter() - t0)
+    _print_total(time.perf_counter() - t0, root)
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from tasks.runner import pipeline_lock, run_stage
 
-    root = Path(args.root).resolve()
+    root = _start(args)
     with pipeline_lock(root):
         _, cfg = _prepare(args)
         outcome = run_stage(
@@ -112,7 +123,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             force=args.force,
             progress=_progress(args),
         )
-    _print_rows([outcome.row()], outcome.seconds)
+    print(outcome.line())
     return 0
 
 
@@ -163,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="SALVE pipeline: fine-tune, extract, fit an SAE, rank, edit, report.",
     )
     p.add_argument("--root", default=".", help="repository root (holds params.yaml)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="Prefect's log and full tracebacks on the terminal (else in .salve/logs/run.log)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -220,11 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _salve_console_logging() -> None:
+    """salve's own warnings (e.g. fetch's one-line scan summary) on the terminal; its info
+    records only in the run log."""
+    log = logging.getLogger("salve")
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "salve_console", False) for h in log.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("warning: %(message)s"))
+        console.salve_console = True
+        log.addHandler(console)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("salve").setLevel(logging.INFO)
-    return exit_code_reporting_errors(lambda: args.func(args))
+    _salve_console_logging()
+    root = Path(getattr(args, "root", ".")).resolve()
+    return exit_code_reporting_errors(lambda: args.func(args), debug=args.debug, root=root)
 
 
 if __name__ == "__main__":

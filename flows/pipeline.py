@@ -22,6 +22,7 @@ def stage_task(name: str, root: str, params: str, force: bool, progress: bool) -
     cfg = load(params)
     outcome = run_stage(name, cfg, Path(root), force=force, progress=progress)
     get_run_logger().info("stage %s %s in %.2f s", outcome.name, outcome.status, outcome.seconds)
+    print(outcome.line(), flush=True)
     return outcome.row()
 
 

@@ -17,6 +17,13 @@ from salve.io import ArtifactError, load_tensors, read_json, write_csv, write_js
 SCHEMA_VERSION = 1
 
 
+def resolve_user_path(root: Path, value: str) -> Path:
+    """A path from params.yaml (data.path, finetune.weights): relative paths are relative to the
+    repository root, as DVC resolves them, wherever the stage is started from."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
 def stage_dir(root: Path, stage: str) -> Path:
     return root / "results" / stage
 

@@ -7,19 +7,12 @@ from pathlib import Path
 from salve.config import Config
 from salve.data import SCAN_KEYS, check_prepared, prepare_dataset
 from salve.io import save_tensors, write_json
-from tasks.common import stage_dir, write_metrics
-
-
-def data_folder(root: Path, path: str) -> Path:
-    """`data.path` as a folder: relative paths are relative to the repository root, not the
-    working directory (a stage must read the same folder wherever it is started from)."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else root / p
+from tasks.common import resolve_user_path, stage_dir, write_metrics
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     d = cfg.data
-    folder = data_folder(root, d.path)
+    folder = resolve_user_path(root, d.path)
     prepared = prepare_dataset(
         d.source,
         image_size=d.image_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from salve.config import Config
+from salve.config import WEIGHT_KEYWORDS, Config
 from salve.data import IMAGENET_MEAN, IMAGENET_STD
 from salve.io import ArtifactError, load_tensors, save_tensors
 from salve.models import build_model, save_checkpoint
@@ -28,6 +28,7 @@ from salve.train import (
 from tasks.common import (
     load_dataset_meta,
     load_split,
+    resolve_user_path,
     run_metadata,
     stage_dir,
     write_metrics,
@@ -95,7 +96,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     classes = meta["classes"]
     num_classes = len(classes)
     image_size = int(train_x.shape[-1])
-    weights = f.weights if f.weights in ("none", "imagenet") else str(root / f.weights)
+    weights = f.weights if f.weights in WEIGHT_KEYWORDS else str(resolve_user_path(root, f.weights))
     model = build_model(f.arch, num_classes, image_size=image_size, weights=weights).to(device)
 
     resume_path = _resume_path(root)

@@ -7,11 +7,13 @@ changed. Everything here is cheap: folder listings and file headers, no decoding
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from salve.config import Config, ConfigError
+from tasks.common import resolve_user_path
 
 # Class counts of the built-in and downloadable sources.
 KNOWN_CLASS_COUNTS = {"digits": 10, "imagenette": 10, "cifar100": 100}
@@ -27,12 +29,6 @@ class Preflight:
     data_path: Path
 
 
-def resolve_user_path(root: Path, value: str) -> Path:
-    """A path from params.yaml: relative to the repository root, as DVC resolves it."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(root) / path
-
-
 def _readable_dir(path: Path, param: str) -> None:
     if not path.exists():
         raise InputError(f"{param}={path}: no such folder; set {param} to an existing folder.")
@@ -45,23 +41,31 @@ def _readable_dir(path: Path, param: str) -> None:
         )
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _scan_imagefolder(cfg: Config, path: Path):
+    """The file plan fetch will decode: class folders, split, per-class minimums, permissions.
 
+    Its one-line scan summary is logged when fetch runs; here it is kept quiet.
+    """
+    from salve.data import plan_image_files
 
-def count_imagefolder_classes(root_dir: Path) -> int:
-    """Class folders directly in the root, or in its train/ folder when it has train/ and val/."""
-    split = root_dir / "train"
-    folder = split if split.is_dir() and (root_dir / "val").is_dir() else root_dir
-    if folder is split:
-        _readable_dir(split, "data.path")
-    names = _class_folders(folder)
-    if len(names) < 2:
-        raise InputError(
-            f"data.path={root_dir}: {len(names)} class folder(s) {names}; need at least 2 "
-            "(one sub-folder per class, each holding that class's images)."
+    d = cfg.data
+    log = logging.getLogger("salve")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return plan_image_files(
+            "imagefolder",
+            image_size=d.image_size,
+            raw_dir=path,
+            path=str(path),
+            val_fraction=d.val_fraction,
+            max_per_class=d.max_per_class,
+            min_val_per_class=d.min_val_per_class,
+            seed=cfg.common.seed,
+            progress=False,
         )
-    return len(names)
+    finally:
+        log.setLevel(level)
 
 
 def check_data(cfg: Config, root: Path, *, create: bool = False) -> Preflight:
@@ -70,7 +74,7 @@ def check_data(cfg: Config, root: Path, *, create: bool = False) -> Preflight:
     path = resolve_user_path(root, cfg.data.path)
     if cfg.data.source == "imagefolder":
         _readable_dir(path, "data.path")
-        return Preflight(count_imagefolder_classes(path), path)
+        return Preflight(len(_scan_imagefolder(cfg, path).classes), path)
     if not path.exists():
         if not path.parent.is_dir():
             raise InputError(

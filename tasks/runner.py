@@ -26,12 +26,44 @@ from tasks import STAGES
 log = logging.getLogger("salve")
 
 
+@dataclass
+class InterruptState:
+    """What a signal handler needs to know (flows/interrupt.py): the running stage, and whether
+    DVC's bookkeeping is under way (an interrupt then waits for it: `pending`)."""
+
+    stage: str | None = None
+    started: float = 0.0
+    critical: int = 0
+    pending: Callable[[], None] | None = None
+
+
+INTERRUPT = InterruptState()
+
+
+@contextlib.contextmanager
+def dvc_bookkeeping() -> Iterator[None]:
+    """A section an interrupt must not cut: it takes effect right after."""
+    INTERRUPT.critical += 1
+    try:
+        yield
+    finally:
+        INTERRUPT.critical -= 1
+        if not INTERRUPT.critical and INTERRUPT.pending is not None:
+            INTERRUPT.pending()
+
+
 class PipelineBusyError(RuntimeError):
     """Another pipeline run holds this repository."""
 
 
-def exit_code_reporting_errors(fn: Callable[[], int]) -> int:
-    """Run `fn`; a bad parameter exits 2, a user-facing error 1, each as one line on stderr."""
+def exit_code_reporting_errors(
+    fn: Callable[[], int], *, debug: bool = False, root: Path | None = None
+) -> int:
+    """Run `fn`; a bad parameter exits 2, a user-facing error 1, each as one line on stderr.
+
+    Any other exception is a bug or an environment problem: one line too, naming the log file
+    that holds its traceback (or, with ``debug``, the traceback itself).
+    """
     from salve.config import ConfigError
 
     try:
@@ -41,6 +73,23 @@ def exit_code_reporting_errors(fn: Callable[[], int]) -> int:
         return 2
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug or root is None:
+            raise
+        import traceback
+
+        log_path = Path(root) / ".salve" / "logs" / "run.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} unexpected error\n")
+            traceback.print_exc(file=fh)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"error: unexpected {type(exc).__name__}: {first} (traceback in {log_path}; "
+            "rerun with --debug to see it here)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -76,6 +125,11 @@ class StageOutcome:
     status: str  # "skipped" | "restored" | "ran"
     seconds: float
     summary: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One terminal line: stage, status, seconds and the stage's headline numbers."""
+        r = self.row()
+        return f"{r['stage']:<10} {r['status']:<9} {r['seconds']:>7.1f} s  {r['summary']}"
 
     def row(self) -> dict:
         scalars = [(k, v) for k, v in self.summary.items() if isinstance(v, int | float | str)]
@@ -135,11 +189,21 @@ def pipeline_lock(root: Path) -> Iterator[None]:
         fh.close()
 
 
+def _quiet_dvc_console() -> None:
+    """DVC prints "Updating lock file" and the like on stdout from its own handlers; inside
+    salve its records go to the root logger instead (the run log under `salve run`)."""
+    dvc_log = logging.getLogger("dvc")
+    for handler in list(dvc_log.handlers):
+        dvc_log.removeHandler(handler)
+    dvc_log.propagate = True
+
+
 @contextlib.contextmanager
 def dvc_repo(root: Path) -> Iterator:
     """A DVC Repo for `root`, used from inside it (DVC resolves output paths against the cwd)."""
     from dvc.repo import Repo
 
+    _quiet_dvc_console()
     with contextlib.chdir(root):
         repo = Repo(str(root))
         try:
@@ -220,20 +284,29 @@ def run_stage(
     root = Path(root).resolve()
     pin_cpu_kernels(cfg.common.reproducible)  # idempotent; entry points call it first
     remove_stale_temp_files(root, name)
-    with dvc_repo(root) as repo:
-        if not force and stage_is_fresh(repo, name):
-            status = "skipped"
-        elif not force and restore_from_run_cache(repo, name):
-            status = "restored"
-        else:
-            module = importlib.import_module(f"tasks.{name}")
-            # File mtimes come from the kernel's coarse clock, which can lag time.time() by
-            # milliseconds: the margin keeps a file written at the very start of the run.
-            started = time.time() - 1.0
-            module.run(cfg, root, progress=progress)
-            prune_stale_outputs(root / STAGES[name].out_dir, started)
-            repo.commit(name, force=True)
-            status = "ran"
+    INTERRUPT.stage, INTERRUPT.started = name, t0
+    try:
+        with dvc_repo(root) as repo:
+            if not force and stage_is_fresh(repo, name):
+                status = "skipped"
+            else:
+                with dvc_bookkeeping():
+                    restored = not force and restore_from_run_cache(repo, name)
+                if restored:
+                    status = "restored"
+                else:
+                    module = importlib.import_module(f"tasks.{name}")
+                    # File mtimes come from the kernel's coarse clock, which can lag
+                    # time.time() by milliseconds: the margin keeps a file written at the very
+                    # start of the run.
+                    started = time.time() - 1.0
+                    module.run(cfg, root, progress=progress)
+                    with dvc_bookkeeping():
+                        prune_stale_outputs(root / STAGES[name].out_dir, started)
+                        repo.commit(name, force=True)
+                    status = "ran"
+    finally:
+        INTERRUPT.stage = None
     seconds = time.perf_counter() - t0
     write_json(
         root / ".salve" / "timings" / f"{name}.json",

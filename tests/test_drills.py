@@ -555,8 +555,8 @@ def test_archive_with_wrong_checksum_is_retried_then_fails_clearly(
     actual = hashlib.md5(srv.payload, usedforsecurity=False).hexdigest()
     assert_one_error(err, "after 3 attempt(s)", "checksum mismatch", "0" * 32, actual, srv.url)
     assert len(srv.requests) == 3
-    raw = root / "data" / "raw"
-    assert not raw.exists() or sorted(p.name for p in raw.iterdir()) == []  # no .part, no archive
+    raw = root / "data"  # data.path: the download folder, holding only its README before
+    assert sorted(p.name for p in raw.iterdir()) == ["README.md"]  # no .part, no archive
     assert not (root / "results" / "fetch").exists()
     assert assert_status_truthful(root, "fetch") == {"fetch": False}
 
@@ -580,9 +580,9 @@ def test_archive_escaping_the_target_is_rejected_and_writes_nothing(
     )
     assert rc == 1
     assert_one_error(err, "refusing to extract")
-    raw = root / "data" / "raw"
+    raw = root / "data"
     # The verified archive was kept for a later attempt; nothing was extracted, anywhere.
-    assert sorted(p.name for p in raw.iterdir()) == ["imagenette2-160.tgz"]
+    assert sorted(p.name for p in raw.iterdir()) == ["README.md", "imagenette2-160.tgz"]
     new = _all_paths(tmp_path) - before
     allowed = ("project/data", "project/.salve", "project/.dvc/tmp")
     assert [p for p in new if not p.startswith(allowed)] == []

@@ -1,0 +1,78 @@
+"""Ctrl-C and SIGTERM during `salve run`/`salve stage`: stop within seconds, say what was cut off.
+
+Measured before: an 88-line traceback, and in 2 of 3 tries the process still hung 120 s later
+(Ctrl-C also killed the temporary Prefect API server, and the client kept retrying it). Now the
+signal handler prints one line naming the interrupted stage and how the rerun resumes, stops the
+child processes (the temporary API server, Dask workers), and exits at once with 128 + signal
+number, without Prefect's shutdown. DVC's bookkeeping for a stage (run-cache restore, commit) is
+a critical section (tasks.runner): an interrupt arriving inside it takes effect right after it,
+so dvc.lock and the cache stay consistent. A second signal exits immediately.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from tasks.runner import INTERRUPT
+
+# How each stage resumes after an interrupt (the others simply rerun).
+RESUME_NOTES = {"finetune": "fine-tuning continues from its last finished epoch"}
+
+
+def message(signum: int) -> str:
+    name = signal.Signals(signum).name
+    stage = INTERRUPT.stage
+    if stage is None:
+        where = "before the first stage ran: nothing changed"
+    else:
+        seconds = time.perf_counter() - INTERRUPT.started
+        where = (
+            f"during stage {stage} ({seconds:.0f} s in); stages that finished are kept and "
+            f"up to date, {stage} did not record anything"
+        )
+    note = RESUME_NOTES.get(stage or "", "")
+    resume = f"; rerun the same command to resume{f' ({note})' if note else ''}"
+    return f"interrupted by {name} {where}{resume}."
+
+
+def stop_children(timeout: float = 3.0) -> None:
+    """Terminate this process's children (the temporary Prefect API, Dask workers), then kill
+    what is left: nothing outlives the run."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _finish(signum: int) -> None:
+    print(message(signum), file=sys.stderr, flush=True)
+    try:
+        stop_children()
+    finally:
+        os._exit(128 + signum)
+
+
+def _handler(signum: int, _frame) -> None:
+    if INTERRUPT.critical and INTERRUPT.pending is None:
+        INTERRUPT.pending = lambda: _finish(signum)  # run when DVC's bookkeeping is done
+        return
+    _finish(signum)
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM as above (main thread only, as Python requires)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _handler)
