@@ -70,7 +70,7 @@ class KeyMetric:
 
 @dataclass(frozen=True)
 class MetricChange:
-    """One metric's change, ready to show. ``judgement`` is the CSS class: better, worse, noise,
+    """One metric's change, ready to show. ``judgement``: better, worse, changed, noise,
     unchanged, or "" (no judgement: the metric's better direction is unknown)."""
 
     file: str

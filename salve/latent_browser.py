@@ -23,6 +23,7 @@ from salve.report import KV, Counter, Image, ReportInputError, fmt, kv, render
 
 BAR_HEIGHT = 44  # px, the whole chart
 MAX_CHART_WIDTH = 240  # px; bars get narrower with more classes
+MAX_BAR_STEP = 24.0  # px per class at most
 MAX_TICKED_CLASSES = 20  # class indices under the bars up to this many classes
 TICK_ROOM = 11  # px below the bars for them
 
@@ -107,7 +108,7 @@ def bar_chart(
     finite = v[np.isfinite(v)]
     lim = limit if limit is not None else (float(np.abs(finite).max()) if finite.size else 0.0)
     lim = lim or 1.0
-    step = max(3.0, min(14.0, MAX_CHART_WIDTH / max(len(v), 1)))
+    step = max(3.0, min(MAX_BAR_STEP, MAX_CHART_WIDTH / max(len(v), 1)))
     height = float(BAR_HEIGHT)
     signed = limit is not None or bool((finite < 0).any())
     base = height / 2 if signed else height

@@ -122,9 +122,12 @@ def run_report(root: Path) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def _png(rgb: tuple[int, int, int], size: int = 12) -> bytes:
+def _png(rgb: tuple[int, int, int], width: int = 48, height: int = 48) -> bytes:
+    """A small picture: a gradient over ``rgb`` (so a decoder has real pixels to decode)."""
+    ramp = np.linspace(0.4, 1.0, width)[None, :, None] * np.ones((height, 1, 1))
+    pixels = (ramp * np.asarray(rgb)[None, None, :]).astype(np.uint8)
     buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -174,10 +177,10 @@ def write_latent_sources(
         folder.mkdir(parents=True, exist_ok=True)
         entries = []
         for j, f in freq.items():
-            (folder / f"latent_{j}.png").write_bytes(_png((20 * j % 255, 90, 160)))
+            (folder / f"latent_{j}.png").write_bytes(_png((20 * j % 255, 90, 160), 144, 72))
             am = f"am_{j}.png" if j % 2 == 0 else None
             if am:
-                (folder / am).write_bytes(_png((200, 40 * j % 255, 60), 8))
+                (folder / am).write_bytes(_png((200, 40 * j % 255, 60)))
             entries.append(
                 {
                     "latent": j,
@@ -239,6 +242,7 @@ def test_bar_chart_geometry():
     heights = [r.height for r in b.bars]
     assert heights == [11.0, 22.0, 5.5]  # nan: no bar
     assert [r.cls for r in b.bars] == ["pos", "neg", "pos"]
+    assert [r.x for r in b.bars] == [0.5, 24.5, 48.5] and b.width == 4 * 24 + 1  # 24 px a class
     assert b.bars[0].y == half - 11.0 and b.bars[1].y == half
     assert [t for _, t in b.ticks] == ["0", "1", "2", "3"]
     up = bar_chart([2.0, 1.0], ["a", "b"], highlight=0)
@@ -390,7 +394,7 @@ def test_compare_page_leads_with_params_then_key_metrics():
     assert not [a for t, a in parse_tags(text) if t == "details" and "open" in a]
     rest = text[text.index('id="other-metrics"') : text.index('id="figures"')]
     assert "per_class.class3.feature" in rest and "3 -&gt; 43 (changed)" in rest
-    assert 'class="metric better' not in rest and 'class="metric worse' not in rest  # unjudged
+    assert 'data-judgement="better"' not in rest and 'data-judgement="worse"' not in rest
 
 
 def test_other_groups_count_unchanged_entries_without_listing_them():
