@@ -375,13 +375,14 @@ def _dominant(d: ReportInputs, n: Counter) -> list[dict]:
             ("dominant feature", f),
             ("class-mean code", dom["class_mean"]),
             ("top features", ", ".join(map(str, d.ranking["top"][d.metric_class_names[k]]))),
-            ("activation frequency", e["frequency"]),
+        ]
+        if e["frequency"] is not None:  # the older index recorded none
+            items.append(("activation frequency", e["frequency"]))
+        items += [
             ("top-activating val images (classes)", ", ".join(str(t["class"]) for t in e["top"])),
             ("mean code of those images", mean_code),
             ("code of the AM image", e["am_code"]),
         ]
-        if e["frequency"] is None:  # the older index has none
-            del items[3]
         if e["deletion_auc"] is not None:
             items.append(
                 (

@@ -530,6 +530,55 @@ def test_report_shows_left_out_classes_and_edits_that_raise_their_target(
     assert "not evaluated" in card[: card.index("</table>")]
 
 
+def test_report_reads_the_gradfam_latents_format(built_project_template: Path):
+    """The dominant cards from results/gradfam/latents.json entries: frequency, per-image
+    codes (their mean), faithfulness, and the layer note."""
+    from tasks.report import load_inputs
+
+    d = load_inputs(built_project_template)
+    for e in d.gradfam["latents"]:
+        e |= {"frequency": 0.25, "deletion_auc": 0.125, "deletion_auc_random": 0.5}
+        for i, t in enumerate(e["top"]):
+            t["code"] = 2.0 + 4.0 * i  # mean over 2 images: 4
+    d.gradfam |= {"layer": "layer3", "map_grid": [4, 4]}
+    text, _ = build_report(d)
+    card = text[text.index('id="class-0"') :]
+    card = card[: card.index("</table>")]
+    assert "<td>activation frequency</td><td>0.25</td>" in card
+    assert "<td>mean code of those images</td><td>4</td>" in card
+    assert "<td>deletion AUC (random order)</td><td>0.125 (0.5)</td>" in card
+    assert "Grad-FAM differentiates layer3 (4x4 map at 32 px images)" in text
+
+
+def test_legacy_gradfam_index_converts_to_the_latents_format():
+    from tasks.report import legacy_gradfam
+
+    index = {
+        "image_size": 32,
+        "features": [
+            {
+                "feature": 5,
+                "top_indices": [9, 4],
+                "top_classes": ["a", "b"],
+                "overlay": "overlay_5.png",
+                "am": "am_5.png",
+                "am_code": 1.5,
+                "top_code_mean": 3.0,
+            },
+            {"feature": 7, "top_indices": [1], "top_classes": ["c"], "overlay": "overlay_7.png"},
+        ],
+    }
+    g = legacy_gradfam(index)
+    assert g["image_size"] == 32 and g["layer"] is None
+    first, second = g["latents"]
+    assert first["latent"] == 5 and first["top"] == [
+        {"index": 9, "class": "a", "code": None},
+        {"index": 4, "class": "b", "code": None},
+    ]
+    assert first["am"] == "am_5.png" and first["top_code_mean"] == 3.0
+    assert second["am"] is None and second["am_code"] is None and second["frequency"] is None
+
+
 # ------------------------------------------------------------------------------------------
 # The report stage
 # ------------------------------------------------------------------------------------------
