@@ -2,10 +2,11 @@
 
 A revision is anything `git rev-parse` understands (a commit, branch, tag, `HEAD~1`) or the name
 of a DVC experiment (`dvc exp show --json`); `workspace` may be given as the second one. The page
-holds the parameter diff (`dvc params diff`), the metric diff (`dvc metrics diff`) with deltas
-coloured where the metric's direction is known, and the key figures of both revisions side by
-side, redrawn from the plots files committed at each revision (they are git-tracked) with the
-report's own figure functions (`salve.report`).
+leads with the parameter diff (`dvc params diff`), then the key metrics (`tasks.report.KEY_METRICS`)
+with direction and judgement, then the rest of the metric diff (`dvc metrics diff`) by stage,
+collapsed, and the key figures of both revisions side by side, redrawn from the plots files
+committed at each revision (they are git-tracked) with the report's own figure functions
+(`salve.compare`, `salve.figures`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _json(text: str | None) -> dict | None:
 
 
 def load_revision(root: Path, label: str, sha: str):
-    from salve.report import RevisionData
+    from salve.compare import RevisionData
 
     return RevisionData(
         label=label,
@@ -160,8 +161,10 @@ def default_output(root: Path, rev_a: str, rev_b: str) -> Path:
 
 def compare(root: Path, rev_a: str, rev_b: str, out: Path | None = None) -> Path:
     """Write the comparison page of ``rev_a`` and ``rev_b``; returns its path."""
+    from salve.compare import build_compare_page
     from salve.io import write_text
-    from salve.report import build_compare_page
+    from tasks import STAGE_ORDER, STAGES
+    from tasks.report import KEY_METRICS
 
     root = Path(root).resolve()
     if rev_a == WORKSPACE:
@@ -176,6 +179,8 @@ def compare(root: Path, rev_a: str, rev_b: str, out: Path | None = None) -> Path
         load_revision(root, rev_b, sha_b),
         params_diff or {},
         metrics_diff or {},
+        KEY_METRICS,
+        file_order=[STAGES[s].metrics_file for s in STAGE_ORDER],
     )
     path = Path(out) if out else default_output(root, rev_a, rev_b)
     write_text(path, page)

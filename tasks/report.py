@@ -1,8 +1,11 @@
-"""report: one self-contained HTML page (reports/latest/index.html) from the pipeline's artifacts.
+"""report: the run report (reports/latest/index.html) and the latent browser (latents.html).
 
 Loads the upstream stages' results, metrics and plots files into plain data and hands them to
-`salve.report.build_report`; figures are embedded PNGs, so the page opens offline on its own.
-Stage times come from `.salve/timings/<stage>.json` when present (informational, not a DVC dep).
+`salve.report.build_report` and `salve.latent_browser.build_latents_page`; figures are embedded
+PNGs, so each page opens offline on its own. The report requires every input it shows (a missing
+file or key is an error); the latent browser is optional in a partial workspace and says which
+stage to run for each source it lacks. Stage times come from `.salve/timings/<stage>.json` when
+present (informational, not a DVC dep).
 """
 
 from __future__ import annotations
@@ -11,22 +14,63 @@ import csv
 import math
 from pathlib import Path
 
+from salve.compare import KeyMetric
 from salve.config import Config
-from salve.io import load_tensors, read_json, write_text
-from salve.report import ESTIMATORS, ReportInputs, build_report
+from salve.figures import ESTIMATORS
+from salve.io import ArtifactError, load_tensors, read_json, write_text
+from salve.latent_browser import LatentSources, build_latents_page
+from salve.report import LATENTS_PAGE, ReportInputs, build_report
 from tasks import STAGE_ORDER, STAGES
 from tasks.common import load_dataset_meta, stage_dir, write_metrics
 
 REPORT_FILE = "index.html"
+GRADFAM_LATENTS = "latents.json"  # results/gradfam/: one entry per latent, PNGs beside it
+GRADFAM_LEGACY_INDEX = "index.json"  # the older per-feature format (dominant and cross only)
+EDIT_LATENTS = "latents.json"  # results/edit/: per-class accuracy change per suppressed latent
+
+# The metrics a comparison leads with (`salve compare`, the nightly artifact). Noise floors are
+# one val sample of 200 for accuracies and a comparable step elsewhere: set them from the
+# seed-to-seed spread once the evaluate stage measures it.
+KEY_METRICS: tuple[KeyMetric, ...] = (
+    KeyMetric("metrics/finetune.json", "val_accuracy", "fine-tuned val accuracy", "higher", 0.005),
+    KeyMetric("metrics/fit_sae.json", "val_fvu", "SAE val FVU", "lower", 0.002),
+    KeyMetric("metrics/fit_sae.json", "val_l0", "SAE val L0", "none", 0.5),
+    KeyMetric("metrics/fit_sae.json", "val_dead_fraction", "SAE dead fraction", "lower", 0.005),
+    KeyMetric(
+        "metrics/fit_sae.json", "val_splice_accuracy", "splice val accuracy", "higher", 0.005
+    ),
+    KeyMetric("metrics/rank.json", "distinct_dominant_features", "distinct dominant features"),
+    KeyMetric("metrics/edit.json", "classes_selective", "classes edited selectively", "higher"),
+    KeyMetric("metrics/edit.json", "mean_score", "mean selectivity score", "higher", 0.005),
+    KeyMetric(
+        "metrics/edit.json",
+        "mean_abs_off_target_change",
+        "mean |off-target change|",
+        "lower",
+        0.005,
+    ),
+    KeyMetric(
+        "metrics/edit.json",
+        "checkpoint_edit.feature",
+        "saved edit's feature",
+        kind="identifier",
+    ),
+    KeyMetric("metrics/alpha_crit.json", "median_exact", "median exact alpha_crit", "none", 1e-6),
+)
 
 
 def report_path(root: Path) -> Path:
     return Path(root) / STAGES["report"].out_dir / REPORT_FILE
 
 
+def latents_path(root: Path) -> Path:
+    """The latent browser, next to the report (the flow links it)."""
+    return Path(root) / STAGES["report"].out_dir / LATENTS_PAGE
+
+
 def read_csv_rows(path: Path) -> list[dict]:
     if not path.exists():
-        return []
+        raise ArtifactError(f"{path}: file not found. Run the stage that produces it first.")
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
@@ -36,9 +80,10 @@ def _optional_json(path: Path) -> dict:
 
 
 def read_class_means(path: Path) -> list[list[float]]:
+    """K x L class-mean codes from results/rank/class_means.csv (a `class` column, then f0..)."""
     rows = read_csv_rows(path)
     if not rows:
-        return []
+        raise ArtifactError(f"{path}: no rows. Rerun the rank stage.")
     cols = [c for c in rows[0] if c != "class"]
     return [[float(r[c]) for c in cols] for r in rows]
 
@@ -67,17 +112,60 @@ def alpha_values(root: Path, num_classes: int) -> dict[str, list[list[float]]]:
     return values
 
 
-def gradfam_images(root: Path, index: dict, features: set[int]) -> dict[str, bytes]:
-    """The overlay and activation-maximisation PNGs of the given features, by file name."""
+def legacy_gradfam(index: dict) -> dict:
+    """results/gradfam/index.json (the per-feature format before latents.json) in the shape of
+    latents.json: what it lacks (frequency, per-image codes, faithfulness) is None. Remove once
+    every workspace's gradfam stage writes latents.json."""
+    latents = []
+    for e in index["features"]:
+        latents.append(
+            {
+                "latent": e["feature"],
+                "frequency": None,
+                "top": [
+                    {"index": i, "class": c, "code": None}
+                    for i, c in zip(e["top_indices"], e["top_classes"], strict=True)
+                ],
+                "overlay": e["overlay"],
+                "am": e.get("am"),  # only dominant features had one
+                "am_code": e.get("am_code"),
+                "top_code_mean": e.get("top_code_mean"),
+                "deletion_auc": None,
+                "deletion_auc_random": None,
+            }
+        )
+    return {"image_size": index["image_size"], "layer": None, "map_grid": None, "latents": latents}
+
+
+def load_gradfam(root: Path, required: bool) -> dict | None:
+    """results/gradfam/latents.json (or the legacy index.json, converted); None when neither
+    exists and not ``required``."""
+    folder = stage_dir(root, "gradfam")
+    if (folder / GRADFAM_LATENTS).exists():
+        return read_json(folder / GRADFAM_LATENTS)
+    if (folder / GRADFAM_LEGACY_INDEX).exists():
+        return legacy_gradfam(read_json(folder / GRADFAM_LEGACY_INDEX))
+    if required:
+        raise ArtifactError(
+            f"{folder / GRADFAM_LATENTS}: file not found. Run the gradfam stage first."
+        )
+    return None
+
+
+def gradfam_images(root: Path, gradfam: dict, latents: set[int] | None = None) -> dict[str, bytes]:
+    """The overlay and activation-maximisation PNGs (of ``latents``, default all), by file name.
+    A file the index names must exist."""
     folder = stage_dir(root, "gradfam")
     out = {}
-    for entry in index.get("features", []):
-        if int(entry["feature"]) not in features:
+    for entry in gradfam["latents"]:
+        if latents is not None and int(entry["latent"]) not in latents:
             continue
-        for key in ("overlay", "am"):
-            name = entry.get(key)
-            if name and Path(name).name == name and (folder / name).exists():
-                out[name] = (folder / name).read_bytes()
+        for name in (entry["overlay"], entry["am"]):
+            if not name:
+                continue
+            if Path(name).name != name:
+                raise ArtifactError(f"{folder}: image name {name!r} is not a plain file name")
+            out[name] = (folder / name).read_bytes()
     return out
 
 
@@ -85,50 +173,71 @@ def load_inputs(root: Path) -> ReportInputs:
     meta = load_dataset_meta(root)
     classes = [str(c) for c in meta["classes"]]
     ranking = read_json(stage_dir(root, "rank") / "ranking.json")
-    gradfam_index = read_json(stage_dir(root, "gradfam") / "index.json")
-    dominant = {int(d["feature"]) for d in ranking.get("dominant", [])}
-    edit_metrics = read_json(root / "metrics" / "edit.json")
+    gradfam = load_gradfam(root, required=True)
+    dominant = {int(d["feature"]) for d in ranking["dominant"]}
     alpha_metrics = read_json(root / "metrics" / "alpha_crit.json")
-    sidecars = {}
-    for stage, rel in (
-        ("finetune", "results/finetune/model.json"),
-        ("fit_sae", "results/fit_sae/sae.json"),
-        ("edit", "results/edit/model.json"),
-    ):
-        sc = _optional_json(root / rel)
-        if sc:
-            sidecars[stage] = sc
-    extra_params = {}
-    if ranking.get("rule"):
-        extra_params["rank"] = dict(ranking["rule"])
-    if alpha_metrics.get("empirical_grid"):
-        extra_params["alpha_crit"] = {
-            f"grid_{k}": v for k, v in alpha_metrics["empirical_grid"].items()
-        }
+    sidecars = {
+        stage: read_json(root / rel)
+        for stage, rel in (
+            ("finetune", "results/finetune/model.json"),
+            ("fit_sae", "results/fit_sae/sae.json"),
+            ("edit", "results/edit/model.json"),
+        )
+    }
+    extra_params = {
+        "rank": dict(ranking["rule"]),
+        "alpha_crit": {f"grid_{k}": v for k, v in alpha_metrics["empirical_grid"].items()},
+    }
     gradfam_metrics = _optional_json(root / "metrics" / "gradfam.json")
     if "top_k" in gradfam_metrics:
         extra_params["gradfam"] = {"top_k": gradfam_metrics["top_k"]}
-    metric_names = ranking.get("classes")
     return ReportInputs(
         classes=classes,
-        dataset_info=dict(meta.get("info") or {}),
-        fetch_metrics=_optional_json(root / "metrics" / "fetch.json"),
+        metric_class_names=[str(c) for c in ranking["classes"]],
+        dataset_info=dict(meta["info"]),
+        fetch_metrics=read_json(root / "metrics" / "fetch.json"),
         finetune_epochs=read_csv_rows(root / "plots" / "finetune" / "epochs.csv"),
-        finetune_metrics=_optional_json(root / "metrics" / "finetune.json"),
+        finetune_metrics=read_json(root / "metrics" / "finetune.json"),
         sidecars=sidecars,
         timings=read_timings(root),
         sae_metrics=read_json(root / "metrics" / "fit_sae.json"),
         sae_loss=read_csv_rows(root / "plots" / "fit_sae" / "loss.csv"),
         ranking=ranking,
         class_means=read_class_means(stage_dir(root, "rank") / "class_means.csv"),
-        gradfam_index=gradfam_index,
-        gradfam_images=gradfam_images(root, gradfam_index, dominant),
-        edit_metrics=edit_metrics,
+        gradfam=gradfam,
+        gradfam_images=gradfam_images(root, gradfam, dominant),
+        edit_metrics=read_json(root / "metrics" / "edit.json"),
         edit_curve_rows=read_csv_rows(root / "plots" / "edit" / "curves.csv"),
         alpha_crit_metrics=alpha_metrics,
         alpha_values=alpha_values(root, len(classes)),
         extra_params=extra_params,
-        metric_class_names=[str(c) for c in metric_names] if metric_names else None,
+    )
+
+
+def load_latent_sources(root: Path) -> LatentSources:
+    """What the latent browser shows; a source whose stage has not run is None (the page names
+    the stage to run)."""
+    root = Path(root)
+    classes = [str(c) for c in load_dataset_meta(root)["classes"]]
+    rank = stage_dir(root, "rank")
+    means_path, ranking_path = rank / "class_means.csv", rank / "ranking.json"
+    gradfam = load_gradfam(root, required=False)
+    edit_path = stage_dir(root, "edit") / EDIT_LATENTS
+    return LatentSources(
+        classes=classes,
+        class_means=read_class_means(means_path) if means_path.exists() else None,
+        ranking=read_json(ranking_path) if ranking_path.exists() else None,
+        gradfam=gradfam,
+        gradfam_images=gradfam_images(root, gradfam) if gradfam else {},
+        edit=read_json(edit_path) if edit_path.exists() else None,
+        hints={
+            "class_means": f"{means_path.relative_to(root)} not found: run `salve stage rank`",
+            "ranking": f"{ranking_path.relative_to(root)} not found: run `salve stage rank`",
+            "gradfam": f"{stage_dir(root, 'gradfam').relative_to(root)}/{GRADFAM_LATENTS} not "
+            "found: run `salve stage gradfam`",
+            "edit": f"{edit_path.relative_to(root)} not found: run `salve stage edit` (a "
+            "version that writes it)",
+        },
     )
 
 
@@ -136,6 +245,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     root = Path(root)
     text, stats = build_report(load_inputs(root))
     write_text(report_path(root), text)
+    browser, browser_stats = build_latents_page(load_latent_sources(root))
+    write_text(latents_path(root), browser)
     # No byte count here: the page embeds this run's stage times, so its size varies between
     # identical runs, and metrics must not (dvc metrics diff, reproducibility).
     summary = {
@@ -143,6 +254,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "images": stats["images"],
         "sections": stats["sections"],
         "classes": stats["classes"],
+        "latents": browser_stats["latents"],
+        "latents_missing_sources": browser_stats["missing_sources"],
     }
     write_metrics(root, "report", summary)
-    return summary
+    return summary | {"pages": [str(report_path(root)), str(latents_path(root))]}

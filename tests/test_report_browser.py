@@ -1,5 +1,7 @@
-"""The report opened offline in headless Chromium (selenium): it renders with no console error,
-requests nothing but itself, decodes every image and shows every section.
+"""The pages opened offline in headless Chromium (selenium): the report renders with no console
+error, requests nothing but itself, decodes every image and shows every section; the latent
+browser does the same and its inline script sorts and filters; the compare page shows the
+parameter change and every key metric on its first screen.
 
 Needs Debian's `chromium` and `chromium-driver`; when they are missing and this runs as root
 with apt-get, they are installed first (bounded in time), otherwise the test is skipped.
@@ -18,14 +20,30 @@ from urllib.parse import unquote
 
 import pytest
 
+from salve.compare import build_compare_page
+from salve.latent_browser import build_latents_page
 from salve.report import REPORT_SECTIONS
-from tests.test_report import EVIL_CLASS, REPORT, rename_class, run_report
+from tests.test_report import (
+    EVIL_CLASS,
+    KEYS,
+    LATENTS,
+    REPORT,
+    _rev,
+    class_filter_oracle,
+    rename_class,
+    run_report,
+    synthetic_width_diff,
+    write_latent_sources,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL_TIMEOUT_S = 900
 PAGE_TIMEOUT_S = 60
 SCREENSHOT_COPY = Path("/tmp/salve_report_screenshot.png")
+LATENTS_SCREENSHOT_COPY = Path("/tmp/salve_latents_screenshot.png")
+COMPARE_SCREENSHOT_COPY = Path("/tmp/salve_compare_screenshot.png")
+FIRST_SCREEN = (1400, 1000)  # the compare page's key content must fit in this viewport
 CHROME_ARGS = (
     "--headless",
     "--no-sandbox",
@@ -173,3 +191,171 @@ def test_report_renders_offline_in_chromium(chromium, built_project: Path, tmp_p
     finally:
         driver.quit()
     assert time.monotonic() - t0 < 240
+
+
+def open_offline(driver, url: str) -> None:
+    """Load ``url`` after draining the logs of the browser's own start page, and wait until
+    every image has loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get("about:blank")
+    driver.get_log("performance")
+    driver.get_log("browser")
+    driver.get(url)
+    WebDriverWait(driver, PAGE_TIMEOUT_S).until(
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && "
+            "Array.from(document.images).every(i => i.complete);"
+        )
+    )
+
+
+def assert_quiet_and_offline(driver, url: str) -> None:
+    """No console error; no request but the page itself (data: URIs are not fetched)."""
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
+    urls = requested_urls(driver.get_log("performance"))
+    assert unquote(url) in map(unquote, urls), urls  # the log did record the page
+    external = [u for u in urls if not u.startswith("data:") and unquote(u) != unquote(url)]
+    assert not external, external
+
+
+def assert_images_decoded(driver) -> int:
+    sizes = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.naturalWidth, i.naturalHeight]);"
+    )
+    assert all(w > 0 and h > 0 for w, h in sizes), sizes
+    return len(sizes)
+
+
+VISIBLE_LATENTS = (
+    "return Array.from(document.querySelectorAll('[data-latent]'))"
+    ".filter(e => !e.hidden && e.offsetParent !== null).map(e => Number(e.dataset.latent));"
+)
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
+def test_latent_browser_sorts_and_filters_in_chromium(chromium, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tasks.report import load_latent_sources
+
+    classes = ["cat", "dog", EVIL_CLASS, "owl"]
+    num_latents = 12
+    oracle = write_latent_sources(tmp_path, classes, num_latents)
+    text, stats = build_latents_page(load_latent_sources(tmp_path))
+    page = tmp_path / LATENTS
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text, encoding="utf-8")
+    url = page.resolve().as_uri()
+    freq, change = oracle["frequency"], oracle["change"]
+
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    driver = start_driver(profile)
+    try:
+        open_offline(driver, url)
+        assert assert_images_decoded(driver) == stats["images"] > 0
+        assert len(driver.find_elements(By.CSS_SELECTOR, "[data-latent]")) == num_latents
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert '<script>console.error("salve-xss")</script>' in body  # shown as text
+        shown = driver.find_element(By.ID, "shown")
+
+        def visible() -> list[int]:
+            order = driver.execute_script(VISIBLE_LATENTS)
+            assert shown.text == str(len(order))
+            return order
+
+        assert visible() == list(range(num_latents))
+        sort = Select(driver.find_element(By.ID, "sort"))
+        sort.select_by_value("frequency")  # largest first; latents 0 and 1 have none: last
+        by_freq = sorted(freq, key=lambda j: (-freq[j], j)) + [0, 1]
+        assert visible() == by_freq
+        sort.select_by_value("effect")
+        by_effect = sorted(range(num_latents), key=lambda j: (change[j].min(), j))
+        assert visible() == by_effect
+
+        by_class = Select(driver.find_element(By.ID, "class-filter"))
+        by_class.select_by_value("2")
+        expected = [j for j in by_effect if j in class_filter_oracle(oracle, 2)]
+        assert 0 < len(expected) < num_latents
+        assert visible() == expected
+        by_class.select_by_value("")
+
+        min_freq = driver.find_element(By.ID, "min-frequency")
+        min_freq.clear()
+        min_freq.send_keys("0.5")
+        assert visible() == [j for j in by_effect if freq.get(j, -1) >= 0.5]
+        min_freq.clear()
+        min_freq.send_keys("0")
+
+        query = driver.find_element(By.ID, "text-filter")
+        query.send_keys("dominant: owl")
+        assert visible() == [oracle["dominant"][3]]
+        query.clear()
+        query.send_keys(" ")  # an input event with an empty query: everything again
+        assert sorted(visible()) == list(range(num_latents))
+        sort.select_by_value("latent")
+        assert visible() == list(range(num_latents))
+
+        screenshot = driver.get_screenshot_as_png()
+        (page.parent / "latents.png").write_bytes(screenshot)
+        LATENTS_SCREENSHOT_COPY.write_bytes(screenshot)
+        assert_quiet_and_offline(driver, url)
+    finally:
+        driver.quit()
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
+def test_compare_first_screen_shows_params_and_key_metrics(chromium, tmp_path: Path):
+    """A sae.width 64 -> 128 comparison with ~170 changed metrics: at 1400x1000 the first
+    screen holds the parameter change and every key metric; the rest is collapsed."""
+    from selenium.webdriver.common.by import By
+
+    params, metrics = synthetic_width_diff()
+    page = tmp_path / "compare.html"
+    page.write_text(
+        build_compare_page(_rev("a"), _rev("b"), params, metrics, KEYS), encoding="utf-8"
+    )
+    url = page.resolve().as_uri()
+    width, height = FIRST_SCREEN
+
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    driver = start_driver(profile)
+    try:
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        open_offline(driver, url)
+        assert driver.execute_script("return [innerWidth, innerHeight];") == [width, height]
+        assert driver.execute_script("return scrollY;") == 0
+        keys = ["sae.width"] + [f"{k.file}:{k.key}" for k in KEYS]
+        for key in keys:
+            el = driver.find_element(By.CSS_SELECTOR, f'tr[data-key="{key}"]')
+            box = driver.execute_script(
+                "const r = arguments[0].getBoundingClientRect();"
+                "return [r.left, r.top, r.right, r.bottom];",
+                el,
+            )
+            left, top, right, bottom = box
+            assert left >= 0 and top >= 0 and right <= width and bottom <= height, (key, box)
+            assert el.is_displayed()
+        # The other ~160 changes are there, collapsed: none of their rows is shown.
+        rest = driver.find_elements(By.CSS_SELECTOR, "#other-metrics tr.metric")
+        assert len(rest) > 150 and not any(r.is_displayed() for r in rest[:20])
+        row = driver.find_element(By.CSS_SELECTOR, 'tr[data-key="metrics/edit.json:mean_score"]')
+        assert "within noise" in row.text
+        row = driver.find_element(
+            By.CSS_SELECTOR, 'tr[data-key="metrics/edit.json:checkpoint_edit.feature"]'
+        )
+        assert "4 -> 67 (changed)" in row.text
+
+        screenshot = driver.get_screenshot_as_png()
+        (tmp_path / "compare_first_screen.png").write_bytes(screenshot)
+        COMPARE_SCREENSHOT_COPY.write_bytes(screenshot)
+        assert_quiet_and_offline(driver, url)
+    finally:
+        driver.quit()

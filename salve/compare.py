@@ -1,0 +1,482 @@
+"""Comparing two runs: the compare page and the nightly Markdown, led by what matters.
+
+Input is plain data shaped like `dvc params diff --json` and `dvc metrics diff --json`
+(``{file: {dotted.key: {"old": a, "new": b, "diff": d}}}``) plus the key metrics, declared by
+the caller as KeyMetric records. Both outputs keep one order: the parameter changes, then every
+key metric, then the other metric changes grouped by file (stage), collapsed or trailing.
+
+Each metric change carries two separate signals: its direction (an arrow for the sign of new - old)
+and, only where the metric declares which way is better, a judgement (better / worse). A change
+smaller than the metric's noise floor is "within noise" and never coloured. Identifiers (feature
+indices, class names) are compared for equality only: "4 -> 67 (changed)", never a numeric delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from salve.figures import (
+    ESTIMATORS,
+    alpha_medians,
+    alpha_medians_figure,
+    curves_from_rows,
+    edit_curves_figure,
+    finetune_figure,
+)
+from salve.report import Counter, Image, fmt, render
+
+BETTER = ("higher", "lower", "none")
+KINDS = ("number", "identifier")
+ROUNDOFF = 1e-12  # relative: a float64 change this small is arithmetic, not a result
+# Leaf keys whose values name things (feature indices, classes) rather than measure them.
+_IDENTIFIER_LEAVES = ("feature", "class", "latent", "label")
+_IDENTIFIER_SUFFIXES = ("_feature", "_class", "_latent", "_index")
+
+COMPARE_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("params-diff", "Parameter changes"),
+    ("key-metrics", "Key metrics"),
+    ("other-metrics", "Other metric changes, by stage"),
+    ("figures", "Key figures"),
+)
+
+Diff = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class KeyMetric:
+    """A metric a comparison leads with: where it is, what to call it, which way is better,
+    how large a change is only noise, and whether it is a quantity or an identifier."""
+
+    file: str
+    key: str
+    label: str
+    better: str = "none"  # "higher" | "lower" | "none"
+    noise_floor: float = 0.0
+    kind: str = "number"  # "number" | "identifier"
+
+    def __post_init__(self) -> None:
+        if self.better not in BETTER:
+            raise ValueError(f"KeyMetric {self.key!r}: better={self.better!r}; use one of {BETTER}")
+        if self.kind not in KINDS:
+            raise ValueError(f"KeyMetric {self.key!r}: kind={self.kind!r}; use one of {KINDS}")
+        if not (self.noise_floor >= 0 and math.isfinite(self.noise_floor)):
+            raise ValueError(
+                f"KeyMetric {self.key!r}: noise_floor={self.noise_floor!r}; use a finite value >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric's change, ready to show. ``judgement``: better, worse, changed, noise,
+    unchanged, or "" (no judgement: the metric's better direction is unknown)."""
+
+    file: str
+    key: str
+    label: str
+    old: str
+    new: str
+    change: str
+    direction: str  # "up", "down" or ""
+    arrow: str
+    judgement: str
+    verdict: str
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    file: str
+    rows: list[MetricChange]
+    summary: str
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def looks_like_identifier(key: str) -> bool:
+    """Whether a metric key names a thing (``per_class.3.feature``) rather than measures one."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf in _IDENTIFIER_LEAVES or leaf.endswith(_IDENTIFIER_SUFFIXES)
+
+
+def _row(file: str, key: str, label: str, old: Any, new: Any, **kw: str) -> MetricChange:
+    base = {"change": "", "direction": "", "arrow": "", "judgement": "", "verdict": ""}
+    return MetricChange(file, key, label, fmt(old), fmt(new), **(base | kw))
+
+
+def metric_change(
+    file: str,
+    key: str,
+    entry: Mapping[str, Any] | None,
+    *,
+    label: str | None = None,
+    better: str = "none",
+    noise_floor: float = 0.0,
+    identifier: bool = False,
+) -> MetricChange:
+    """Classify one diff entry (``{"old": a, "new": b, ...}``, None when the diff omits it)."""
+    label = label or key
+    if entry is None:
+        return _row(
+            file,
+            key,
+            label,
+            None,
+            None,
+            change="no change reported",
+            judgement="unchanged",
+            verdict="unchanged",
+        )
+    old, new = entry["old"], entry["new"]
+    if old is None or new is None:
+        what = "added" if old is None else "removed"
+        return _row(file, key, label, old, new, change=what, verdict=what)
+    if identifier or not (_is_number(old) and _is_number(new)):
+        if old == new:
+            return _row(
+                file,
+                key,
+                label,
+                old,
+                new,
+                change="unchanged",
+                judgement="unchanged",
+                verdict="unchanged",
+            )
+        return _row(
+            file,
+            key,
+            label,
+            old,
+            new,
+            change=f"{fmt(old)} -> {fmt(new)} (changed)",
+            judgement="changed",
+            verdict="changed",
+        )
+    if old == new:
+        return _row(
+            file,
+            key,
+            label,
+            old,
+            new,
+            change="unchanged",
+            judgement="unchanged",
+            verdict="unchanged",
+        )
+    if not (math.isfinite(old) and math.isfinite(new)):
+        up = new > old if not (math.isnan(old) or math.isnan(new)) else None
+        return _row(
+            file,
+            key,
+            label,
+            old,
+            new,
+            change=f"{fmt(old)} -> {fmt(new)}",
+            direction="" if up is None else ("up" if up else "down"),
+            arrow="" if up is None else ("▲" if up else "▼"),
+        )
+    d = float(new) - float(old)
+    rel = f" ({d / abs(old) * 100:+.3g} %)" if old != 0 else ""
+    up = d > 0
+    kw = {
+        "change": f"{d:+.4g}{rel}",
+        "direction": "up" if up else "down",
+        "arrow": "▲" if up else "▼",
+    }
+    if abs(d) <= ROUNDOFF * max(abs(old), abs(new)):
+        return _row(file, key, label, old, new, **kw, judgement="noise", verdict="round-off")
+    if abs(d) < noise_floor:
+        return _row(file, key, label, old, new, **kw, judgement="noise", verdict="within noise")
+    if better == "none":
+        return _row(file, key, label, old, new, **kw)
+    good = up if better == "higher" else not up
+    return _row(
+        file,
+        key,
+        label,
+        old,
+        new,
+        **kw,
+        judgement="better" if good else "worse",
+        verdict="better" if good else "worse",
+    )
+
+
+def key_metric_changes(metrics_diff: Diff, key_metrics: Sequence[KeyMetric]) -> list[MetricChange]:
+    """Every key metric, in declared order, whether or not the diff lists it."""
+    return [
+        metric_change(
+            km.file,
+            km.key,
+            (metrics_diff.get(km.file) or {}).get(km.key),
+            label=km.label,
+            better=km.better,
+            noise_floor=km.noise_floor,
+            identifier=km.kind == "identifier",
+        )
+        for km in key_metrics
+    ]
+
+
+def other_metric_groups(
+    metrics_diff: Diff, key_metrics: Sequence[KeyMetric], file_order: Sequence[str] = ()
+) -> list[MetricGroup]:
+    """The metric changes that are not key metrics, one group per file (``file_order`` first,
+    then the rest by name). Unchanged entries (from `--all`) are counted, not listed."""
+    keys = {(km.file, km.key) for km in key_metrics}
+    rank = {f: i for i, f in enumerate(file_order)}
+    groups = []
+    for file in sorted(metrics_diff, key=lambda f: (rank.get(f, len(rank)), f)):
+        rows, unchanged = [], 0
+        for key in sorted(metrics_diff[file], key=lambda k: (k.count("."), k)):
+            if (file, key) in keys:
+                continue
+            row = metric_change(
+                file, key, metrics_diff[file][key], identifier=looks_like_identifier(key)
+            )
+            if row.judgement == "unchanged":
+                unchanged += 1
+            else:
+                rows.append(row)
+        if not rows:  # nothing changed in this file (`--all` lists it anyway)
+            continue
+        noise = sum(r.judgement == "noise" for r in rows)
+        summary = f"{len(rows)} changed" + (f", {noise} only by round-off" if noise else "")
+        if unchanged:
+            summary += f"; {unchanged} unchanged, not listed"
+        groups.append(MetricGroup(file, rows, summary))
+    return groups
+
+
+def param_rows(params_diff: Diff) -> list[tuple[str, str, str, str, str]]:
+    """(file, parameter, old, new, change) for every changed parameter."""
+    rows = []
+    for file in sorted(params_diff):
+        for key in sorted(params_diff[file]):
+            e = params_diff[file][key]
+            old, new = e["old"], e["new"]
+            change = ""
+            if _is_number(old) and _is_number(new) and old != new:
+                change = f"{new - old:+g}" + (f" (×{new / old:.3g})" if old else "")
+            rows.append((file, key, fmt(old), fmt(new), change))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RevisionData:
+    """One side of a comparison: what was found at a revision (None where absent)."""
+
+    label: str  # as the user wrote it
+    sha: str
+    finetune_epochs: list[dict] | None = None
+    edit_curve_rows: list[dict] | None = None
+    edit_metrics: dict | None = None
+    alpha_samples: list[dict] | None = None
+
+
+def alpha_values_from_samples(
+    rows: Sequence[Mapping[str, Any]],
+    estimators: Sequence[str] = ESTIMATORS,
+    class_order: Sequence[str] = (),
+) -> tuple[list[str], dict[str, list[list[float]]]]:
+    """Per-class value lists from plots/alpha_crit/samples.csv rows: classes in
+    ``class_order``, then any others in first-seen order."""
+    classes: list[str] = [str(c) for c in class_order]
+    index: dict[str, int] = {c: i for i, c in enumerate(classes)}
+    values: dict[str, list[list[float]]] = {e: [[] for _ in classes] for e in estimators}
+    for r in rows:
+        name = str(r["class"])
+        if name not in index:
+            index[name] = len(classes)
+            classes.append(name)
+            for e in estimators:
+                values[e].append([])
+        for e in estimators:
+            try:
+                values[e][index[name]].append(float(r[f"alpha_{e}"]))
+            except (KeyError, TypeError, ValueError):
+                values[e][index[name]].append(math.nan)
+    return classes, values
+
+
+def _edit_targets(classes: Sequence[str], edit_metrics: dict | None) -> list[tuple[int, int]]:
+    # An older revision may predate a field: what it lacks is "not available", not an error.
+    per_class = (edit_metrics or {}).get("per_class", {})
+    return [
+        (k, int(per_class[name]["feature"]))
+        for k, name in enumerate(classes)
+        if name in per_class and "feature" in per_class[name]
+    ]
+
+
+def _revision_alpha(rev: RevisionData) -> tuple[list[str], dict[str, list[list[float]]]]:
+    order = curves_from_rows(rev.edit_curve_rows)[0] if rev.edit_curve_rows else []
+    return alpha_values_from_samples(rev.alpha_samples or [], class_order=order)
+
+
+def _shared_log_range(revs: Sequence[RevisionData]) -> tuple[float, float] | None:
+    """One y range (log axis) covering every revision's finite alpha_crit medians."""
+    meds = []
+    for rev in revs:
+        if rev.alpha_samples:
+            for m in alpha_medians(_revision_alpha(rev)[1]).values():
+                meds += [v for v in m if math.isfinite(v) and v > 0]
+    if not meds:
+        return None
+    return min(meds) / 1.5, max(meds) * 1.5
+
+
+def revision_figures(
+    rev: RevisionData, alpha_ylim: tuple[float, float] | None = None
+) -> dict[str, bytes | None]:
+    """The comparison's key figures for one revision (None where the data is absent)."""
+    figs: dict[str, bytes | None] = {
+        "finetune": finetune_figure(rev.finetune_epochs) if rev.finetune_epochs else None,
+        "suppression": None,
+        "alpha_medians": None,
+    }
+    if rev.edit_curve_rows:
+        classes, curves = curves_from_rows(rev.edit_curve_rows)
+        targets = _edit_targets(classes, rev.edit_metrics)
+        if targets:
+            figs["suppression"] = edit_curves_figure(curves, targets, classes, "suppress")
+    if rev.alpha_samples:
+        classes, values = _revision_alpha(rev)
+        figs["alpha_medians"] = alpha_medians_figure(classes, values, ylim=alpha_ylim)
+    return figs
+
+
+_FIGURE_TITLES = (
+    ("finetune", "Fine-tuning curves"),
+    ("suppression", "Suppression curves (each class's dominant feature)"),
+    ("alpha_medians", "alpha_crit medians per class and estimator"),
+)
+
+
+def compare_context(
+    a: RevisionData,
+    b: RevisionData,
+    params_diff: Diff,
+    metrics_diff: Diff,
+    key_metrics: Sequence[KeyMetric] = (),
+    *,
+    file_order: Sequence[str] = (),
+    title: str = "SALVE: revision comparison",
+) -> dict:
+    """The compare page's template context (plain data)."""
+    n = Counter()
+    ylim = _shared_log_range((a, b))
+    fa, fb = revision_figures(a, ylim), revision_figures(b, ylim)
+    missing = "not available at this revision"
+    figures: list[tuple[str, Image, Image]] = [
+        (
+            caption,
+            n.figure(fa[key], f"A ({a.label})", missing),
+            n.figure(fb[key], f"B ({b.label})", missing),
+        )
+        for key, caption in _FIGURE_TITLES
+    ]
+    return {
+        "title": title,
+        "subtitle": f"A = {a.label} ({a.sha[:10]}) · B = {b.label} ({b.sha[:10]})",
+        "nav": [(f"#{sid}", t, "") for sid, t in COMPARE_SECTIONS],
+        "sections": dict(COMPARE_SECTIONS),
+        "revisions": [("A", a.label, a.sha), ("B", b.label, b.sha)],
+        "params": param_rows(params_diff),
+        "key_metrics": key_metric_changes(metrics_diff, key_metrics),
+        "groups": other_metric_groups(metrics_diff, key_metrics, file_order),
+        "figures": figures,
+    }
+
+
+def build_compare_page(
+    a: RevisionData,
+    b: RevisionData,
+    params_diff: Diff,
+    metrics_diff: Diff,
+    key_metrics: Sequence[KeyMetric] = (),
+    *,
+    file_order: Sequence[str] = (),
+    title: str = "SALVE: revision comparison",
+) -> str:
+    """The comparison page: parameter diff, key metrics, the other metric changes by stage
+    (collapsed), and the key figures of both revisions side by side."""
+    context = compare_context(
+        a, b, params_diff, metrics_diff, key_metrics, file_order=file_order, title=title
+    )
+    return render("compare.html", **context)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown (the nightly Prefect artifact)
+# --------------------------------------------------------------------------------------------
+
+
+def _md(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_diff_markdown(
+    params_diff: Diff,
+    metrics_diff: Diff,
+    key_metrics: Sequence[KeyMetric],
+    *,
+    old_label: str = "old",
+    new_label: str = "new",
+    file_order: Sequence[str] = (),
+) -> str:
+    """The same story as the compare page, as Markdown: parameters, key metrics, then the other
+    metric changes by file in a trailing section."""
+    out = ["### Parameters\n"]
+    params = param_rows(params_diff)
+    if params:
+        out.append(_md_table(("file", "parameter", old_label, new_label, "change"), params))
+    else:
+        out.append("No parameter changed.\n")
+    out.append("\n### Key metrics\n")
+    rows = [
+        (f"{c.label} ({c.key})", c.old, c.new, c.change, c.arrow, c.verdict)
+        for c in key_metric_changes(metrics_diff, key_metrics)
+    ]
+    if rows:
+        header = ("metric", old_label, new_label, "change", "direction", "judgement")
+        out.append(_md_table(header, rows))
+    else:
+        out.append("No key metrics declared.\n")
+    groups = other_metric_groups(metrics_diff, key_metrics, file_order)
+    out.append("\n### Other metric changes, by stage\n")
+    if not groups:
+        out.append("None.\n")
+    for g in groups:
+        out.append(f"\n#### {_md(g.file)}: {g.summary}\n\n")
+        out.append(
+            _md_table(
+                ("metric", old_label, new_label, "change", "direction"),
+                [
+                    (
+                        r.key,
+                        r.old,
+                        r.new,
+                        r.change + (f" ({r.verdict})" if r.verdict else ""),
+                        r.arrow,
+                    )
+                    for r in g.rows
+                ],
+            )
+        )
+    return "".join(out)
