@@ -121,6 +121,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], **kw: Any) -> Ta
     return Table(tuple(header), cells, **kw)
 
 
+# Read by the pipeline's dependency scan (tasks/deps.py): the templates are part of this code.
+PACKAGE_DATA = ("templates",)
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     return jinja2.Environment(

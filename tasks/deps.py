@@ -57,6 +57,22 @@ def imported_names(path: Path, root: Path = REPO) -> set[str]:
     return names
 
 
+def package_data(path: Path, root: Path = REPO) -> list[Path]:
+    """Files or folders a module reads from beside itself, declared as a module-level
+    ``PACKAGE_DATA = ("templates", ...)`` (e.g. Jinja2 templates): dependencies like code."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "PACKAGE_DATA" for t in node.targets)
+            and isinstance(node.value, ast.Tuple | ast.List)
+        ):
+            return [
+                path.parent / elt.value for elt in node.value.elts if isinstance(elt, ast.Constant)
+            ]
+    return []
+
+
 def _with_parents(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
@@ -77,6 +93,7 @@ def _closure(start: str, root: Path) -> frozenset[Path]:
             if path is None:
                 continue
             files.add(path)
+            files.update(package_data(path, root))
             todo.extend(imported_names(path, root))
     return frozenset(files)
 
