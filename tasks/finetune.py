@@ -53,7 +53,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     meta = load_dataset_meta(root)
     classes = meta["classes"]
     image_size = int(train_x.shape[-1])
-    model = build_model(f.arch, len(classes), image_size=image_size, weights=f.weights).to(device)
+    model = build_model(
+        f.arch,
+        len(classes),
+        image_size=image_size,
+        weights=f.weights,
+        keep_head=f.epochs == 0,  # explain the given model as it is
+    ).to(device)
     settings = TrainSettings(
         epochs=f.epochs,
         batch_size=f.batch_size,
@@ -123,7 +129,6 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "classes": classes,
         "image_size": image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "head": "fc" if f.arch == "resnet18" else "heads.head",
         "edit": None,
         "resumed_from_epoch": start_epoch,
     } | run_metadata(root, cfg, device, ("finetune", "common", "data"))
