@@ -184,9 +184,10 @@ def _probe(model: nn.Module, image_size: int, names: list[str]) -> list[FeatureL
     if not found:
         return []
     probe = torch.randn(acts.shape, generator=gen, dtype=torch.float64).to(acts)
-    grads = torch.autograd.grad(
-        (acts * probe).sum(), [out for _, out, _ in found], allow_unused=True
-    )
+    with torch.enable_grad():
+        grads = torch.autograd.grad(
+            (acts * probe).sum(), [out for _, out, _ in found], allow_unused=True
+        )
     layers = []
     for (name, out, (layout, grid, channels)), grad in zip(found, grads, strict=True):
         spatial = grad[:, 1:] if (grad is not None and layout == "tokens") else grad
