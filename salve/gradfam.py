@@ -451,7 +451,9 @@ def gradfam_pairs(
     feats = torch.as_tensor(features_n, dtype=torch.long).flatten()
     if feats.shape[0] != images_nchw.shape[0]:
         raise ValueError(f"{feats.shape[0]} features for {images_nchw.shape[0]} images")
-    _feature_list(feats.tolist() or [0], sae.W_enc.shape[0])
+    if feats.numel() == 0:
+        raise ValueError("no images: pass at least one image and its feature")
+    _feature_list(feats.tolist(), sae.W_enc.shape[0])
     layer = _resolve(model, images_nchw.shape[-1], layer)
     out: list[torch.Tensor] = []
     if closed_form and layer.pooled:

@@ -178,6 +178,11 @@ def build_model(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if keep_head and weights in ("", "none", "imagenet"):
+        raise ValueError(
+            f"keep_head needs a weights file with a {num_classes}-class head, got weights="
+            f"{weights!r}; a fresh or ImageNet head must be trained (finetune.epochs > 0)"
+        )
     spec = arch_spec(arch, image_size)
     tv = import_torchvision()
     model = tv.models.get_model(arch, **spec.builder_kwargs)
@@ -279,14 +284,15 @@ def check_weights_file(
             "was trained at another image size (set data.image_size to match)."
         )
     if keep_head:
-        weight_key = f"{spec.head}.weight"
-        if weight_key not in shapes:
+        absent = sorted(head_keys - set(shapes))
+        if absent:
             raise WeightsFileError(
-                f"finetune.weights: {path} has no head ({weight_key} is missing), so it cannot "
-                "be explained as it is. Set finetune.epochs > 0 to train a new head on it."
+                f"finetune.weights: {path} has no complete head ({', '.join(absent)} missing), "
+                "so it cannot be explained as it is. Set finetune.epochs > 0 to train a new head "
+                "on it."
             )
-        k_file = shapes[weight_key][0]
-        if k_file != num_classes or set(head_keys) - set(shapes):
+        k_file = shapes[f"{spec.head}.weight"][0]
+        if k_file != num_classes:
             raise WeightsFileError(
                 f"finetune.weights: {path} has a head ({spec.head}) with {k_file} outputs, but "
                 f"the data has {num_classes} classes. Use the data the model was trained on "

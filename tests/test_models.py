@@ -307,8 +307,10 @@ def test_weights_file_errors_name_the_problem_and_fix(resnet, tmp_path: Path) ->
 
     no_head = tmp_path / "nohead.safetensors"
     save_tensors(no_head, {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc")})
-    with pytest.raises(WeightsFileError, match="no head"):
+    with pytest.raises(WeightsFileError, match=r"no complete head \(fc.bias, fc.weight missing"):
         check_weights_file(no_head, "resnet18", K, keep_head=True)
+    with pytest.raises(ValueError, match="keep_head needs a weights file"):
+        build_model("resnet18", K, weights="imagenet", keep_head=True)
 
 
 def test_non_finite_weights_are_found_when_loaded_not_from_the_header(
