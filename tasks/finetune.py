@@ -97,7 +97,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     num_classes = len(classes)
     image_size = int(train_x.shape[-1])
     weights = f.weights if f.weights in WEIGHT_KEYWORDS else str(resolve_user_path(root, f.weights))
-    model = build_model(f.arch, num_classes, image_size=image_size, weights=weights).to(device)
+    model = build_model(
+        f.arch,
+        num_classes,
+        image_size=image_size,
+        weights=weights,
+        keep_head=f.epochs == 0,  # explain the given model as it is
+    ).to(device)
 
     resume_path = _resume_path(root)
     if f.epochs == 0:
@@ -145,7 +151,6 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "classes": classes,
         "image_size": image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "head": "fc" if f.arch == "resnet18" else "heads.head",
         "edit": None,
         "best_epoch": state.best_epoch,
         "val_accuracy": best.val_accuracy,

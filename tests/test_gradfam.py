@@ -1,21 +1,35 @@
-"""Grad-FAM: closed form vs autograd, ViT grid and tap, hook hygiene, normalisation, ranking."""
+"""Grad-FAM: layer selection, closed form vs autograd, independent Jacobian oracles, hook
+hygiene, the deletion test on a model whose true saliency is known, and the stage's outputs."""
 
 from __future__ import annotations
 
-import time
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from salve.gradfam import (
-    VIT_TAPS,
+    deletion_auc,
+    deletion_counts,
+    deletion_curves,
+    deletion_test,
+    feature_maps,
     gradfam_autograd,
     gradfam_closed_form,
+    gradfam_maps,
+    gradfam_pairs,
+    layer_candidates,
+    random_order,
+    saliency_order,
+    select_layer,
     top_activating,
     upsample_normalise,
     vit_grid,
 )
-from salve.models import build_model, feature_map_module, head_of, penultimate
+from salve.models import build_model, head_of, penultimate
 from salve.sae import SparseAutoencoder
 
 
@@ -34,10 +48,12 @@ def _sae(d_in: int, kind: str, d_latent: int = 48, seed: int = 1, **kw) -> Spars
     return SparseAutoencoder(d_in, d_latent, kind, **kw).double()
 
 
-def _layer4_and_acts(model, images):
-    """layer4 output (the oracle's input) captured by an independent hook, and the head input."""
+def _output_of(model, name, images):
+    """A module's output captured by an independent hook, and the head input."""
     store = {}
-    handle = model.layer4.register_forward_hook(lambda m, a, o: store.__setitem__("A", o))
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, a, o: store.__setitem__("A", o)
+    )
     try:
         model.eval()
         with torch.no_grad():
@@ -52,8 +68,92 @@ def resnet_case():
     model = _resnet()
     torch.manual_seed(2)
     images = torch.randn(5, 3, 96, 96, dtype=torch.float64)  # layer4 is 3 x 3
-    fmaps, acts = _layer4_and_acts(model, images)
+    fmaps, acts = _output_of(model, "layer4", images)
     return model, images, fmaps, acts
+
+
+# --- Layer selection ----------------------------------------------------------------------
+
+
+def test_auto_layer_is_the_deepest_with_a_grid_of_at_least_4x4():
+    model = _resnet()
+    at64 = select_layer(model, 64)
+    assert (at64.name, at64.grid, at64.layout, at64.channels) == ("layer3", (4, 4), "nchw", 256)
+    assert not at64.pooled
+    at224 = select_layer(model, 224)
+    assert (at224.name, at224.grid, at224.pooled) == ("layer4", (7, 7), True)
+    assert select_layer(model, 64, "pooled").name == "layer4"
+    names = [c.name for c in layer_candidates(model, 64)]
+    assert names.index("layer1") < names.index("layer2") < names.index("layer3")
+    grids = {c.name: c.grid for c in layer_candidates(model, 64)}
+    assert grids["layer1"] == (16, 16) and grids["layer4"] == (2, 2) and "avgpool" not in grids
+
+
+def test_named_layers_are_honoured_and_bad_names_listed():
+    model = _resnet()
+    assert select_layer(model, 64, "layer2").grid == (8, 8)
+    deep = select_layer(model, 64, "layer3.0.conv1")  # not a stage, but a spatial map
+    assert (deep.grid, deep.channels) == ((4, 4), 256)
+    with pytest.raises(ValueError, match=r"'layer9' is not a module.*layer3 \(4x4\)"):
+        select_layer(model, 64, "layer9")
+    with pytest.raises(ValueError, match=r"'avgpool' gives no usable feature map.*layer2 \(8x8\)"):
+        select_layer(model, 64, "avgpool")  # 1 x 1: not spatial
+    with pytest.raises(ValueError, match="is the head"):
+        select_layer(model, 64, "fc")
+    with pytest.raises(ValueError, match="runs more than once"):
+        select_layer(model, 64, "layer1.0.relu")  # a BasicBlock applies its ReLU twice
+
+
+def test_mobilenet_grids_for_auto_and_a_named_layer():
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small", 3, image_size=64).eval()
+    # strides: features.0, .1, .2 and .4 halve the side; .9 halves 4 -> 2
+    auto = select_layer(model, 64)
+    assert (auto.name, auto.grid) == ("features.8", (4, 4))
+    assert select_layer(model, 64, "features.3").grid == (8, 8)
+    sae = SparseAutoencoder(head_of(model).in_features, 6, "linear").eval()
+    images = torch.randn(2, 3, 64, 64)
+    assert gradfam_maps(model, sae, images, [0, 1]).shape == (2, 2, 4, 4)
+    maps = gradfam_maps(model, sae, images, [0, 1], layer="features.3")
+    assert maps.shape == (2, 2, 8, 8) and maps.amax() > 0
+
+
+def test_vit_layers_tokens_grid_and_the_degenerate_last_block():
+    torch.manual_seed(0)
+    model = build_model("vit_b_16", 5, image_size=64).eval()  # 4 x 4 patches
+    candidates = {c.name: c for c in layer_candidates(model, 64)}
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    assert all(
+        candidates[b].layout == "tokens" and candidates[b].grid == (4, 4) for b in blocks[:-1]
+    )
+    assert candidates["conv_proj"].layout == "nchw" and candidates["conv_proj"].grid == (4, 4)
+    # The head reads LayerNorm(class token) only, so the last block's output patch tokens get
+    # exactly zero gradient: that layer is no candidate, and naming it is refused.
+    assert blocks[-1] not in candidates and "encoder.ln" not in candidates
+    auto = select_layer(model, 64)
+    assert (auto.name, auto.grid, auto.layout, auto.channels) == (blocks[-2], (4, 4), "tokens", 768)
+    with pytest.raises(ValueError, match=r"no usable feature map.*encoder_layer_10 \(4x4\)"):
+        select_layer(model, 64, blocks[-1])
+
+
+def test_swin_grid_is_read_channels_last():
+    torch.manual_seed(0)
+    model = build_model("swin_t", 3, image_size=64).eval()
+    auto = select_layer(model, 64)
+    assert (auto.name, auto.grid, auto.layout, auto.channels) == ("features.5", (4, 4), "nhwc", 384)
+    pooled = select_layer(model, 64, "pooled")
+    assert pooled.pooled and pooled.grid == (2, 2)
+    sae = SparseAutoencoder(768, 4, "linear").eval()
+    images = torch.randn(1, 3, 64, 64)
+    maps = gradfam_maps(model, sae, images, [0, 1, 2])
+    assert maps.shape == (1, 3, 4, 4) and maps.amax() > 0
+    # closed form and autograd agree on the layer the pool reads, in either layout
+    closed = gradfam_maps(model, sae, images, [0, 1, 2], layer=pooled)
+    auto_grad = gradfam_autograd(model, sae, images, [0, 1, 2], layer=pooled)
+    assert torch.allclose(closed, auto_grad, atol=1e-5 * float(closed.amax()), rtol=1e-4)
+
+
+# --- Closed form vs autograd --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["relu", "linear", "topk", "jumprelu"])
@@ -63,7 +163,7 @@ def test_closed_form_equals_autograd_resnet(resnet_case, kind):
     sae = _sae(512, kind, **kw)
     features = [0, 3, 7, 11, 20, 47]
     closed = gradfam_closed_form(fmaps, sae, features)
-    auto = gradfam_autograd(model, sae, images, features, batch_size=2)  # 3 batches
+    auto = gradfam_autograd(model, sae, images, features, layer="layer4", batch_size=2)
     assert closed.shape == auto.shape == (5, len(features), 3, 3)
     assert torch.allclose(closed, auto, atol=1e-5, rtol=0)
     assert (closed >= 0).all()
@@ -74,6 +174,10 @@ def test_closed_form_equals_autograd_resnet(resnet_case, kind):
         inactive = codes <= 0
         assert inactive.any() and (~inactive).any()
         assert (closed[inactive] == 0).all()
+    # the dispatcher takes the closed form at the pooled layer; chunked features agree too
+    assert torch.allclose(gradfam_maps(model, sae, images, features, layer="layer4"), closed)
+    chunked = gradfam_autograd(model, sae, images, features, layer="layer4", feature_chunk=4)
+    assert torch.allclose(chunked, auto, atol=1e-12, rtol=0)
 
 
 def test_closed_form_matches_definition_by_hand(resnet_case):
@@ -90,13 +194,57 @@ def test_closed_form_matches_definition_by_hand(resnet_case):
     assert torch.allclose(maps[:, 1], torch.relu(-2.0 * fmaps[:, 5]) / hw)
 
 
+def test_autograd_at_an_inner_layer_matches_a_jacobian_oracle():
+    """layer3 of ResNet-18 (not pooled): the Jacobian of the codes w.r.t. layer3's output, taken
+    through layer4, the pool and the SAE by torch.autograd.functional, independently."""
+    model = _resnet().eval()
+    sae = _sae(512, "relu", d_latent=10)
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    features = [1, 4, 9]
+    a3, _ = _output_of(model, "layer3", images)
+
+    def codes_of(t):
+        return sae.encode(model.avgpool(model.layer4(t)).flatten(1))
+
+    oracle = []
+    for n in range(2):
+        jac = torch.autograd.functional.jacobian(lambda t, n=n: codes_of(t)[0], a3[n : n + 1])
+        weights = jac[features, 0].mean(dim=(2, 3))  # [F, C]
+        oracle.append(torch.relu(torch.einsum("fc,chw->fhw", weights, a3[n])))
+    oracle = torch.stack(oracle)
+    maps = gradfam_autograd(model, sae, images, features)  # auto: layer3 at 64 px
+    assert maps.shape == oracle.shape == (2, 3, 4, 4)
+    assert oracle.amax() > 0
+    assert torch.allclose(maps, oracle, atol=1e-10)
+    # each image with its own feature: one backward per batch gives the same maps
+    own = torch.tensor([4, 9])
+    pairs = gradfam_pairs(model, sae, images, own, batch_size=2)
+    assert torch.allclose(pairs, oracle[[0, 1], [1, 2]], atol=1e-10)
+
+
+def test_pairs_match_the_grid_with_closed_form_and_autograd(resnet_case):
+    model, images, fmaps, _ = resnet_case
+    sae = _sae(512, "relu")
+    feats = torch.tensor([3, 3, 20, 7, 47])
+    grid = gradfam_closed_form(fmaps, sae, feats.tolist())  # [N, F, h, w]
+    diagonal = grid[torch.arange(5), torch.arange(5)]
+    closed = gradfam_pairs(model, sae, images, feats, layer="layer4", batch_size=2)
+    auto = gradfam_pairs(model, sae, images, feats, layer="layer4", batch_size=3, closed_form=False)
+    assert torch.allclose(closed, diagonal, atol=1e-12)
+    assert torch.allclose(auto, diagonal, atol=1e-5)
+    with pytest.raises(ValueError, match="4 features for 5 images"):
+        gradfam_pairs(model, sae, images, feats[:4], layer="layer4")
+
+
 def test_autograd_leaves_model_and_sae_untouched(resnet_case):
     model, images, _, _ = resnet_case
     sae = _sae(512, "relu")
     model.train()
     sae.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gradfam_autograd(model, sae, images[:2], [1, 2])
+    gradfam_autograd(model, sae, images[:2], [1, 2], layer="layer3")
+    gradfam_pairs(model, sae, images[:2], [1, 2], layer="layer3")
     assert model.training and sae.training
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is None for p in sae.parameters())
@@ -120,18 +268,27 @@ def test_hooks_removed_after_success_and_exception(arch):
     d = head_of(model).in_features
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert _hook_counts(model) == 0
-    taps = ["block_input"] if arch == "resnet18" else list(VIT_TAPS)
-    for tap in taps:
-        gradfam_autograd(model, _sae(d, "relu"), images, [0], vit_tap=tap)
+    layers = (
+        ["layer2", "layer3"]  # 4x4 and 2x2 at 32 px
+        if arch == "resnet18"
+        else ["auto", "encoder.layers.encoder_layer_11.ln_1"]
+    )
+    for name in layers:
+        layer = select_layer(model, 32, name)  # a dry run with hooks of its own
+        assert _hook_counts(model) == 0
+        gradfam_autograd(model, _sae(d, "relu"), images, [0], layer=layer)
         assert _hook_counts(model) == 0
         torch.manual_seed(0)
         bad = _ExplodingSAE(d, 8, "relu").double()
         model.train()
+        for fn in (gradfam_autograd, gradfam_pairs):
+            with pytest.raises(RuntimeError, match="boom inside encode"):
+                fn(model, bad, images, [0, 0], layer=layer)
+            assert _hook_counts(model) == 0
+            assert model.training  # restored even on the error path
         with pytest.raises(RuntimeError, match="boom inside encode"):
-            gradfam_autograd(model, bad, images, [0], vit_tap=tap)
-        assert _hook_counts(model) == 0
-        assert len(feature_map_module(model)._forward_hooks) == 0
-        assert model.training  # restored even on the error path
+            deletion_curves(model, bad, images, [0, 0], random_order(2, 1024, seed=0), steps=2)
+        assert _hook_counts(model) == 0 and model.training
 
 
 def _vit_tokens_oracle(model, sae, images, features):
@@ -172,27 +329,24 @@ def test_vit_matches_jacobian_oracle_and_grid_from_model():
     assert (maps >= 0).all() and maps.amax() > 0
     oracle = _vit_tokens_oracle(model, sae, images, features)
     assert torch.allclose(maps, oracle, atol=1e-8)
+    pairs = gradfam_pairs(model, sae, images, [5, 11])
+    assert torch.allclose(pairs, oracle[[0, 1], [1, 2]], atol=1e-8)
 
 
-def test_vit_grid_2x2_zero_feature_and_degenerate_output_tap():
-    model = _vit(image_size=32)  # 2 x 2 grid
+def test_vit_grid_2x2_and_a_feature_that_ignores_the_image():
+    model = _vit(image_size=32)  # 2 x 2 grid: no layer reaches 4 x 4, the deepest is taken
+    assert select_layer(model, 32).name == "encoder.layers.encoder_layer_10"
     sae = _sae(768, "relu", d_latent=6)
     with torch.no_grad():
         sae.encoder.weight[4].zero_()  # latent 4 is a constant: no dependence on the input
         sae.encoder.bias[4] = 1.0  # ... and on, so its derivative is 1, not masked to 0
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    for tap in ("block_input", "block_ln1"):
-        maps = gradfam_autograd(model, sae, images, [0, 1, 2, 3, 4, 5], vit_tap=tap)
+    for layer in ("auto", "encoder.layers.encoder_layer_11.ln_1"):
+        maps = gradfam_autograd(model, sae, images, [0, 1, 2, 3, 4, 5], layer=layer)
         assert maps.shape == (3, 6, 2, 2)
         assert (maps >= 0).all()
         assert (maps[:, 4] == 0).all()
         assert maps.amax() > 0
-    # The head reads LayerNorm(class token) only, so the last block's *output* patch tokens get
-    # exactly zero gradient: the documented reason the default tap is the block input.
-    lin = _sae(768, "linear", d_latent=6)
-    assert (gradfam_autograd(model, lin, images, [0, 1], vit_tap="block_output") == 0).all()
-    with pytest.raises(ValueError, match="vit_tap"):
-        gradfam_autograd(model, lin, images, [0], vit_tap="nope")
 
 
 def test_feature_out_of_range_raises(resnet_case):
@@ -202,6 +356,13 @@ def test_feature_out_of_range_raises(resnet_case):
         gradfam_closed_form(fmaps, sae, [4])
     with pytest.raises(ValueError, match="out of range"):
         gradfam_autograd(model, sae, images, [-1])
+    with pytest.raises(ValueError, match="out of range"):
+        gradfam_pairs(model, sae, images[:1], [4])
+
+
+def test_feature_maps_default_to_the_pooled_layer(resnet_case):
+    model, images, fmaps, _ = resnet_case
+    assert torch.equal(feature_maps(model, images), fmaps)
 
 
 def test_upsample_normalise_range_max_and_zero():
@@ -220,6 +381,8 @@ def test_upsample_normalise_range_max_and_zero():
     # the peak lands in the middle of the image for a centred single peak
     r, c = divmod(int(up[0, 0].argmax()), 32)
     assert 10 <= r <= 21 and 10 <= c <= 21
+    # smooth, not blocky: neighbouring pixels inside one grid cell differ
+    assert up[0, 0, 12, 12] != up[0, 0, 12, 13]
     # positive scaling does not change a normalised map
     assert torch.allclose(upsample_normalise(maps * 7.0, 32), up, atol=1e-6)
 
@@ -233,42 +396,203 @@ def test_top_activating():
     assert top_activating(-codes, 1, 1).tolist() == [0]  # the negative direction of a signed code
 
 
-def test_benchmark_closed_form_vs_autograd_resnet_64px():
-    """Not asserted: printed for the report (run with -s). Best of 3 after a warm-up."""
+# --- Faithfulness: a model whose true saliency is known ------------------------------------
+
+HOT = (1, 6, 9, 14)  # row-major pixels of a 4 x 4 image that carry the feature
+HOT_VALUE, BACKGROUND, THRESHOLD = 1.0, 0.2, 0.3
+
+
+class _ThresholdNet(nn.Module):
+    """features: A = ReLU(mean over colours - 0.3) (channel 0) and a distractor (channel 1);
+    global average pool; a linear head. The SAE latent 0 reads channel 0, so
+    z = mean_pixels ReLU(x - 0.3): hot pixels give 0.7, the background 0, the mean colour 0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 2, 1, dtype=torch.float64)
+        with torch.no_grad():
+            w = torch.tensor([[1.0, 1, 1], [-1.0, 0, 0]], dtype=torch.float64) / 3
+            conv.weight.copy_(w.view(2, 3, 1, 1))
+            conv.bias.copy_(torch.tensor([-THRESHOLD, 0.5], dtype=torch.float64))
+        self.features = nn.Sequential(conv, nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _threshold_case():
+    model = _ThresholdNet().eval()
+    sae = SparseAutoencoder(2, 2, "linear").double().eval()
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        sae.encoder.bias.zero_()
+        sae.decoder.bias.zero_()
+    image = torch.full((16,), BACKGROUND, dtype=torch.float64)
+    image[list(HOT)] = HOT_VALUE
+    images = image.view(1, 1, 4, 4).expand(1, 3, 4, 4).clone()
+    return model, sae, images
+
+
+def _curve_by_hand(order: list[int], steps: int) -> list[float]:
+    """z after deleting the first d pixels of ``order``, of which h are hot, over z(unmasked):
+    ((4 - h) * 0.7 + d * 0.1) / (4 * 0.7); the mean colour is (4 * 1 + 12 * 0.2) / 16 = 0.4."""
+    mean_colour = (len(HOT) * HOT_VALUE + (16 - len(HOT)) * BACKGROUND) / 16
+    hot_on, fill_on = HOT_VALUE - THRESHOLD, max(mean_colour - THRESHOLD, 0.0)
+    curve = []
+    for k in range(steps + 1):
+        deleted = order[: k * 16 // steps]
+        h = sum(p in HOT for p in deleted)
+        curve.append(((len(HOT) - h) * hot_on + len(deleted) * fill_on) / (len(HOT) * hot_on))
+    return curve
+
+
+def _trapezoid(curve: list[float]) -> float:
+    steps = len(curve) - 1
+    return sum((a + b) / 2 / steps for a, b in zip(curve, curve[1:], strict=False))
+
+
+def test_deletion_auc_of_the_true_saliency_computed_by_hand():
+    model, sae, images = _threshold_case()
+    layer = select_layer(model, 4)
+    assert (layer.name, layer.grid, layer.pooled) == ("features", (4, 4), True)
+    # Grad-FAM of latent 0 is exactly the hot pixels, by the closed form and by autograd
+    maps = gradfam_pairs(model, sae, images, [0], layer=layer)
+    assert torch.equal(maps[0].flatten() > 0, torch.isin(torch.arange(16), torch.tensor(HOT)))
+    auto = gradfam_pairs(model, sae, images, [0], layer=layer, closed_form=False)
+    assert torch.allclose(auto, maps, atol=1e-12)
+    saliency = upsample_normalise(maps[:, None], 4)[:, 0]
+    assert saliency_order(saliency)[0, :4].tolist() == list(HOT)
+
+    result = deletion_test(model, sae, images, [0], saliency, steps=4, seed=3, batch_size=3)
+    # saliency order: [1, 1/7, 2/7, 3/7, 4/7] -> AUC = 23/56
+    expected = _curve_by_hand([*HOT, *[p for p in range(16) if p not in HOT]], 4)
+    assert expected == pytest.approx([1, 1 / 7, 2 / 7, 3 / 7, 4 / 7])
+    assert result.curves[0].tolist() == pytest.approx(expected, abs=1e-12)
+    assert float(result.auc[0]) == pytest.approx(23 / 56, abs=1e-12)
+    # the random order, recomputed by hand from the same seeded permutation
+    perm = random_order(1, 16, seed=3)[0].tolist()
+    by_hand = _curve_by_hand(perm, 4)
+    assert result.curves_random[0].tolist() == pytest.approx(by_hand, abs=1e-12)
+    assert float(result.auc_random[0]) == pytest.approx(_trapezoid(by_hand), abs=1e-12)
+    assert float(result.auc[0]) < float(result.auc_random[0])
+
+
+def test_deletion_beats_random_on_average_and_reverse_order_is_worst():
+    model, sae, images = _threshold_case()
+    many = images.expand(32, 3, 4, 4)
+    saliency = gradfam_pairs(model, sae, many, [0] * 32)
+    result = deletion_test(model, sae, many, [0] * 32, saliency, steps=4, seed=0)
+    assert torch.allclose(result.auc, torch.full((32,), 23 / 56, dtype=torch.float64))
+    assert float(result.auc_random.mean()) > float(result.auc.mean()) + 0.1
+    assert len(set(result.auc_random.tolist())) > 1  # each image has its own random order
+    # deleting the hot pixels last: [1, 1 + 4*0.1/2.8, ...] stays high
+    backwards = torch.tensor([[p for p in range(16) if p not in HOT] + list(HOT)])
+    curve = deletion_curves(model, sae, images, [0], backwards, steps=4)
+    assert curve[0].tolist() == pytest.approx(_curve_by_hand(backwards[0].tolist(), 4))
+    assert float(deletion_auc(curve, 16)[0]) > float(result.auc_random.max())
+
+
+def test_deletion_counts_and_a_code_that_is_off():
+    assert deletion_counts(10, 4).tolist() == [0, 3, 5, 8, 10]  # round half up: 2.5 -> 3
+    assert deletion_counts(4096, 20)[[0, 1, -1]].tolist() == [0, 205, 4096]
+    model, sae, images = _threshold_case()
+    with torch.no_grad():
+        sae.encoder.weight[0].neg_()  # latent 0 is now <= 0 on every image: nothing to delete
+    curves = deletion_curves(model, sae, images, [0], random_order(1, 16, seed=0), steps=4)
+    assert torch.isnan(curves).all()
+    with pytest.raises(ValueError, match="one feature and one order"):
+        deletion_curves(model, sae, images, [0, 1], random_order(1, 16, seed=0), steps=4)
+
+
+# --- The stage -----------------------------------------------------------------------------
+
+
+def _fake_root(tmp_path: Path) -> Path:
+    """The inputs the gradfam stage reads, made directly: a 32 px ResNet-18 with 3 classes, 12
+    val images, its activations, an 8-latent ReLU SAE and a ranking."""
+    from salve.activations import extract_activations
+    from salve.data import IMAGENET_MEAN, IMAGENET_STD
+    from salve.io import save_tensors, write_json
+    from salve.models import save_checkpoint
+    from salve.sae import sae_tensors
+
+    root = tmp_path
+    res = root / "results"
+    classes = ["a", "b", "c"]
     torch.manual_seed(0)
-    model = build_model("resnet18", 10).eval()
-    sae = SparseAutoencoder(512, 256, "relu")
-    images = torch.randn(16, 3, 64, 64)
-    features = list(range(16))
-    n = images.shape[0]
-
-    fmaps, _ = _layer4_and_acts(model, images)
-
-    def forward_only():
-        return _layer4_and_acts(model, images)[0]
-
-    def closed_form_only():
-        return gradfam_closed_form(fmaps, sae, features)
-
-    def autograd():
-        return gradfam_autograd(model, sae, images, features, batch_size=16)
-
-    timings = {}
-    fns = (("forward", forward_only), ("closed", closed_form_only), ("autograd", autograd))
-    for name, fn in fns:
-        fn()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t0)
-        timings[name] = (best, out)
-    ms = {k: 1e3 * v[0] / n for k, v in timings.items()}
-    print(
-        f"\n[gradfam benchmark] resnet18 64px, {len(features)} features, N={n}, "
-        f"{torch.get_num_threads()} threads, best of 5, ms/image: no-grad forward "
-        f"{ms['forward']:.2f} + closed form {ms['closed']:.3f} "
-        f"= {ms['forward'] + ms['closed']:.2f}; autograd {ms['autograd']:.2f}"
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(12) % 3
+    save_tensors(res / "fetch" / "val.safetensors", {"images": images, "labels": labels})
+    write_json(res / "fetch" / "meta.json", {"classes": classes})
+    model = build_model("resnet18", 3, image_size=32).eval()
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    save_checkpoint(
+        res / "finetune" / "model.safetensors",
+        model,
+        {"classes": classes, "image_size": 32, "normalisation": norm},
     )
-    closed, auto = timings["closed"][1], timings["autograd"][1]
-    assert torch.allclose(closed, auto, atol=1e-4 * float(closed.amax().clamp_min(1)))
+    acts = extract_activations(model, images, IMAGENET_MEAN, IMAGENET_STD, progress=False)
+    save_tensors(res / "extract" / "val.safetensors", {"acts": acts, "labels": labels})
+    sae = SparseAutoencoder(512, 8, "relu")
+    with torch.no_grad():
+        sae.decoder.bias.copy_(acts.mean(0))
+        sae.encoder.bias.fill_(0.01)
+        sae.encoder.weight[7].zero_()
+        sae.encoder.bias[7] = -1.0  # latent 7 never fires: a dead latent
+    save_tensors(res / "fit_sae" / "sae.safetensors", sae_tensors(sae))
+    write_json(res / "fit_sae" / "sae.json", {"kind": "relu", "k": 0})
+    ranking = {
+        "dominant": [{"feature": 2, "name": "a", "class": 0}, {"feature": 5, "name": "b"}],
+        "cross_class": [{"feature": 3, "classes": [1, 2]}],
+    }
+    write_json(res / "rank" / "ranking.json", ranking)
+    return root
+
+
+def test_stage_writes_every_latent(tmp_path):
+    from salve.config import from_dict
+    from tasks import gradfam as stage
+
+    root = _fake_root(tmp_path)
+    params = {
+        "common": {"device": "cpu"},
+        "data": {"image_size": 32},
+        "gradfam": {"top_k": 2, "am_steps": 2, "deletion_steps": 4, "batch_size": 8},
+    }
+    summary = stage.run(from_dict(params), root, progress=False)
+    out = root / "results" / "gradfam"
+    latents = json.loads((out / "latents.json").read_text())
+    assert latents["image_size"] == 32 and latents["layer"] == "layer2"  # layer3 is 2x2 at 32 px
+    assert latents["map_grid"] == [4, 4]
+    entries = latents["latents"]
+    assert [e["latent"] for e in entries] == list(range(8))
+    for e in entries:
+        assert len(e["top"]) == 2 and (out / e["overlay"]).is_file()
+        assert e["top"][0]["code"] >= e["top"][1]["code"]
+        assert e["top"][0]["class"] in ("a", "b", "c")
+        assert (e["am"] is not None) == (e["latent"] in (2, 3, 5))
+    dead = entries[7]
+    assert dead["frequency"] == 0.0 and dead["deletion_auc"] is None
+    alive = [e for e in entries if e["deletion_auc"] is not None]
+    assert alive and all(math.isfinite(e["deletion_auc"]) for e in alive)
+    index = json.loads((out / "index.json").read_text())
+    assert [f["feature"] for f in index["features"]] == [2, 5, 3]
+    assert all(
+        (out / f["overlay"]).is_file() and (out / f["am"]).is_file() for f in index["features"]
+    )
+    metrics = json.loads((root / "metrics" / "gradfam.json").read_text())
+    assert metrics == summary
+    assert metrics["map_grid"] == [4, 4] and metrics["layer"] == "layer2"
+    assert metrics["latents_without_auc"] >= 1 and metrics["am_images"] == 3
+    assert metrics["deletion_auc"] == pytest.approx(
+        sum(e["deletion_auc"] for e in alive) / len(alive)
+    )
+    scored = [e for e in alive if e["deletion_auc_random"] is not None]
+    worse = sum(e["deletion_auc"] >= e["deletion_auc_random"] for e in scored)
+    assert metrics["maps_no_better_than_random"] == worse
+    # the stage is deterministic: a second run writes the same bytes
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    stage.run(from_dict(params), root, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first

@@ -1,4 +1,5 @@
-"""salve.models: the head-input split is exact; checkpoints are plain torchvision state dicts."""
+"""salve.models: any torchvision classifier, the head-input split is exact, checkpoints are plain
+torchvision state dicts, weights files are checked with one clear error each."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from safetensors.torch import load_file
 
 from salve.io import ArtifactError, save_tensors
 from salve.models import (
+    WeightsFileError,
     WeightsUnavailableError,
     arch_of,
     build_model,
+    check_architecture,
+    check_weights_file,
     feature_fn,
-    feature_map_module,
     head_of,
+    head_path,
     load_checkpoint,
+    load_classifier,
     penultimate,
     save_checkpoint,
     sidecar_path,
@@ -41,15 +46,18 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _resnet(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("resnet18", K)
-    # Move BatchNorm running statistics away from their defaults, so a checkpoint that lost
-    # them would give different logits.
+def _settle_batchnorm(model: torch.nn.Module, size: int, seed: int) -> torch.nn.Module:
+    """Move BatchNorm running statistics away from their defaults, so a checkpoint that lost
+    them would give different logits."""
     model.train()
     with torch.no_grad():
-        model(_images(8, 64, seed=seed + 100) * 3 + 1)
+        model(_images(8, size, seed=seed + 100) * 3 + 1)
     return model.eval()
+
+
+def _resnet(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return _settle_batchnorm(build_model("resnet18", K, image_size=64), 64, seed)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +78,16 @@ def test_resnet_head_of_penultimate_is_the_model_exactly(resnet) -> None:
         assert feats.shape == (3, 512)
         assert torch.equal(head_of(resnet)(feats), resnet(x))
         assert torch.equal(feature_fn(resnet)(x), feats)
+        # independently: the global average of layer4, as torchvision's forward computes it
+        m = resnet
+        body = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        pooled = m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(body))))).flatten(1)
+        assert torch.equal(feats, pooled)
     assert (feats >= 0).all()  # pooled post-ReLU features
     assert arch_of(resnet) == "resnet18"
-    assert head_of(resnet) is resnet.fc and head_of(resnet).out_features == K
-    assert feature_map_module(resnet) is resnet.layer4
+    assert head_path(resnet) == "fc" and head_of(resnet) is resnet.fc
+    assert head_of(resnet).out_features == K
+    assert not any(m._forward_pre_hooks for m in resnet.modules())  # the capture hook is gone
 
 
 def test_vit_head_of_penultimate_is_the_model_exactly(vit) -> None:
@@ -87,14 +101,79 @@ def test_vit_head_of_penultimate_is_the_model_exactly(vit) -> None:
         normed = (feats - ln.bias) / ln.weight
         assert torch.allclose(normed.mean(dim=1), torch.zeros(2), atol=1e-4)
     assert arch_of(vit) == "vit_b_16"
-    assert head_of(vit) is vit.heads.head and head_of(vit).out_features == K
-    assert feature_map_module(vit) is vit.encoder.layers[-1]
+    assert head_path(vit) == "heads.head" and head_of(vit).out_features == K
 
 
 def test_penultimate_is_not_a_constant(resnet) -> None:
     with torch.no_grad():
         a, b = penultimate(resnet, _images(1, 64, 5)), penultimate(resnet, _images(1, 64, 6))
     assert not torch.equal(a, b)
+
+
+def test_penultimate_removes_its_hook_when_the_forward_raises(resnet) -> None:
+    with pytest.raises(RuntimeError):
+        penultimate(resnet, torch.zeros(1, 5, 64, 64))  # wrong channel count
+    assert not resnet.fc._forward_pre_hooks
+
+
+# --- Other architectures, end to end from a saved checkpoint ------------------------------
+
+OTHER_ARCHS = {  # arch -> (image size, head path)
+    "mobilenet_v3_small": (32, "classifier.3"),
+    "resnet50": (32, "fc"),
+    "vit_b_16": (32, "heads.head"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_ARCHS))
+def saved(request, tmp_path_factory):
+    """(arch, size, model, checkpoint path) for a model saved as finetune saves it."""
+    arch = request.param
+    size, _ = OTHER_ARCHS[arch]
+    torch.manual_seed(3)
+    model = _settle_batchnorm(build_model(arch, K, image_size=size), size, seed=3)
+    path = tmp_path_factory.mktemp(arch) / "model.safetensors"
+    classes = [f"c{i}" for i in range(K)]
+    save_checkpoint(path, model, {"classes": classes, "image_size": size})
+    return arch, size, model, path
+
+
+def test_any_architecture_round_trips_and_head_of_acts_is_the_logits(saved) -> None:
+    arch, size, model, path = saved
+    x = _images(3, size, seed=9)
+    sidecar = json.loads(sidecar_path(path).read_text())
+    assert sidecar["architecture"] == arch and sidecar["head"] == OTHER_ARCHS[arch][1]
+    rebuilt, side = load_checkpoint(path)
+    assert (
+        not rebuilt.training and arch_of(rebuilt) == arch and side["classes"] == sidecar["classes"]
+    )
+    with torch.no_grad():
+        logits = model(x)
+        acts = penultimate(rebuilt, x)
+        assert acts.ndim == 2 and acts.shape[1] == head_of(rebuilt).in_features
+        assert torch.equal(head_of(rebuilt)(acts), rebuilt(x))
+        assert torch.equal(rebuilt(x), logits)
+
+
+def test_edited_checkpoint_loads_strictly_into_plain_torchvision(saved) -> None:
+    arch, size, model, path = saved
+    edited = load_classifier(path)
+    with torch.no_grad():
+        head_of(edited).weight.mul_(0.5)  # an edit of the head, as the edit stage makes
+    out = path.with_name("edited.safetensors")
+    # the edit stage passes no architecture: the model knows its own
+    save_checkpoint(out, edited, {"classes": list("abcd"), "image_size": size, "edit": {}})
+    tv = import_torchvision()
+    extra = {"image_size": size} if arch.startswith("vit") else {}
+    with torch.device("meta"):  # no time spent on an initialisation that is overwritten
+        plain = tv.models.get_model(arch, num_classes=K, **extra)
+    plain.load_state_dict(load_file(str(out)), strict=True, assign=True)
+    plain.eval()
+    x = _images(2, size, seed=4)
+    with torch.no_grad():
+        assert torch.equal(plain(x), edited(x))
+        assert not torch.equal(plain(x), model(x))
+    assert type(load_classifier(out)) is type(plain)
 
 
 def test_checkpoint_loads_into_plain_torchvision_with_identical_logits(
@@ -117,7 +196,7 @@ def test_checkpoint_loads_into_plain_torchvision_with_identical_logits(
     sidecar = json.loads(sidecar_path(path).read_text())
     assert sidecar_path(path) == tmp_path / "model.json"
     assert sidecar["format"] == "salve-classifier" and sidecar["architecture"] == "resnet18"
-    assert sidecar["classes"] == classes and sidecar["extra"] == 7
+    assert sidecar["classes"] == classes and sidecar["extra"] == 7 and sidecar["head"] == "fc"
 
     rebuilt, side = load_checkpoint(path)
     assert not rebuilt.training and side["classes"] == classes
@@ -142,13 +221,30 @@ def test_load_checkpoint_errors(resnet, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="classes"):
         load_checkpoint(path)
 
+    sidecar_path(path).write_text(json.dumps(side | {"head": "classifier.1"}))
+    with pytest.raises(ArtifactError, match="classifier.1"):
+        load_checkpoint(path)
+
     sidecar_path(path).write_text(json.dumps(side))
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="truncated"):
         load_checkpoint(path)
 
 
-def test_local_backbone_weights_are_loaded_and_head_replaced(resnet, tmp_path: Path) -> None:
+def test_save_checkpoint_needs_an_architecture_name(tmp_path: Path) -> None:
+    plain = import_torchvision().models.resnet18(num_classes=K)
+    with pytest.raises(ValueError, match="architecture"):
+        save_checkpoint(tmp_path / "m.safetensors", plain, {"classes": list("abcd")})
+    save_checkpoint(
+        tmp_path / "m.safetensors", plain, {"classes": list("abcd"), "architecture": "resnet18"}
+    )
+    assert json.loads((tmp_path / "m.json").read_text())["head"] == "fc"
+
+
+# --- Weights files ------------------------------------------------------------------------
+
+
+def test_backbone_weights_are_loaded_and_head_replaced(resnet, tmp_path: Path) -> None:
     path = tmp_path / "backbone.safetensors"
     save_tensors(path, resnet.state_dict())
     torch.manual_seed(7)
@@ -160,11 +256,86 @@ def test_local_backbone_weights_are_loaded_and_head_replaced(resnet, tmp_path: P
     with torch.no_grad():
         x = _images(2, 64)
         assert torch.equal(penultimate(model, x), penultimate(resnet, x))
+    # a backbone without any head loads as well
+    no_head = tmp_path / "nohead.safetensors"
+    save_tensors(no_head, {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc")})
+    assert build_model("resnet18", 6, weights=str(no_head)).fc.out_features == 6
 
-    wrong = tmp_path / "wrong.safetensors"
-    save_tensors(wrong, {"conv1.weight": torch.zeros(1)})
-    with pytest.raises((ValueError, RuntimeError)):
-        build_model("resnet18", 6, weights=str(wrong))
+
+def test_full_model_with_matching_head_is_used_as_is(resnet, tmp_path: Path) -> None:
+    path = tmp_path / "mine.safetensors"
+    save_tensors(path, resnet.state_dict())
+    spec = check_weights_file(path, "resnet18", K, keep_head=True, image_size=64)
+    assert spec.head == "fc"
+    model = build_model("resnet18", K, image_size=64, weights=str(path), keep_head=True).eval()
+    for key, value in resnet.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = _images(2, 64, seed=8)
+    with torch.no_grad():
+        assert torch.equal(model(x), resnet(x))
+
+
+def test_weights_file_errors_name_the_problem_and_fix(resnet, tmp_path: Path) -> None:
+    mine = tmp_path / "mine.safetensors"
+    save_tensors(mine, resnet.state_dict())
+
+    with pytest.raises(WeightsFileError, match=r"4 outputs.*10 classes.*finetune.epochs > 0"):
+        check_weights_file(mine, "resnet18", 10, keep_head=True)
+    with pytest.raises(WeightsFileError, match="4 outputs"):
+        build_model("resnet18", 10, weights=str(mine), keep_head=True)
+    check_weights_file(mine, "resnet18", 10, keep_head=False)  # the head is replaced: fine
+
+    with pytest.raises(WeightsFileError, match="does not exist"):
+        check_weights_file(tmp_path / "absent.safetensors", "resnet18", K, keep_head=False)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsFileError, match="not a readable safetensors"):
+        check_weights_file(garbage, "resnet18", K, keep_head=False)
+
+    # a resnet18 file named as a mobilenet: missing and unexpected keys are named
+    with pytest.raises(WeightsFileError) as info:
+        check_weights_file(mine, "mobilenet_v3_small", K, keep_head=False)
+    msg = str(info.value)
+    assert "does not match mobilenet_v3_small" in msg and "features.0.0.weight" in msg
+    assert "bn1.bias" in msg and "finetune.arch" in msg
+
+    resnet34_like = tmp_path / "shapes.safetensors"
+    state = dict(resnet.state_dict()) | {"conv1.weight": torch.zeros(64, 3, 3, 3)}
+    save_tensors(resnet34_like, state)
+    with pytest.raises(WeightsFileError, match=r"conv1.weight \[64, 3, 3, 3\]"):
+        check_weights_file(resnet34_like, "resnet18", K, keep_head=False)
+
+    no_head = tmp_path / "nohead.safetensors"
+    save_tensors(no_head, {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc")})
+    with pytest.raises(WeightsFileError, match=r"no complete head \(fc.bias, fc.weight missing"):
+        check_weights_file(no_head, "resnet18", K, keep_head=True)
+    with pytest.raises(ValueError, match="keep_head needs a weights file"):
+        build_model("resnet18", K, weights="imagenet", keep_head=True)
+
+
+def test_non_finite_weights_are_found_when_loaded_not_from_the_header(
+    resnet, tmp_path: Path
+) -> None:
+    path = tmp_path / "nan.safetensors"
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_tensors(path, state)
+    check_weights_file(path, "resnet18", K, keep_head=True)  # the header is fine
+    with pytest.raises(WeightsFileError) as info:
+        build_model("resnet18", K, weights=str(path), keep_head=True)
+    msg = str(info.value)
+    assert str(path) in msg and "finetune.weights" in msg and "layer2.0.conv1.weight" in msg
+    assert "learning rate" not in msg and "lr" not in msg.split()
+
+
+def test_vit_backbone_from_another_image_size_is_interpolated(vit, tmp_path: Path) -> None:
+    path = tmp_path / "vit32.safetensors"
+    save_tensors(path, vit.state_dict())
+    with pytest.raises(WeightsFileError, match="encoder.pos_embedding"):
+        check_weights_file(path, "vit_b_16", K, keep_head=True, image_size=48)
+    model = build_model("vit_b_16", K, image_size=48, weights=str(path))
+    assert model.encoder.pos_embedding.shape == (1, 1 + 9, 768)
+    assert torch.equal(model.conv_proj.weight, vit.conv_proj.weight)
 
 
 def test_imagenet_weights_offline_gives_actionable_error(monkeypatch) -> None:
@@ -185,6 +356,35 @@ def test_imagenet_weights_offline_gives_actionable_error(monkeypatch) -> None:
     assert len(calls) == 1 and calls[0].startswith("https://")
 
 
-def test_unknown_arch_is_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown architecture 'resnet50'.*resnet18"):
-        build_model("resnet50", K)
+# --- Architecture checks --------------------------------------------------------------------
+
+
+def test_unknown_architecture_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet19'.*resnet18"):
+        check_architecture("resnet19")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("not_a_model", K)
+
+
+def test_model_without_a_linear_head_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"squeezenet1_0.*no nn.Linear.*resnet18"):
+        check_architecture("squeezenet1_0")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        build_model("squeezenet1_1", K)
+
+
+def test_image_size_an_architecture_cannot_take_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"vit_b_16 cannot take 40 px images.*data.image_size"):
+        check_architecture("vit_b_16", image_size=40)
+    check_architecture("mobilenet_v3_small", image_size=32)
+
+
+def test_building_leaves_the_global_rng_as_a_plain_build_would() -> None:
+    """The skeleton used to validate the architecture draws no random numbers."""
+    torch.manual_seed(11)
+    model = build_model("resnet18", K)
+    torch.manual_seed(11)
+    plain = import_torchvision().models.resnet18()
+    plain.fc = torch.nn.Linear(512, K)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
