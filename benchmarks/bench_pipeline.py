@@ -388,7 +388,7 @@ def bench_gradfam(
         )
 
     def autograd() -> torch.Tensor:
-        return gradfam_autograd(model, sae, x, feats, batch_size=batch_size)
+        return gradfam_autograd(model, sae, x, feats, batch_size=batch_size, layer="pooled")
 
     a, b = closed(), autograd()
     scale = float(b.abs().max()) or 1.0

@@ -50,9 +50,11 @@ def pipeline(
     create_table_artifact(
         key="salve-stage-summaries", table=rows, description="SALVE pipeline: stage summaries"
     )
-    report = root_path / STAGES["report"].out_dir / "index.html"
-    if "report" in wanted and report.exists():
-        create_link_artifact(
-            key="salve-report", link=report.as_uri(), link_text="SALVE report (open locally)"
-        )
+    report_dir = root_path / STAGES["report"].out_dir
+    for key, name, text in (
+        ("salve-report", "index.html", "SALVE report (open locally)"),
+        ("salve-latents", "latents.html", "SALVE latent browser (open locally)"),
+    ):
+        if "report" in wanted and (report_dir / name).exists():
+            create_link_artifact(key=key, link=(report_dir / name).as_uri(), link_text=text)
     return rows

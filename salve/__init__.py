@@ -10,3 +10,13 @@ __version__ = "0.1.0"
 
 # Run-to-run identical MKL results (salve/runtime.py); set before any tensor operation.
 _apply_base_settings()
+
+
+def __getattr__(name: str):
+    """`salve.load_classifier(path)`: a trained or edited checkpoint as a plain torchvision
+    model (imported on first use, so `import salve` stays light)."""
+    if name == "load_classifier":
+        from salve.models import load_classifier
+
+        return load_classifier
+    raise AttributeError(f"module 'salve' has no attribute {name!r}")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from salve.config import Config, ConfigError
+from salve.config import Config
 from salve.editing import accuracy_curves, edit_head, selectivity
-from salve.io import read_json
+from salve.io import read_json, write_json
 from salve.models import head_of, save_checkpoint
 from tasks.common import (
     load_activations,
@@ -21,6 +21,7 @@ from tasks.common import (
 )
 from tasks.finetune import load_model
 from tasks.fit_sae import load_sae
+from tasks.preflight import check_edit
 
 
 def alpha_scale(col_m: torch.Tensor, unit: str, mode: str) -> float:
@@ -46,19 +47,15 @@ def edit_targets(ranking: dict, targets: str) -> list[dict]:
     return items
 
 
-def check_inputs(cfg: Config, num_classes: int) -> None:
-    if cfg.edit.checkpoint_class >= num_classes:
-        raise ConfigError(
-            f"params.yaml: edit.checkpoint_class={cfg.edit.checkpoint_class} is out of range; "
-            f"the dataset has {num_classes} classes (0..{num_classes - 1})"
-        )
+SUPPRESSED_BELOW = 0.10  # "suppressed": the target's accuracy falls below this
+SELECTIVE_WITHIN = 0.03  # "selective": the other classes' mean accuracy moves less than this
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     e = cfg.edit
     classes = load_dataset_meta(root)["classes"]
     num_classes = len(classes)
-    check_inputs(cfg, num_classes)
+    check_edit(cfg, num_classes)
     ranking = read_json(stage_dir(root, "rank") / "ranking.json")
     model, sidecar = load_model(root)
     sae, sae_info = load_sae(root)
@@ -66,7 +63,14 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     weight, bias = head.weight.detach(), head.bias.detach()
     acts, labels = load_activations(root, "val")
     w_dec = sae.W_dec.detach()
+    # The centred projection acts on a - b_dec, the part the SAE codes see (METHOD.md).
+    centre = sae.b_dec.detach() if e.centre and e.mode == "projection" else None
     grid = torch.linspace(0.0, e.alpha_max, e.alpha_steps, dtype=torch.float64)
+
+    def curves_for(col: torch.Tensor, alphas: torch.Tensor, sign: str):
+        return accuracy_curves(
+            acts, labels, weight, bias, col, alphas, sign, e.mode, num_classes, centre_m=centre
+        )
 
     rows, per_feature = [], []
     for item in edit_targets(ranking, e.targets):
@@ -74,9 +78,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         scale = alpha_scale(col, e.alpha_unit, e.mode)
         curves = {}
         for sign in ("suppress", "enhance"):
-            acc_ak, overall_a = accuracy_curves(
-                acts, labels, weight, bias, col, grid * scale, sign, e.mode, num_classes
-            )
+            acc_ak, overall_a = curves_for(col, grid * scale, sign)
             curves[sign] = acc_ak
             for a_idx, alpha in enumerate(grid.tolist()):
                 for k in range(num_classes):
@@ -108,22 +110,51 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         )
 
     write_plot(root, "edit", "curves.csv", rows)
-    dominant = [f for f in per_feature if f["role"] == "dominant"]
+    # Only classes the classifier gets right often enough can be "suppressed": a class at 0 %
+    # before any edit would otherwise count as a success.
+    base_k = curves_for(w_dec[:, 0], torch.zeros(1, dtype=torch.float64), "suppress")[0][0]
+    evaluated = [k for k in range(num_classes) if float(base_k[k]) >= e.min_base_accuracy]
+    left_out = [
+        {"class": classes[k], "base_accuracy": float(base_k[k])}
+        for k in range(num_classes)
+        if k not in evaluated
+    ]
+    dominant = {f["classes"][0]: f for f in per_feature if f["role"] == "dominant"}
     per_class = {
-        classes[f["classes"][0]]: {
-            "feature": f["feature"],
-            "target_acc_base": f["suppress"]["target_acc_base"],
-            "target_acc_full_suppression": f["suppress"]["target_acc_edited"],
-            "off_target_mean_change": f["suppress"]["off_target_mean_change"],
-            "off_target_max_abs_change": f["suppress"]["off_target_max_abs_change"],
-            "score": f["suppress"]["score"],
+        classes[k]: {
+            "feature": dominant[k]["feature"],
+            "target_acc_base": dominant[k]["suppress"]["target_acc_base"],
+            "target_acc_full_suppression": dominant[k]["suppress"]["target_acc_edited"],
+            "off_target_mean_change": dominant[k]["suppress"]["off_target_mean_change"],
+            "off_target_max_abs_change": dominant[k]["suppress"]["off_target_max_abs_change"],
+            "score": dominant[k]["suppress"]["score"],
+            "raises_target": dominant[k]["suppress"]["target_drop"] < 0,
         }
-        for f in dominant
+        for k in evaluated
     }
-    below = sum(v["target_acc_full_suppression"] < 0.10 for v in per_class.values())
+    below = sum(v["target_acc_full_suppression"] < SUPPRESSED_BELOW for v in per_class.values())
     selective = sum(
-        v["target_acc_full_suppression"] < 0.10 and abs(v["off_target_mean_change"]) < 0.03
+        v["target_acc_full_suppression"] < SUPPRESSED_BELOW
+        and abs(v["off_target_mean_change"]) < SELECTIVE_WITHIN
         for v in per_class.values()
+    )
+
+    # Every latent's effect when suppressed alone at full strength (the latent browser).
+    latents = []
+    for latent in range(w_dec.shape[1]):
+        col = w_dec[:, latent]
+        full = torch.tensor([0.0, e.alpha_max * alpha_scale(col, e.alpha_unit, e.mode)])
+        acc = curves_for(col, full, "suppress")[0]
+        latents.append(
+            {
+                "latent": latent,
+                "base_accuracy": [float(x) for x in acc[0]],
+                "class_change": [float(x) for x in acc[1] - acc[0]],
+            }
+        )
+    write_json(
+        stage_dir(root, "edit") / "latents.json",
+        {"mode": e.mode, "alpha": e.alpha_max, "classes": classes, "latents": latents},
     )
 
     # The configured edit, saved as a checkpoint a user can ship.
@@ -132,39 +163,51 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     col = w_dec[:, feat]
     alpha_abs = e.checkpoint_alpha * alpha_scale(col, e.alpha_unit, e.mode)
     edited = model
+    new_weight, new_bias = edit_head(
+        weight.clone(), col, alpha_abs, e.checkpoint_sign, e.mode, bias_k=bias, centre_m=centre
+    )
     with torch.no_grad():
-        head_of(edited).weight.copy_(
-            edit_head(weight.clone(), col, alpha_abs, e.checkpoint_sign, e.mode)
-        )
+        head_of(edited).weight.copy_(new_weight)
+        head_of(edited).bias.copy_(new_bias)
     edit_record = {
         "class": k,
         "class_name": classes[k],
         "feature": feat,
         "sign": e.checkpoint_sign,
         "mode": e.mode,
+        "centred": centre is not None,
         "alpha": e.checkpoint_alpha,
         "alpha_unit": e.alpha_unit,
         "alpha_abs": alpha_abs,
         "decoder_columns_normalised": sae_info.get("decoder_columns_normalised"),
     }
-    new_sidecar = {
-        key: sidecar[key] for key in ("classes", "image_size", "normalisation", "head")
-    } | {"edit": edit_record}
+    new_sidecar = {key: sidecar[key] for key in ("classes", "image_size", "normalisation")} | {
+        "edit": edit_record
+    }
     new_sidecar |= run_metadata(root, cfg, torch.device("cpu"), ("edit", "sae", "finetune"))
     save_checkpoint(stage_dir(root, "edit") / "model.safetensors", edited, new_sidecar)
 
+    n = max(len(per_class), 1)
     metrics = {
+        "classes_evaluated": [classes[k] for k in evaluated],
+        "classes_left_out": left_out,
         "classes_below_10pct": below,
         "classes_selective": selective,
-        "mean_score": sum(v["score"] for v in per_class.values()) / max(len(per_class), 1),
+        "edits_raising_target": sum(v["raises_target"] for v in per_class.values()),
+        "mean_score": sum(v["score"] for v in per_class.values()) / n,
         "mean_abs_off_target_change": sum(
             abs(v["off_target_mean_change"]) for v in per_class.values()
         )
-        / max(len(per_class), 1),
+        / n,
         "per_class": per_class,
         "cross_class": [f for f in per_feature if f["role"] == "cross"],
         "checkpoint_edit": edit_record,
         "alpha_grid": {"unit": e.alpha_unit, "max": e.alpha_max, "steps": e.alpha_steps},
     }
     write_metrics(root, "edit", metrics)
-    return {key: metrics[key] for key in ("classes_below_10pct", "classes_selective", "mean_score")}
+    return {
+        "classes_evaluated": len(evaluated),
+        "classes_below_10pct": below,
+        "classes_selective": selective,
+        "mean_score": metrics["mean_score"],
+    }

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from salve.config import Config, ConfigError
+from salve.config import WEIGHT_KEYWORDS, Config, ConfigError
 from tasks.common import resolve_user_path
 
 # Class counts of the built-in and downloadable sources.
@@ -96,8 +96,28 @@ def check_edit(cfg: Config, num_classes: int) -> None:
         )
 
 
+def check_model(cfg: Config, root: Path, num_classes: int) -> None:
+    """The architecture exists and has a linear head; a weights file's header fits it."""
+    from salve.models import check_architecture, check_weights_file
+
+    f = cfg.finetune
+    check_architecture(f.arch, image_size=cfg.data.image_size)
+    if f.weights in WEIGHT_KEYWORDS:
+        return
+    path = resolve_user_path(root, f.weights)
+    if path.exists() and not os.access(path, os.R_OK):
+        raise InputError(
+            f"finetune.weights={f.weights}: permission denied reading {path}; make it readable "
+            "or point finetune.weights at another file under weights/."
+        )
+    check_weights_file(
+        path, f.arch, num_classes, keep_head=f.epochs == 0, image_size=cfg.data.image_size
+    )
+
+
 def preflight(cfg: Config, root: Path, *, create: bool = True) -> Preflight:
     """Every check that needs only the parameters, folder listings and file headers."""
     found = check_data(cfg, Path(root), create=create)
     check_edit(cfg, found.num_classes)
+    check_model(cfg, Path(root), found.num_classes)
     return found

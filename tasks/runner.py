@@ -99,7 +99,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from salve.data import DatasetError
     from salve.download import DownloadError, UnsafeArchiveError
     from salve.io import ArtifactError
-    from salve.models import WeightsUnavailableError
+    from salve.models import WeightsFileError, WeightsUnavailableError
     from salve.runtime import KernelModeError
     from salve.train import DivergenceError, QualityGateError
     from tasks.preflight import InputError
@@ -114,6 +114,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DivergenceError,
         QualityGateError,
         WeightsUnavailableError,
+        WeightsFileError,
         PipelineBusyError,
         FileNotFoundError,
     )

@@ -37,13 +37,20 @@ pin_cpu_kernels(True)
 TINY_PARAMS = {
     "common": {"seed": 0, "device": "cpu", "num_threads": 2},
     "data": {"source": "digits", "image_size": 32, "max_per_class": 12, "val_fraction": 0.2},
-    "finetune": {"arch": "resnet18", "epochs": 2, "batch_size": 16, "lr": 0.002},
+    "finetune": {
+        "arch": "resnet18",
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.002,
+        "min_val_accuracy": 0.0,  # a 2-epoch toy model: the gate is tested on its own
+        "min_class_accuracy": 0.0,
+    },
     "extract": {"batch_size": 256},
     "sae": {"kind": "relu", "width": 32, "epochs": 30, "batch_size": 64, "l1": 0.003},
     "rank": {"cross_class_fraction": 0.5, "top_n": 3},
     "edit": {"alpha_steps": 6},
     "alpha_crit": {"grid_steps": 11, "verify_samples": 8},
-    "gradfam": {"top_k": 2, "am_steps": 3},
+    "gradfam": {"top_k": 2, "am_steps": 3, "deletion_steps": 4},
 }
 
 PROJECT_FILES = (
