@@ -24,17 +24,19 @@ RESUME_NOTES = {"finetune": "fine-tuning continues from its last finished epoch"
 
 def message(signum: int) -> str:
     name = signal.Signals(signum).name
-    stage = INTERRUPT.stage
-    if stage is None:
-        where = "before the first stage ran: nothing changed"
+    running = dict(INTERRUPT.running)
+    if not running:
+        where = "between stages: stages that finished are kept and up to date"
     else:
-        seconds = time.perf_counter() - INTERRUPT.started
+        now = time.perf_counter()
+        stages = ", ".join(f"{s} ({now - t:.0f} s in)" for s, t in running.items())
+        verb = "did" if len(running) == 1 else "do"
         where = (
-            f"during stage {stage} ({seconds:.0f} s in); stages that finished are kept and "
-            f"up to date, {stage} did not record anything"
+            f"during stage {stages}; stages that finished are kept and up to date, the "
+            f"interrupted {'one' if len(running) == 1 else 'ones'} {verb} not record anything"
         )
-    note = RESUME_NOTES.get(stage or "", "")
-    resume = f"; rerun the same command to resume{f' ({note})' if note else ''}"
+    notes = [RESUME_NOTES[s] for s in running if s in RESUME_NOTES]
+    resume = f"; rerun the same command to resume{f' ({notes[0]})' if notes else ''}"
     return f"interrupted by {name} {where}{resume}."
 
 

@@ -1,7 +1,13 @@
-"""The SALVE pipeline as one Prefect flow: each stage is a task named after it.
+"""The SALVE pipeline as one Prefect flow: each stage is a task named after it, in a DAG.
 
-DVC decides what is stale (tasks.runner); Prefect runs, retries, logs and shows. Task results are
-not persisted (summaries are small dicts, and no tensors ever enter Prefect's result store).
+DVC decides what is stale (tasks.runner); Prefect runs, retries, logs and shows. Stages that do
+not depend on each other (edit, alpha_crit and gradfam, after rank) run concurrently, each
+submitted with `wait_for` its upstream stages, so the UI shows the DAG; their DVC bookkeeping
+still happens one operation at a time (tasks.runner). A stage that was skipped or restored ends
+in a Completed state named "Skipped" or "Restored", so the UI tells them from a real run ("Ran").
+Stages are idempotent, so an unexpected failure is retried once; a user error (bad data, a
+quality gate) is not. Task results are not persisted (summaries are small dicts, and no tensors
+ever enter Prefect's result store).
 """
 
 from __future__ import annotations
@@ -9,46 +15,84 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from salve.config import load
 from tasks import STAGE_ORDER, STAGES
-from tasks.runner import pipeline_lock, run_stage
+from tasks.runner import pipeline_lock, run_stage, user_errors
+
+STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(name: str, root: str, params: str, force: bool, progress: bool) -> dict:
+def _retry_unexpected(task, task_run, state) -> bool:
+    """Retry only failures that are not the user's input: those would fail the same way."""
+    from salve.config import ConfigError
+
+    try:
+        state.result()
+    except (ConfigError, *user_errors()):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+@task(
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=1,
+    retry_condition_fn=_retry_unexpected,
+)
+def stage_task(name: str, root: str, params: str, force: bool, progress: bool):
     cfg = load(params)
     outcome = run_stage(name, cfg, Path(root), force=force, progress=progress)
     get_run_logger().info("stage %s %s in %.2f s", outcome.name, outcome.status, outcome.seconds)
     print(outcome.line(), flush=True)
-    return outcome.row()
+    return Completed(name=STATE_NAMES[outcome.status], message=outcome.line(), data=outcome.row())
 
 
-@flow(name="salve-pipeline")
+def stage_markdown(rows: list[dict]) -> str:
+    """The stage summary as a Markdown table: one row per stage, wrapped text (a table
+    artifact cut it off)."""
+    lines = ["| stage | status | seconds | key numbers |", "|---|---|---:|---|"]
+    for r in rows:
+        summary = str(r["summary"]).replace("|", "\\|")
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {summary} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="salve-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def pipeline(
     root: str = ".",
     stages: list[str] | None = None,
     force: list[str] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run the stages in DAG order (all by default), skipping those DVC finds up to date."""
+    """Run the stages (all by default) as a DAG, skipping those DVC finds up to date."""
     root_path = Path(root).resolve()
     params = str(root_path / "params.yaml")
     load(params)  # validate before any work
     wanted = [s for s in STAGE_ORDER if stages is None or s in stages]
     forced = set(force or ())
-    rows = []
+    futures = {}
     with pipeline_lock(root_path):
         for name in wanted:
-            rows.append(
-                stage_task.with_options(name=name)(
-                    name, str(root_path), params, name in forced, progress
-                )
+            upstream = [futures[u] for u in STAGES[name].upstream if u in futures]
+            futures[name] = stage_task.with_options(name=name).submit(
+                name, str(root_path), params, name in forced, progress, wait_for=upstream
             )
-    create_table_artifact(
-        key="salve-stage-summaries", table=rows, description="SALVE pipeline: stage summaries"
+        rows = []
+        for name in wanted:  # in DAG order: the first failure is the one to report
+            futures[name].wait()
+            rows.append(futures[name].result())  # raises the stage's own error
+    create_markdown_artifact(
+        key="salve-stage-summaries",
+        markdown=stage_markdown(rows),
+        description="SALVE pipeline: what each stage did",
     )
     report_dir = root_path / STAGES["report"].out_dir
     for key, name, text in (

@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from scipy.optimize import brentq
 
-from salve.editing import Mode, edited_predictions
+from salve.config import AlphaCritConfig
+from salve.data import normalise
+from salve.editing import Mode, edit_head, edited_predictions
+from salve.models import head_of
 
 F64 = torch.float64
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
@@ -327,3 +330,48 @@ def sign_changes(
     s = torch.sign(torch.nan_to_num(seq))
     change = (s[:, 1:] * s[:, :-1] < 0) & valid[:, 1:] & valid[:, :-1]
     return change.sum(1)
+
+
+ESTIMATORS = ("linear", "exact", "brentq", "empirical")
+
+
+def empirical_grid(a_cfg: AlphaCritConfig) -> torch.Tensor:
+    """0, then grid_steps - 1 alphas from grid_min to grid_max (log or linear spacing)."""
+    n = a_cfg.grid_steps - 1
+    lo, hi = a_cfg.grid_min, a_cfg.grid_max
+    if a_cfg.grid_spacing == "log":
+        rest = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
+    else:
+        rest = torch.linspace(lo, hi, n, dtype=torch.float64)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), rest])
+
+
+@torch.no_grad()
+def real_model_predictions(model, images_u8, col, alphas, norm) -> torch.Tensor:
+    """Predictions [N] of the whole edited model (paper rule, suppress), image n at alphas[n]."""
+    head = head_of(model)
+    original = head.weight.detach().clone()
+    x = normalise(images_u8, tuple(norm["mean"]), tuple(norm["std"]))
+    preds = torch.empty(len(alphas), dtype=torch.int64)
+    try:
+        for n, alpha in enumerate(alphas.tolist()):
+            head.weight.copy_(edit_head(original, col, alpha, "suppress", "paper"))
+            preds[n] = model(x[n : n + 1]).argmax(1)[0]
+    finally:
+        head.weight.copy_(original)
+    return preds
+
+
+def check_flips_on_real_model(model, images_u8, labels, col, grid, flips, norm) -> torch.Tensor:
+    """True where the real edited model confirms a cached decision-flip alpha: the label still
+    holds one grid step before the flip and is lost at it (kept at the grid's end when the
+    cached flip is inf; lost at alpha = 0 when it is 0)."""
+    idx = torch.searchsorted(grid, flips.clamp(max=float(grid[-1])))
+    before = torch.where(torch.isinf(flips), grid[-1], grid[(idx - 1).clamp(min=0)])
+    at = torch.where(torch.isinf(flips), grid[-1], flips)
+    keep = real_model_predictions(model, images_u8, col, before, norm) == labels
+    lost = real_model_predictions(model, images_u8, col, at, norm) != labels
+    ok_inf = torch.isinf(flips) & keep
+    ok_zero = (flips == 0) & lost
+    ok_flip = torch.isfinite(flips) & (flips > 0) & keep & lost
+    return ok_inf | ok_zero | ok_flip

@@ -539,3 +539,32 @@ def selectivity(
         "off_target_max_abs_change": float(off.abs().max()) if off.numel() else nan,
         "score": (t_base - t_edit) - mean_abs,
     }
+
+
+# An edit "suppresses" its target class when that class's accuracy falls below SUPPRESSED_BELOW,
+# and is "selective" when the other classes' mean accuracy moves by less than SELECTIVE_WITHIN.
+SUPPRESSED_BELOW = 0.10
+SELECTIVE_WITHIN = 0.03
+
+
+def alpha_scale(col_m: torch.Tensor, unit: str, mode: str) -> float:
+    """Multiplier from configured alpha to the rule's alpha. For the paper rule, per_feature
+    makes alpha = 1 zero the column's largest |c_j| exactly, so grids mean the same for every
+    feature. The projection edit uses the unit direction: alpha = 1 removes the component."""
+    if mode == "paper" and unit == "per_feature":
+        return 1.0 / float(col_m.abs().max())
+    return 1.0
+
+
+def edit_targets(ranking: dict, targets: str) -> list[dict]:
+    """The features to sweep: each class's dominant feature, plus cross-class features."""
+    items = [
+        {"feature": d["feature"], "role": "dominant", "classes": [d["class"]]}
+        for d in ranking["dominant"]
+    ]
+    if targets == "dominant_and_cross":
+        items += [
+            {"feature": c["feature"], "role": "cross", "classes": c["classes"]}
+            for c in ranking["cross_class"]
+        ]
+    return items

@@ -1,14 +1,16 @@
 """Pipeline stages: each module's `run(cfg, root)` reads declared inputs, calls the `salve`
 library, writes declared outputs atomically and returns a small JSON-able summary.
 
-`STAGES` is the single description of the DAG: `dvc.yaml` is generated from it
-(`salve dvc-yaml`) and a test checks the committed file matches. A stage's code dependencies are
-not listed here: they are derived from its module's imports (tasks/deps.py).
+`STAGES` is the single description of the DAG and of every path a stage reads or writes:
+`dvc.yaml` is generated from it (`salve dvc-yaml`, checked by a test), and stages find their
+files through it (`STAGES["rank"].path(root, "ranking")`), never as literals. A stage's code
+dependencies are not listed here: they are derived from its module's imports (tasks/deps.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from salve.config import FinetuneConfig
 
@@ -27,10 +29,18 @@ FINETUNE_PARAMS = tuple(
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage: its parameters, upstream stages, user inputs and every file it writes.
+
+    ``files`` names the files inside the output folder by role; ``plots`` names its plot files
+    (under plots/<stage>/) by role. A stage may also write files with computed names (one PNG
+    per latent) inside its output folder: DVC tracks the folder.
+    """
+
     name: str
     params: tuple[str, ...]
     upstream: tuple[str, ...] = ()
-    plots: tuple[str, ...] = ()
+    files: dict[str, str] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
     inputs: tuple[str, ...] = ()  # user-supplied files and folders (DVC dependencies)
     out: str = ""  # the stage's output folder; results/<name> unless set
     reads_metrics: bool = False  # depends on the upstream stages' metrics and plots files
@@ -44,64 +54,103 @@ class StageSpec:
         return f"metrics/{self.name}.json"
 
     @property
+    def plot_files(self) -> list[str]:
+        return [f"plots/{self.name}/{p}" for p in self.plots.values()]
+
+    def folder(self, root: Path) -> Path:
+        return Path(root) / self.out_dir
+
+    def path(self, root: Path, role: str) -> Path:
+        """The file this stage writes for ``role`` (e.g. STAGES["fetch"].path(root, "val"))."""
+        return self.folder(root) / self.files[role]
+
+    def plot(self, root: Path, role: str) -> Path:
+        return Path(root) / "plots" / self.name / self.plots[role]
+
+    def metrics_path(self, root: Path) -> Path:
+        return Path(root) / self.metrics_file
+
+    @property
     def data_deps(self) -> list[str]:
         """Everything the stage reads except code: user inputs and upstream outputs."""
         ups = [STAGES[u].out_dir for u in self.upstream]
         if self.reads_metrics:
             ups += [STAGES[u].metrics_file for u in self.upstream]
-            ups += [p for u in self.upstream for p in STAGES[u].plots]
+            ups += [p for u in self.upstream for p in STAGES[u].plot_files]
         return list(self.inputs) + ups
 
+
+ANALYSIS_UPSTREAM = ("fetch", "finetune", "extract", "fit_sae", "rank")
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("fetch", ("data", "common.seed"), inputs=(DATA_INPUT,)),
+        StageSpec(
+            "fetch",
+            ("data", "common.seed"),
+            files={"train": "train.safetensors", "val": "val.safetensors", "meta": "meta.json"},
+            inputs=(DATA_INPUT,),
+        ),
         StageSpec(
             "finetune",
             (*FINETUNE_PARAMS, "common"),
             upstream=("fetch",),
-            plots=("plots/finetune/epochs.csv",),
+            files={"model": "model.safetensors", "sidecar": "model.json"},
+            plots={"epochs": "epochs.csv"},
             inputs=(WEIGHTS_INPUT,),
         ),
-        StageSpec("extract", ("extract", "common", *GATE_PARAMS), upstream=("fetch", "finetune")),
+        StageSpec(
+            "extract",
+            ("extract", "common", *GATE_PARAMS),
+            upstream=("fetch", "finetune"),
+            files={"train": "train.safetensors", "val": "val.safetensors"},
+        ),
         StageSpec(
             "fit_sae",
             ("sae", "common"),
             upstream=("extract", "finetune"),
-            plots=("plots/fit_sae/loss.csv",),
+            files={"sae": "sae.safetensors", "sidecar": "sae.json"},
+            plots={"loss": "loss.csv"},
         ),
-        StageSpec("rank", ("rank",), upstream=("extract", "fit_sae", "fetch")),
+        StageSpec(
+            "rank",
+            ("rank",),
+            upstream=("extract", "fit_sae", "fetch"),
+            files={"ranking": "ranking.json", "class_means": "class_means.csv"},
+        ),
         StageSpec(
             "edit",
             ("edit",),
-            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
-            plots=("plots/edit/curves.csv",),
+            upstream=ANALYSIS_UPSTREAM,
+            files={
+                "model": "model.safetensors",
+                "sidecar": "model.json",
+                "latents": "latents.json",
+            },
+            plots={"curves": "curves.csv"},
         ),
         StageSpec(
             "alpha_crit",
             ("alpha_crit",),
-            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
-            plots=("plots/alpha_crit/samples.csv",),
+            upstream=ANALYSIS_UPSTREAM,
+            files={"values": "alpha_crit.safetensors"},
+            plots={"samples": "samples.csv"},
         ),
         StageSpec(
             "gradfam",
             ("gradfam", "common"),
-            upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+            upstream=ANALYSIS_UPSTREAM,
+            files={
+                "tensors": "gradfam.safetensors",
+                "index": "index.json",
+                "latents": "latents.json",
+            },
         ),
         StageSpec(
             "report",
             (),
-            upstream=(
-                "fetch",
-                "finetune",
-                "extract",
-                "fit_sae",
-                "rank",
-                "edit",
-                "alpha_crit",
-                "gradfam",
-            ),
+            upstream=(*ANALYSIS_UPSTREAM, "edit", "alpha_crit", "gradfam"),
+            files={"report": "index.html", "latents": "latents.html"},
             reads_metrics=True,
             out="reports/latest",
         ),
@@ -109,3 +158,12 @@ STAGES: dict[str, StageSpec] = {
 }
 
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
+
+
+def producer_of(rel_path: str) -> str | None:
+    """The stage whose outputs hold ``rel_path`` (repository-relative), if any."""
+    for spec in STAGES.values():
+        owned = [spec.out_dir, spec.metrics_file, *spec.plot_files]
+        if any(rel_path == p or rel_path.startswith(p + "/") for p in owned):
+            return spec.name
+    return None

@@ -9,81 +9,39 @@ from pathlib import Path
 import torch
 
 from salve.alpha_crit import (
+    ESTIMATORS,
     all_terms_nonnegative,
     alpha_brentq,
     alpha_empirical,
     alpha_exact,
     alpha_linear,
+    check_flips_on_real_model,
     class_rows,
+    empirical_grid,
     sign_changes,
     summarise,
 )
 from salve.config import Config
-from salve.data import normalise
-from salve.editing import edit_head
-from salve.io import read_json, save_tensors
+from salve.io import ArtifactError, save_tensors
 from salve.models import head_of
-from tasks.common import (
+from tasks import STAGES
+from tasks.artifacts import (
     load_activations,
     load_dataset_meta,
+    load_model,
+    load_ranking,
+    load_sae,
     load_split,
-    stage_dir,
-    write_metrics,
-    write_plot,
 )
-from tasks.finetune import load_model
-from tasks.fit_sae import load_sae
-
-ESTIMATORS = ("linear", "exact", "brentq", "empirical")
-
-
-def empirical_grid(a_cfg) -> torch.Tensor:
-    """0, then grid_steps - 1 alphas from grid_min to grid_max (log or linear spacing)."""
-    n = a_cfg.grid_steps - 1
-    lo, hi = a_cfg.grid_min, a_cfg.grid_max
-    if a_cfg.grid_spacing == "log":
-        rest = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
-    else:
-        rest = torch.linspace(lo, hi, n, dtype=torch.float64)
-    return torch.cat([torch.zeros(1, dtype=torch.float64), rest])
-
-
-@torch.no_grad()
-def real_model_predictions(model, images_u8, col, alphas, norm) -> torch.Tensor:
-    """Predictions [N] of the whole edited model (paper rule, suppress), image n at alphas[n]."""
-    head = head_of(model)
-    original = head.weight.detach().clone()
-    x = normalise(images_u8, tuple(norm["mean"]), tuple(norm["std"]))
-    preds = torch.empty(len(alphas), dtype=torch.int64)
-    try:
-        for n, alpha in enumerate(alphas.tolist()):
-            head.weight.copy_(edit_head(original, col, alpha, "suppress", "paper"))
-            preds[n] = model(x[n : n + 1]).argmax(1)[0]
-    finally:
-        head.weight.copy_(original)
-    return preds
-
-
-def check_flips_on_real_model(model, images_u8, labels, col, grid, flips, norm) -> torch.Tensor:
-    """True where the real edited model confirms a cached decision-flip alpha: the label still
-    holds one grid step before the flip and is lost at it (kept at the grid's end when the
-    cached flip is inf; lost at alpha = 0 when it is 0)."""
-    idx = torch.searchsorted(grid, flips.clamp(max=float(grid[-1])))
-    before = torch.where(torch.isinf(flips), grid[-1], grid[(idx - 1).clamp(min=0)])
-    at = torch.where(torch.isinf(flips), grid[-1], flips)
-    keep = real_model_predictions(model, images_u8, col, before, norm) == labels
-    lost = real_model_predictions(model, images_u8, col, at, norm) != labels
-    ok_inf = torch.isinf(flips) & keep
-    ok_zero = (flips == 0) & lost
-    ok_flip = torch.isfinite(flips) & (flips > 0) & keep & lost
-    return ok_inf | ok_zero | ok_flip
+from tasks.common import write_metrics, write_plot
+from tasks.records import AlphaCritMetrics
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     a_cfg = cfg.alpha_crit
     classes = load_dataset_meta(root)["classes"]
     num_classes = len(classes)
-    ranking = read_json(stage_dir(root, "rank") / "ranking.json")
+    ranking = load_ranking(root)
     dominant = torch.tensor([d["feature"] for d in ranking["dominant"]])
     model, sidecar = load_model(root)
     sae, _ = load_sae(root)
@@ -105,7 +63,10 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     verify = {"checked": 0, "agree": 0}
     images, image_labels = load_split(root, "val")
     if not torch.equal(image_labels, labels):
-        raise RuntimeError("val activations and images disagree on labels: rerun extract")
+        raise ArtifactError(
+            "results/extract and results/fetch disagree on the val labels: they come from "
+            "different runs; rerun extract (`salve stage extract --force`)."
+        )
     per_class_verify = max(1, math.ceil(a_cfg.verify_samples / num_classes))
     for k in range(num_classes):
         idx = torch.nonzero(labels == k).flatten()
@@ -139,9 +100,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         | {"all_terms_nonnegative": bool(nonneg[i])}
         for i in range(len(labels))
     ]
-    write_plot(root, "alpha_crit", "samples.csv", rows)
+    write_plot(root, "alpha_crit", "samples", rows)
     save_tensors(
-        stage_dir(root, "alpha_crit") / "alpha_crit.safetensors",
+        STAGES["alpha_crit"].path(root, "values"),
         {f"alpha_{name}": est[name] for name in ESTIMATORS}
         | {"labels": labels, "features": dominant[labels], "all_terms_nonnegative": nonneg},
     )
@@ -172,7 +133,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "real_model_checked": verify["checked"],
         "real_model_agree": verify["agree"],
     }
-    write_metrics(root, "alpha_crit", metrics)
+    write_metrics(root, "alpha_crit", AlphaCritMetrics, metrics)
     return {
         k: metrics[k]
         for k in (

@@ -1,4 +1,4 @@
-"""What every stage shares: paths, metadata sidecars, metrics/plots writing, artifact loading."""
+"""What every stage shares: user paths, provenance metadata, metrics and plots writing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 
 from salve import __version__
 from salve.config import Config
-from salve.io import ArtifactError, load_tensors, read_json, write_csv, write_json
+from salve.io import write_csv
+from tasks import STAGES
+from tasks.records import write_record
 
 SCHEMA_VERSION = 1
 
@@ -22,10 +24,6 @@ def resolve_user_path(root: Path, value: str) -> Path:
     repository root, as DVC resolves them, wherever the stage is started from."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else Path(root) / path
-
-
-def stage_dir(root: Path, stage: str) -> Path:
-    return root / "results" / stage
 
 
 def git_revision(root: Path) -> str:
@@ -71,31 +69,11 @@ def run_metadata(root: Path, cfg: Config, device: torch.device, sections: tuple[
     }
 
 
-def write_metrics(root: Path, stage: str, metrics: dict[str, Any]) -> None:
-    write_json(root / "metrics" / f"{stage}.json", metrics)
+def write_metrics(root: Path, stage: str, record: type, metrics: dict[str, Any]) -> None:
+    """metrics/<stage>.json, checked against the stage's metrics record (tasks/records.py)."""
+    write_record(STAGES[stage].metrics_path(root), record, metrics)
 
 
-def write_plot(root: Path, stage: str, name: str, rows: list[dict[str, Any]]) -> None:
+def write_plot(root: Path, stage: str, role: str, rows: list[dict[str, Any]]) -> None:
     header = list(rows[0]) if rows else []
-    write_csv(root / "plots" / stage / name, header, ([r[h] for h in header] for r in rows))
-
-
-def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    t = load_tensors(stage_dir(root, "fetch") / f"{split}.safetensors", ("images", "labels"))
-    return t["images"], t["labels"]
-
-
-def load_dataset_meta(root: Path) -> dict:
-    return read_json(stage_dir(root, "fetch") / "meta.json")
-
-
-def load_activations(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = stage_dir(root, "extract") / f"{split}.safetensors"
-    t = load_tensors(path, ("acts", "labels"))
-    bad = int((~torch.isfinite(t["acts"])).sum())
-    if bad:  # else fit_sae would blame its learning rate for a NaN loss
-        raise ArtifactError(
-            f"{path}: {bad} activation values are NaN or infinite. It is corrupted: rerun "
-            "extract (`salve stage extract --force`)."
-        )
-    return t["acts"], t["labels"]
+    write_csv(STAGES[stage].plot(root, role), header, ([r[h] for h in header] for r in rows))

@@ -25,6 +25,6 @@ def render_dvc_yaml() -> str:
         entry["outs"] = [spec.out_dir]
         entry["metrics"] = [{spec.metrics_file: {"cache": False}}]
         if spec.plots:
-            entry["plots"] = [{p: {"cache": False}} for p in spec.plots]
+            entry["plots"] = [{p: {"cache": False}} for p in spec.plot_files]
         stages[spec.name] = entry
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)

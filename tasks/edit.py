@@ -8,47 +8,27 @@ from pathlib import Path
 import torch
 
 from salve.config import Config
-from salve.editing import accuracy_curves, edit_head, selectivity
-from salve.io import read_json, write_json
+from salve.editing import (
+    SELECTIVE_WITHIN,
+    SUPPRESSED_BELOW,
+    accuracy_curves,
+    alpha_scale,
+    edit_head,
+    edit_targets,
+    selectivity,
+)
 from salve.models import head_of, save_checkpoint
-from tasks.common import (
+from tasks import STAGES
+from tasks.artifacts import (
     load_activations,
     load_dataset_meta,
-    run_metadata,
-    stage_dir,
-    write_metrics,
-    write_plot,
+    load_model,
+    load_ranking,
+    load_sae,
 )
-from tasks.finetune import load_model
-from tasks.fit_sae import load_sae
+from tasks.common import run_metadata, write_metrics, write_plot
 from tasks.preflight import check_edit
-
-
-def alpha_scale(col_m: torch.Tensor, unit: str, mode: str) -> float:
-    """Multiplier from configured alpha to the rule's alpha. For the paper rule, per_feature
-    makes alpha = 1 zero the column's largest |c_j| exactly, so grids mean the same for every
-    feature. The projection edit uses the unit direction: alpha = 1 removes the component."""
-    if mode == "paper" and unit == "per_feature":
-        return 1.0 / float(col_m.abs().max())
-    return 1.0
-
-
-def edit_targets(ranking: dict, targets: str) -> list[dict]:
-    """The features to sweep: each class's dominant feature, plus cross-class features."""
-    items = [
-        {"feature": d["feature"], "role": "dominant", "classes": [d["class"]]}
-        for d in ranking["dominant"]
-    ]
-    if targets == "dominant_and_cross":
-        items += [
-            {"feature": c["feature"], "role": "cross", "classes": c["classes"]}
-            for c in ranking["cross_class"]
-        ]
-    return items
-
-
-SUPPRESSED_BELOW = 0.10  # "suppressed": the target's accuracy falls below this
-SELECTIVE_WITHIN = 0.03  # "selective": the other classes' mean accuracy moves less than this
+from tasks.records import EditLatents, EditMetrics, write_record
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -56,7 +36,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     classes = load_dataset_meta(root)["classes"]
     num_classes = len(classes)
     check_edit(cfg, num_classes)
-    ranking = read_json(stage_dir(root, "rank") / "ranking.json")
+    ranking = load_ranking(root)
     model, sidecar = load_model(root)
     sae, sae_info = load_sae(root)
     head = head_of(model)
@@ -109,7 +89,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             }
         )
 
-    write_plot(root, "edit", "curves.csv", rows)
+    write_plot(root, "edit", "curves", rows)
     # Only classes the classifier gets right often enough can be "suppressed": a class at 0 %
     # before any edit would otherwise count as a success.
     base_k = curves_for(w_dec[:, 0], torch.zeros(1, dtype=torch.float64), "suppress")[0][0]
@@ -152,10 +132,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
                 "class_change": [float(x) for x in acc[1] - acc[0]],
             }
         )
-    write_json(
-        stage_dir(root, "edit") / "latents.json",
-        {"mode": e.mode, "alpha": e.alpha_max, "classes": classes, "latents": latents},
-    )
+    effects: EditLatents = {
+        "mode": e.mode,
+        "alpha": e.alpha_max,
+        "classes": classes,
+        "latents": latents,
+    }
+    write_record(STAGES["edit"].path(root, "latents"), EditLatents, effects)
 
     # The configured edit, saved as a checkpoint a user can ship.
     k = e.checkpoint_class
@@ -185,7 +168,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "edit": edit_record
     }
     new_sidecar |= run_metadata(root, cfg, torch.device("cpu"), ("edit", "sae", "finetune"))
-    save_checkpoint(stage_dir(root, "edit") / "model.safetensors", edited, new_sidecar)
+    save_checkpoint(STAGES["edit"].path(root, "model"), edited, new_sidecar)
 
     n = max(len(per_class), 1)
     metrics = {
@@ -204,7 +187,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "checkpoint_edit": edit_record,
         "alpha_grid": {"unit": e.alpha_unit, "max": e.alpha_max, "steps": e.alpha_steps},
     }
-    write_metrics(root, "edit", metrics)
+    write_metrics(root, "edit", EditMetrics, metrics)
     return {
         "classes_evaluated": len(evaluated),
         "classes_below_10pct": below,

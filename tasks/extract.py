@@ -9,8 +9,10 @@ from salve.config import Config
 from salve.io import save_tensors
 from salve.runtime import resolve_device, seed_everything
 from salve.train import QualityGateError, quality_gate
-from tasks.common import load_split, stage_dir, write_metrics
-from tasks.finetune import load_model
+from tasks import STAGES
+from tasks.artifacts import load_model, load_split
+from tasks.common import write_metrics
+from tasks.records import ExtractMetrics
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -39,11 +41,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             progress=progress,
             desc=f"extract {split}",
         )
-        save_tensors(
-            stage_dir(root, "extract") / f"{split}.safetensors", {"acts": acts, "labels": labels}
-        )
+        save_tensors(STAGES["extract"].path(root, split), {"acts": acts, "labels": labels})
         summary[f"{split}_samples"] = int(acts.shape[0])
         summary["dim"] = int(acts.shape[1])
         summary[f"{split}_mean_norm"] = float(acts.norm(dim=1).mean())
-    write_metrics(root, "extract", summary)
+    write_metrics(root, "extract", ExtractMetrics, summary)
     return summary

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from salve.config import Config
 from salve.data import SCAN_KEYS, check_prepared, prepare_dataset
-from salve.io import save_tensors, write_json
-from tasks.common import resolve_user_path, stage_dir, write_metrics
+from salve.io import save_tensors
+from tasks import STAGES
+from tasks.common import resolve_user_path, write_metrics
+from tasks.records import DatasetMeta, FetchMetrics, write_record
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -28,15 +30,16 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     if d.source == "imagefolder":
         prepared.info["root"] = d.path  # as configured: meta.json is the same on every clone
     check_prepared(prepared)
-    out = stage_dir(root, "fetch")
+    spec = STAGES["fetch"]
     save_tensors(
-        out / "train.safetensors",
+        spec.path(root, "train"),
         {"images": prepared.train_images, "labels": prepared.train_labels},
     )
     save_tensors(
-        out / "val.safetensors", {"images": prepared.val_images, "labels": prepared.val_labels}
+        spec.path(root, "val"), {"images": prepared.val_images, "labels": prepared.val_labels}
     )
-    write_json(out / "meta.json", {"classes": prepared.classes, "info": prepared.info})
+    meta: DatasetMeta = {"classes": prepared.classes, "info": prepared.info}
+    write_record(spec.path(root, "meta"), DatasetMeta, meta)
     summary = {
         "source": d.source,
         "num_classes": len(prepared.classes),
@@ -46,5 +49,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     }
     # Folder sources: what the scan skipped or relabelled, as counts and one line ("" if none).
     summary |= {k: prepared.info[k] for k in (*SCAN_KEYS, "data_notes") if k in prepared.info}
-    write_metrics(root, "fetch", summary)
+    write_metrics(root, "fetch", FetchMetrics, summary)
     return summary

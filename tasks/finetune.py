@@ -7,8 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from salve.config import WEIGHT_KEYWORDS, Config
 from salve.data import IMAGENET_MEAN, IMAGENET_STD
 from salve.io import ArtifactError, load_tensors, save_tensors
@@ -25,15 +23,10 @@ from salve.train import (
     resolve_augment,
     train_classifier,
 )
-from tasks.common import (
-    load_dataset_meta,
-    load_split,
-    resolve_user_path,
-    run_metadata,
-    stage_dir,
-    write_metrics,
-    write_plot,
-)
+from tasks import STAGES
+from tasks.artifacts import load_dataset_meta, load_split, require
+from tasks.common import resolve_user_path, run_metadata, write_metrics, write_plot
+from tasks.records import FinetuneMetrics
 
 PLOT_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_accuracy", "lr", "seconds")
 
@@ -45,7 +38,7 @@ def _fingerprint(cfg: Config, root: Path) -> str:
         json.dumps([params[s] for s in ("finetune", "common", "data")], sort_keys=True).encode()
     )
     for split in ("train", "val"):
-        h.update((stage_dir(root, "fetch") / f"{split}.safetensors").read_bytes())
+        h.update(require(root, "fetch", split).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -158,10 +151,10 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     } | run_metadata(root, cfg, device, ("finetune", "common", "data"))
     if f.epochs:
         sidecar["resumed_from_epoch"] = resumed_from
-    save_checkpoint(stage_dir(root, "finetune") / "model.safetensors", model, sidecar)
+    save_checkpoint(STAGES["finetune"].path(root, "model"), model, sidecar)
     resume_path.unlink(missing_ok=True)
     rows = [{k: r.as_dict()[k] for k in PLOT_COLUMNS} for r in state.history]
-    write_plot(root, "finetune", "epochs.csv", rows)
+    write_plot(root, "finetune", "epochs", rows)
     summary = {
         "arch": f.arch,
         "val_accuracy": best.val_accuracy,
@@ -175,11 +168,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "val_class_accuracy": val_class,
         "device": str(device),
     }
-    write_metrics(root, "finetune", summary)
+    write_metrics(root, "finetune", FinetuneMetrics, summary)
     return {k: summary[k] for k in ("val_accuracy", "best_epoch", "epochs_run")}
-
-
-def load_model(root: Path) -> tuple[torch.nn.Module, dict]:
-    from salve.models import load_checkpoint
-
-    return load_checkpoint(stage_dir(root, "finetune") / "model.safetensors")

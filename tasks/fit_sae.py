@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from salve.config import Config
-from salve.io import load_tensors, read_json, save_tensors, write_json
+from salve.io import save_tensors, write_json
 from salve.models import head_of
 from salve.runtime import resolve_device, seed_everything
-from salve.sae import (
-    SparseAutoencoder,
-    fit_sae,
-    quality_metrics,
-    sae_from_tensors,
-    sae_tensors,
-)
-from tasks.common import load_activations, run_metadata, stage_dir, write_metrics, write_plot
-from tasks.finetune import load_model
+from salve.sae import fit_sae, quality_metrics, sae_tensors
+from tasks import STAGES
+from tasks.artifacts import load_activations, load_model
+from tasks.common import run_metadata, write_metrics, write_plot
+from tasks.records import FitSaeMetrics
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -37,14 +31,10 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             ("val", val_acts, val_labels),
         )
     }
-    out = stage_dir(root, "fit_sae")
-    save_tensors(
-        out / "sae.safetensors",
-        sae_tensors(sae),
-        metadata={"kind": s.kind},
-    )
+    spec = STAGES["fit_sae"]
+    save_tensors(spec.path(root, "sae"), sae_tensors(sae), metadata={"kind": s.kind})
     write_json(
-        out / "sae.json",
+        spec.path(root, "sidecar"),
         {
             "format": "salve-sae",
             "kind": s.kind,
@@ -57,10 +47,10 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         }
         | run_metadata(root, cfg, device, ("sae", "common")),
     )
-    write_plot(root, "fit_sae", "loss.csv", history)
+    write_plot(root, "fit_sae", "loss", history)
     summary = {f"{split}_{k}": v for split, m in metrics.items() for k, v in m.items()}
     summary["final_loss"] = history[-1]["loss"]
-    write_metrics(root, "fit_sae", summary)
+    write_metrics(root, "fit_sae", FitSaeMetrics, summary)
     return {
         k: summary[k]
         for k in (
@@ -71,19 +61,3 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             "val_splice_agreement",
         )
     }
-
-
-def load_sae(root: Path) -> tuple[SparseAutoencoder, dict]:
-    out = stage_dir(root, "fit_sae")
-    info = read_json(out / "sae.json")
-    tensors = load_tensors(out / "sae.safetensors", ("encoder.weight", "decoder.weight"))
-    # sidecars written before the encode rule was recorded hold only kind and k
-    rule = info.get("encode") or info["kind"]
-    return sae_from_tensors(tensors, rule, info.get("k", 0)), info
-
-
-@torch.no_grad()
-def encode_all(sae: SparseAutoencoder, acts: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    return torch.cat(
-        [sae.encode(acts[i : i + batch_size]) for i in range(0, len(acts), batch_size)]
-    )

@@ -26,7 +26,7 @@ from salve.gradfam import (
     top_activating,
     upsample_normalise,
 )
-from salve.io import read_json, save_tensors, write_bytes, write_json
+from salve.io import save_tensors, write_bytes
 from salve.models import penultimate
 from salve.runtime import seed_everything
 from salve.visualize import (
@@ -35,9 +35,17 @@ from salve.visualize import (
     overlay_grid_png,
     overlay_strip_png,
 )
-from tasks.common import load_activations, load_dataset_meta, load_split, stage_dir, write_metrics
-from tasks.finetune import load_model
-from tasks.fit_sae import encode_all, load_sae
+from tasks import STAGES
+from tasks.artifacts import (
+    load_activations,
+    load_dataset_meta,
+    load_model,
+    load_ranking,
+    load_sae,
+    load_split,
+)
+from tasks.common import write_metrics
+from tasks.records import GradfamIndex, GradfamLatents, GradfamMetrics, write_record
 
 # Latent/image pairs whose maps and deletion curves are computed together (bounds memory).
 PAIRS_PER_CHUNK = 256
@@ -53,14 +61,14 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     seed = cfg.common.seed
     seed_everything(seed, num_threads=cfg.common.num_threads)
     classes = load_dataset_meta(root)["classes"]
-    ranking = read_json(stage_dir(root, "rank") / "ranking.json")
+    ranking = load_ranking(root)
     model, sidecar = load_model(root)
     sae, _ = load_sae(root)
     norm = sidecar["normalisation"]
     mean, std = tuple(norm["mean"]), tuple(norm["std"])
     images, _ = load_split(root, "val")
     acts, labels = load_activations(root, "val")
-    codes = encode_all(sae, acts)
+    codes = sae.encode_batched(acts)
     size = int(images.shape[-1])
     n_latents = int(codes.shape[1])
     layer = select_layer(model, size, g.layer)
@@ -70,7 +78,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         names = ", ".join(classes[k] for k in c["classes"])
         roles.setdefault(c["feature"], f"cross-class: {names}")
 
-    out = stage_dir(root, "gradfam")
+    spec = STAGES["gradfam"]
+    out = spec.folder(root)
     top = torch.stack([top_activating(codes, lat, g.top_k) for lat in range(n_latents)])  # [L, k]
     k = int(top.shape[1])
     maps_lkhw = torch.zeros(n_latents, k, *layer.grid)
@@ -135,7 +144,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             }
         )
     header = {"image_size": size, "layer": layer.name, "map_grid": list(layer.grid)}
-    write_json(out / "latents.json", header | {"latents": latents})
+    write_record(spec.path(root, "latents"), GradfamLatents, header | {"latents": latents})
 
     index = []
     for f, role in roles.items():
@@ -153,7 +162,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             }
             | ({"am": entry["am"], "am_code": entry["am_code"]} if entry["am"] else {})
         )
-    write_json(out / "index.json", header | {"features": index})
+    write_record(spec.path(root, "index"), GradfamIndex, header | {"features": index})
 
     tensors = {
         "top": top,
@@ -164,7 +173,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     }
     if am_feats:
         tensors["am"] = am_images
-    save_tensors(out / "gradfam.safetensors", tensors)
+    save_tensors(spec.path(root, "tensors"), tensors)
 
     per_latent = [(e["deletion_auc"], e["deletion_auc_random"]) for e in latents]
     scored = [(a, r) for a, r in per_latent if a is not None and r is not None]
@@ -180,7 +189,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "maps_no_better_than_random": sum(a >= r for a, r in scored),
         "latents_without_auc": n_latents - len(scored),
     }
-    write_metrics(root, "gradfam", summary)
+    write_metrics(root, "gradfam", GradfamMetrics, summary)
     return summary
 
 

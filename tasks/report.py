@@ -19,14 +19,23 @@ from salve.config import Config
 from salve.figures import ESTIMATORS
 from salve.io import ArtifactError, load_tensors, read_json, write_text
 from salve.latent_browser import LatentSources, build_latents_page
-from salve.report import LATENTS_PAGE, ReportInputs, build_report
+from salve.report import ReportInputs, build_report
 from tasks import STAGE_ORDER, STAGES
-from tasks.common import load_dataset_meta, stage_dir, write_metrics
-
-REPORT_FILE = "index.html"
-GRADFAM_LATENTS = "latents.json"  # results/gradfam/: one entry per latent, PNGs beside it
-GRADFAM_LEGACY_INDEX = "index.json"  # the older per-feature format (dominant and cross only)
-EDIT_LATENTS = "latents.json"  # results/edit/: per-class accuracy change per suppressed latent
+from tasks.artifacts import load_dataset_meta, load_ranking, require
+from tasks.common import write_metrics
+from tasks.records import (
+    AlphaCritMetrics,
+    EditLatents,
+    EditMetrics,
+    FetchMetrics,
+    FinetuneMetrics,
+    FitSaeMetrics,
+    GradfamLatents,
+    GradfamMetrics,
+    Ranking,
+    ReportMetrics,
+    read_record,
+)
 
 # The metrics a comparison leads with (`salve compare`, the nightly artifact). Noise floors are
 # one val sample of 200 for accuracies and a comparable step elsewhere: set them from the
@@ -60,12 +69,12 @@ KEY_METRICS: tuple[KeyMetric, ...] = (
 
 
 def report_path(root: Path) -> Path:
-    return Path(root) / STAGES["report"].out_dir / REPORT_FILE
+    return STAGES["report"].path(root, "report")
 
 
 def latents_path(root: Path) -> Path:
     """The latent browser, next to the report (the flow links it)."""
-    return Path(root) / STAGES["report"].out_dir / LATENTS_PAGE
+    return STAGES["report"].path(root, "latents")
 
 
 def read_csv_rows(path: Path) -> list[dict]:
@@ -73,10 +82,6 @@ def read_csv_rows(path: Path) -> list[dict]:
         raise ArtifactError(f"{path}: file not found. Run the stage that produces it first.")
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def _optional_json(path: Path) -> dict:
-    return read_json(path) if path.exists() else {}
 
 
 def read_class_means(path: Path) -> list[list[float]]:
@@ -102,7 +107,7 @@ def read_timings(root: Path) -> list[dict]:
 
 def alpha_values(root: Path, num_classes: int) -> dict[str, list[list[float]]]:
     names = [f"alpha_{e}" for e in ESTIMATORS]
-    t = load_tensors(stage_dir(root, "alpha_crit") / "alpha_crit.safetensors", [*names, "labels"])
+    t = load_tensors(require(root, "alpha_crit", "values"), [*names, "labels"])
     labels = t["labels"].tolist()
     values: dict[str, list[list[float]]] = {e: [[] for _ in range(num_classes)] for e in ESTIMATORS}
     for e in ESTIMATORS:
@@ -112,50 +117,10 @@ def alpha_values(root: Path, num_classes: int) -> dict[str, list[list[float]]]:
     return values
 
 
-def legacy_gradfam(index: dict) -> dict:
-    """results/gradfam/index.json (the per-feature format before latents.json) in the shape of
-    latents.json: what it lacks (frequency, per-image codes, faithfulness) is None. Remove once
-    every workspace's gradfam stage writes latents.json."""
-    latents = []
-    for e in index["features"]:
-        latents.append(
-            {
-                "latent": e["feature"],
-                "frequency": None,
-                "top": [
-                    {"index": i, "class": c, "code": None}
-                    for i, c in zip(e["top_indices"], e["top_classes"], strict=True)
-                ],
-                "overlay": e["overlay"],
-                "am": e.get("am"),  # only dominant features had one
-                "am_code": e.get("am_code"),
-                "top_code_mean": e.get("top_code_mean"),
-                "deletion_auc": None,
-                "deletion_auc_random": None,
-            }
-        )
-    return {"image_size": index["image_size"], "layer": None, "map_grid": None, "latents": latents}
-
-
-def load_gradfam(root: Path, required: bool) -> dict | None:
-    """results/gradfam/latents.json (or the legacy index.json, converted); None when neither
-    exists and not ``required``."""
-    folder = stage_dir(root, "gradfam")
-    if (folder / GRADFAM_LATENTS).exists():
-        return read_json(folder / GRADFAM_LATENTS)
-    if (folder / GRADFAM_LEGACY_INDEX).exists():
-        return legacy_gradfam(read_json(folder / GRADFAM_LEGACY_INDEX))
-    if required:
-        raise ArtifactError(
-            f"{folder / GRADFAM_LATENTS}: file not found. Run the gradfam stage first."
-        )
-    return None
-
-
 def gradfam_images(root: Path, gradfam: dict, latents: set[int] | None = None) -> dict[str, bytes]:
     """The overlay and activation-maximisation PNGs (of ``latents``, default all), by file name.
     A file the index names must exist."""
-    folder = stage_dir(root, "gradfam")
+    folder = STAGES["gradfam"].folder(root)
     out = {}
     for entry in gradfam["latents"]:
         if latents is not None and int(entry["latent"]) not in latents:
@@ -169,49 +134,55 @@ def gradfam_images(root: Path, gradfam: dict, latents: set[int] | None = None) -
     return out
 
 
+def _metrics(root: Path, stage: str, record: type):
+    path = STAGES[stage].metrics_path(root)
+    if not path.exists():
+        raise ArtifactError(f"{path.relative_to(root)} is missing: run `salve stage {stage}`.")
+    return read_record(path, record, stage)
+
+
 def load_inputs(root: Path) -> ReportInputs:
     meta = load_dataset_meta(root)
     classes = [str(c) for c in meta["classes"]]
-    ranking = read_json(stage_dir(root, "rank") / "ranking.json")
-    gradfam = load_gradfam(root, required=True)
+    ranking = load_ranking(root)
+    gradfam = read_record(require(root, "gradfam", "latents"), GradfamLatents, "gradfam")
     dominant = {int(d["feature"]) for d in ranking["dominant"]}
-    alpha_metrics = read_json(root / "metrics" / "alpha_crit.json")
+    alpha_metrics = _metrics(root, "alpha_crit", AlphaCritMetrics)
     sidecars = {
-        stage: read_json(root / rel)
-        for stage, rel in (
-            ("finetune", "results/finetune/model.json"),
-            ("fit_sae", "results/fit_sae/sae.json"),
-            ("edit", "results/edit/model.json"),
-        )
+        stage: read_json(require(root, stage, "sidecar"))
+        for stage in ("finetune", "fit_sae", "edit")
     }
+    gradfam_metrics = _metrics(root, "gradfam", GradfamMetrics)
     extra_params = {
         "rank": dict(ranking["rule"]),
         "alpha_crit": {f"grid_{k}": v for k, v in alpha_metrics["empirical_grid"].items()},
+        "gradfam": {"top_k": gradfam_metrics["top_k"]},
     }
-    gradfam_metrics = _optional_json(root / "metrics" / "gradfam.json")
-    if "top_k" in gradfam_metrics:
-        extra_params["gradfam"] = {"top_k": gradfam_metrics["top_k"]}
     return ReportInputs(
         classes=classes,
         metric_class_names=[str(c) for c in ranking["classes"]],
         dataset_info=dict(meta["info"]),
-        fetch_metrics=read_json(root / "metrics" / "fetch.json"),
-        finetune_epochs=read_csv_rows(root / "plots" / "finetune" / "epochs.csv"),
-        finetune_metrics=read_json(root / "metrics" / "finetune.json"),
+        fetch_metrics=_metrics(root, "fetch", FetchMetrics),
+        finetune_epochs=read_csv_rows(STAGES["finetune"].plot(root, "epochs")),
+        finetune_metrics=_metrics(root, "finetune", FinetuneMetrics),
         sidecars=sidecars,
         timings=read_timings(root),
-        sae_metrics=read_json(root / "metrics" / "fit_sae.json"),
-        sae_loss=read_csv_rows(root / "plots" / "fit_sae" / "loss.csv"),
+        sae_metrics=_metrics(root, "fit_sae", FitSaeMetrics),
+        sae_loss=read_csv_rows(STAGES["fit_sae"].plot(root, "loss")),
         ranking=ranking,
-        class_means=read_class_means(stage_dir(root, "rank") / "class_means.csv"),
+        class_means=read_class_means(require(root, "rank", "class_means")),
         gradfam=gradfam,
         gradfam_images=gradfam_images(root, gradfam, dominant),
-        edit_metrics=read_json(root / "metrics" / "edit.json"),
-        edit_curve_rows=read_csv_rows(root / "plots" / "edit" / "curves.csv"),
+        edit_metrics=_metrics(root, "edit", EditMetrics),
+        edit_curve_rows=read_csv_rows(STAGES["edit"].plot(root, "curves")),
         alpha_crit_metrics=alpha_metrics,
         alpha_values=alpha_values(root, len(classes)),
         extra_params=extra_params,
     )
+
+
+def _optional(path: Path, read):
+    return read(path) if path.exists() else None
 
 
 def load_latent_sources(root: Path) -> LatentSources:
@@ -219,24 +190,26 @@ def load_latent_sources(root: Path) -> LatentSources:
     the stage to run)."""
     root = Path(root)
     classes = [str(c) for c in load_dataset_meta(root)["classes"]]
-    rank = stage_dir(root, "rank")
-    means_path, ranking_path = rank / "class_means.csv", rank / "ranking.json"
-    gradfam = load_gradfam(root, required=False)
-    edit_path = stage_dir(root, "edit") / EDIT_LATENTS
+    rank, gradfam_stage, edit = STAGES["rank"], STAGES["gradfam"], STAGES["edit"]
+    means_path, ranking_path = rank.path(root, "class_means"), rank.path(root, "ranking")
+    gradfam_path, edit_path = gradfam_stage.path(root, "latents"), edit.path(root, "latents")
+    gradfam = _optional(gradfam_path, lambda p: read_record(p, GradfamLatents, "gradfam"))
+
+    def missing(path: Path, stage: str) -> str:
+        return f"{path.relative_to(root)} not found: run `salve stage {stage}`"
+
     return LatentSources(
         classes=classes,
-        class_means=read_class_means(means_path) if means_path.exists() else None,
-        ranking=read_json(ranking_path) if ranking_path.exists() else None,
+        class_means=_optional(means_path, read_class_means),
+        ranking=_optional(ranking_path, lambda p: read_record(p, Ranking, "rank")),
         gradfam=gradfam,
         gradfam_images=gradfam_images(root, gradfam) if gradfam else {},
-        edit=read_json(edit_path) if edit_path.exists() else None,
+        edit=_optional(edit_path, lambda p: read_record(p, EditLatents, "edit")),
         hints={
-            "class_means": f"{means_path.relative_to(root)} not found: run `salve stage rank`",
-            "ranking": f"{ranking_path.relative_to(root)} not found: run `salve stage rank`",
-            "gradfam": f"{stage_dir(root, 'gradfam').relative_to(root)}/{GRADFAM_LATENTS} not "
-            "found: run `salve stage gradfam`",
-            "edit": f"{edit_path.relative_to(root)} not found: run `salve stage edit` (a "
-            "version that writes it)",
+            "class_means": missing(means_path, "rank"),
+            "ranking": missing(ranking_path, "rank"),
+            "gradfam": missing(gradfam_path, "gradfam"),
+            "edit": missing(edit_path, "edit"),
         },
     )
 
@@ -257,5 +230,5 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "latents": browser_stats["latents"],
         "latents_missing_sources": browser_stats["missing_sources"],
     }
-    write_metrics(root, "report", summary)
+    write_metrics(root, "report", ReportMetrics, summary)
     return summary | {"pages": [str(report_path(root)), str(latents_path(root))]}

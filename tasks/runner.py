@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,8 +32,7 @@ class InterruptState:
     """What a signal handler needs to know (flows/interrupt.py): the running stage, and whether
     DVC's bookkeeping is under way (an interrupt then waits for it: `pending`)."""
 
-    stage: str | None = None
-    started: float = 0.0
+    running: dict[str, float] = field(default_factory=dict)  # stage -> perf_counter at start
     critical: int = 0
     pending: Callable[[], None] | None = None
 
@@ -274,9 +274,22 @@ def prune_stale_outputs(out_dir: Path, since: float) -> list[Path]:
     return stale
 
 
+# One DVC operation at a time in this process: stages may run concurrently (the flow's DAG),
+# their DVC bookkeeping may not (DVC's repository lock, and the working directory it uses).
+_DVC_LOCK = threading.RLock()
+
+
 def run_stage(
-    name: str, cfg: Config, root: Path, *, force: bool = False, progress: bool = True
+    name: str,
+    cfg: Config,
+    root: Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    **stage_kwargs,
 ) -> StageOutcome:
+    """Skip ``name`` when DVC finds it up to date, else restore it from DVC's run-cache, else
+    run it and commit it. ``stage_kwargs`` go to the stage's `run` (e.g. a fan-out mapper)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     from salve.runtime import pin_cpu_kernels
@@ -284,36 +297,38 @@ def run_stage(
     t0 = time.perf_counter()
     root = Path(root).resolve()
     pin_cpu_kernels(cfg.common.reproducible)  # idempotent; entry points call it first
-    remove_stale_temp_files(root, name)
-    INTERRUPT.stage, INTERRUPT.started = name, t0
+    INTERRUPT.running[name] = t0
     try:
-        with dvc_repo(root) as repo:
-            if not force and stage_is_fresh(repo, name):
-                status = "skipped"
-            else:
-                with dvc_bookkeeping():
-                    restored = not force and restore_from_run_cache(repo, name)
-                if restored:
-                    status = "restored"
-                else:
-                    module = importlib.import_module(f"tasks.{name}")
-                    # File mtimes come from the kernel's coarse clock, which can lag
-                    # time.time() by milliseconds: the margin keeps a file written at the very
-                    # start of the run.
-                    started = time.time() - 1.0
-                    module.run(cfg, root, progress=progress)
+        with _DVC_LOCK:
+            remove_stale_temp_files(root, name)
+            with dvc_repo(root) as repo:
+                fresh = not force and stage_is_fresh(repo, name)
+                restored = False
+                if not fresh and not force:
                     with dvc_bookkeeping():
-                        prune_stale_outputs(root / STAGES[name].out_dir, started)
-                        repo.commit(name, force=True)
-                    status = "ran"
+                        restored = restore_from_run_cache(repo, name)
+        if fresh:
+            status = "skipped"
+        elif restored:
+            status = "restored"
+        else:
+            module = importlib.import_module(f"tasks.{name}")
+            # File mtimes come from the kernel's coarse clock, which can lag time.time() by
+            # milliseconds: the margin keeps a file written at the very start of the run.
+            started = time.time() - 1.0
+            module.run(cfg, root, progress=progress, **stage_kwargs)
+            with _DVC_LOCK, dvc_bookkeeping(), dvc_repo(root) as repo:
+                prune_stale_outputs(STAGES[name].folder(root), started)
+                repo.commit(name, force=True)
+            status = "ran"
     finally:
-        INTERRUPT.stage = None
+        INTERRUPT.running.pop(name, None)
     seconds = time.perf_counter() - t0
     write_json(
         root / ".salve" / "timings" / f"{name}.json",
         {"stage": name, "status": status, "seconds": seconds, "finished": time.time()},
     )
-    metrics_path = root / STAGES[name].metrics_file
+    metrics_path = STAGES[name].metrics_path(root)
     summary = read_json(metrics_path) if metrics_path.exists() else {}
     log.debug("stage %s %s in %.2f s", name, status, seconds)
     return StageOutcome(name, status, seconds, summary)

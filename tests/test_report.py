@@ -550,35 +550,6 @@ def test_report_reads_the_gradfam_latents_format(built_project_template: Path):
     assert "Grad-FAM differentiates layer3 (4x4 map at 32 px images)" in text
 
 
-def test_legacy_gradfam_index_converts_to_the_latents_format():
-    from tasks.report import legacy_gradfam
-
-    index = {
-        "image_size": 32,
-        "features": [
-            {
-                "feature": 5,
-                "top_indices": [9, 4],
-                "top_classes": ["a", "b"],
-                "overlay": "overlay_5.png",
-                "am": "am_5.png",
-                "am_code": 1.5,
-                "top_code_mean": 3.0,
-            },
-            {"feature": 7, "top_indices": [1], "top_classes": ["c"], "overlay": "overlay_7.png"},
-        ],
-    }
-    g = legacy_gradfam(index)
-    assert g["image_size"] == 32 and g["layer"] is None
-    first, second = g["latents"]
-    assert first["latent"] == 5 and first["top"] == [
-        {"index": 9, "class": "a", "code": None},
-        {"index": 4, "class": "b", "code": None},
-    ]
-    assert first["am"] == "am_5.png" and first["top_code_mean"] == 3.0
-    assert second["am"] is None and second["am_code"] is None and second["frequency"] is None
-
-
 # ------------------------------------------------------------------------------------------
 # The report stage
 # ------------------------------------------------------------------------------------------

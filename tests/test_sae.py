@@ -528,7 +528,7 @@ def test_codes_recomputed_from_file_and_description_alone(acts, kind: str, tmp_p
 
 
 def test_load_sae_reads_new_and_earlier_sidecars(acts, tmp_path: Path) -> None:
-    from tasks.fit_sae import load_sae
+    from tasks.artifacts import load_sae
 
     sae, _ = fit_sae(acts, _settings("batchtopk", epochs=3), seed=0, progress=False)
     out = tmp_path / "results" / "fit_sae"

@@ -112,6 +112,13 @@ class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
     def encode(self, acts_nm: torch.Tensor) -> torch.Tensor:
         return self.codes_from_pre(self.pre_activation(acts_nm))
 
+    @torch.no_grad()
+    def encode_batched(self, acts_nm: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Codes of a whole activation matrix, in batches (bounded memory), no autograd."""
+        return torch.cat(
+            [self.encode(acts_nm[i : i + batch_size]) for i in range(0, len(acts_nm), batch_size)]
+        )
+
     def code_derivative(self, acts_nm: torch.Tensor) -> torch.Tensor:
         """Diagonal of d codes / d pre (selection and thresholds held fixed), [N, L]."""
         pre = self.pre_activation(acts_nm)
