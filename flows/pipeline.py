@@ -20,11 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.fanout import dask_map
 from salve.config import load
 from tasks import STAGE_ORDER, STAGES
 from tasks.runner import pipeline_lock, run_stage, user_errors
 
 STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
+# Stages whose independent fits run as concurrent tasks on Dask (flows/fanout.py).
+FANOUT_STAGES = ("evaluate",)
 
 
 def _retry_unexpected(task, task_run, state) -> bool:
@@ -49,7 +52,8 @@ def _retry_unexpected(task, task_run, state) -> bool:
 )
 def stage_task(name: str, root: str, params: str, force: bool, progress: bool):
     cfg = load(params)
-    outcome = run_stage(name, cfg, Path(root), force=force, progress=progress)
+    kwargs = {"map_fn": dask_map} if name in FANOUT_STAGES else {}
+    outcome = run_stage(name, cfg, Path(root), force=force, progress=progress, **kwargs)
     get_run_logger().info("stage %s %s in %.2f s", outcome.name, outcome.status, outcome.seconds)
     print(outcome.line(), flush=True)
     return Completed(name=STATE_NAMES[outcome.status], message=outcome.line(), data=outcome.row())

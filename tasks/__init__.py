@@ -147,9 +147,16 @@ STAGES: dict[str, StageSpec] = {
             },
         ),
         StageSpec(
+            "evaluate",
+            ("evaluate", "sae", "common", "edit.min_base_accuracy", "extract.batch_size"),
+            upstream=ANALYSIS_UPSTREAM,
+            files={"seeds": "seeds.json", "shifted": "shifted.safetensors"},
+            plots={"methods": "methods.csv"},
+        ),
+        StageSpec(
             "report",
             (),
-            upstream=(*ANALYSIS_UPSTREAM, "edit", "alpha_crit", "gradfam"),
+            upstream=(*ANALYSIS_UPSTREAM, "edit", "alpha_crit", "gradfam", "evaluate"),
             files={"report": "index.html", "latents": "latents.html"},
             reads_metrics=True,
             out="reports/latest",

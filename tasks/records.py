@@ -195,6 +195,25 @@ class GradfamMetrics(TypedDict):
     latents_without_auc: int
 
 
+# -- evaluate -----------------------------------------------------------------------------------
+
+
+class Interval(TypedDict):
+    mean: float
+    ci95: list[float]
+    n: int
+
+
+class EvaluateMetrics(TypedDict):
+    methods: dict[str, dict[str, Interval]]  # method -> metric -> mean and 95 % interval
+    seeds: int
+    stability: dict[str, Any]
+    classes_evaluated: list[str]
+    classes_left_out: list[str]
+    cross_class: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
 class ReportMetrics(TypedDict):
     figures: int
     images: int
