@@ -469,3 +469,30 @@ def alpha_medians_figure(
     ax.grid(alpha=0.25, which="both")
     fig.legend(loc="outside lower center", ncols=len(meds), frameon=False)
     return figure_png(fig)
+
+
+@_plot
+def methods_figure(methods: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> bytes | None:
+    """Efficacy against specificity per edit method: means with 95 % intervals over SAE seeds
+    (metrics/evaluate.json). Top right is the ideal: the target falls, the others stay."""
+    names = [m for m in methods if "efficacy" in methods[m] and "specificity_mean" in methods[m]]
+    if not names:
+        return None
+    fig = _figure(6.2, 3.8)
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        eff, spec = methods[name]["efficacy"], methods[name]["specificity_mean"]
+        x, y = float(eff["mean"]), float(spec["mean"])
+        xerr = [[x - float(eff["ci95"][0])], [float(eff["ci95"][1]) - x]]
+        yerr = [[y - float(spec["ci95"][0])], [float(spec["ci95"][1]) - y]]
+        salve = name.startswith("salve")
+        colour = ("#e63946" if name == "salve_projection" else "#9d0208") if salve else f"C{i % 10}"
+        marker = ("s" if name == "salve_paper" else "D") if salve else "o"
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, capsize=3, label=name)
+    ax.axhline(0, color="#999999", lw=0.8)
+    ax.set_xlabel("efficacy: target accuracy drop")
+    ax.set_ylabel("specificity: mean change of other classes")
+    ax.set_title("edit methods (mean, 95 % CI over SAE seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return figure_png(fig)

@@ -35,6 +35,7 @@ from salve.figures import (
     edit_curves_figure,
     finetune_figure,
     heatmap_figure,
+    methods_figure,
     sae_loss_figure,
 )
 
@@ -51,6 +52,7 @@ REPORT_SECTIONS: tuple[tuple[str, str], ...] = (
     ("dominant-features", "Dominant features: Grad-FAM and activation maximisation"),
     ("edit-curves", "Suppression and enhancement curves"),
     ("cross-class", "Cross-class effects"),
+    ("baselines", "Edits against baselines"),
     ("alpha-crit", "alpha_crit distributions"),
     ("edited-checkpoint", "Edited checkpoint"),
 )
@@ -204,6 +206,7 @@ class ReportInputs:
     edit_curve_rows: list[dict]
     alpha_crit_metrics: dict
     alpha_values: dict[str, list[list[float]]]
+    evaluate_metrics: dict
     timings: list[dict] = field(default_factory=list)
     extra_params: dict[str, dict] = field(default_factory=dict)
     title: str = "SALVE run report"
@@ -552,6 +555,52 @@ def _cross(d: ReportInputs, n: Counter) -> dict:
     }
 
 
+# The evaluate stage's metrics, in table order, with what each means (README, "Evaluation").
+BASELINE_METRICS: tuple[tuple[str, str], ...] = (
+    ("efficacy", "efficacy (target accuracy drop)"),
+    ("flip_rate", "flip rate"),
+    ("specificity_mean", "specificity (mean)"),
+    ("specificity_worst", "specificity (worst)"),
+    ("generalisation", "generalisation (shifted images)"),
+    ("probe_recovery", "probe recovery"),
+)
+
+
+def _interval(v: Mapping[str, Any]) -> str:
+    lo, hi = v["ci95"]
+    return f"{fmt(v['mean'], 3)} [{fmt(lo, 3)}, {fmt(hi, 3)}]"
+
+
+def _baselines(d: ReportInputs, n: Counter) -> dict:
+    m = d.evaluate_metrics
+    methods = m["methods"]
+    shown = [(k, label) for k, label in BASELINE_METRICS if any(k in v for v in methods.values())]
+    rows = [
+        (name, *(_interval(v[k]) if k in v else "–" for k, _ in shown))
+        for name, v in methods.items()
+    ]
+    stability = m["stability"]
+    facts = [
+        ("SAE seeds", m["seeds"]),
+        ("classes evaluated", ", ".join(m["classes_evaluated"]) or "none"),
+        (
+            "classes left out (below edit.min_base_accuracy)",
+            ", ".join(m["classes_left_out"]) or "none",
+        ),
+        (
+            f"latents matched across seeds (|cosine| > {fmt(stability['threshold'])})",
+            stability["matched_fraction"],
+        ),
+        ("dominant latent found again in the other seeds", stability["dominant_match_fraction"]),
+        ("strengths", ", ".join(f"{k} {fmt(v)}" for k, v in m["settings"].items() if "alpha" in k)),
+    ]
+    return {
+        "facts": kv(facts),
+        "figure": n.figure(methods_figure(methods), "efficacy vs specificity per method"),
+        "table": table(("method", *(label for _, label in shown)), rows),
+    }
+
+
 def _estimator_cell(s: Mapping[str, Any]) -> str:
     bits = []
     if s["median"] is not None:  # None: no finite value in this class
@@ -651,6 +700,7 @@ def report_context(d: ReportInputs) -> tuple[dict, Counter]:
         "dominant-features": lambda: _dominant(d, n),
         "edit-curves": lambda: _edit(d, n),
         "cross-class": lambda: _cross(d, n),
+        "baselines": lambda: _baselines(d, n),
         "alpha-crit": lambda: _alpha(d, n),
         "edited-checkpoint": lambda: _checkpoint(d),
     }

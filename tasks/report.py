@@ -27,6 +27,7 @@ from tasks.records import (
     AlphaCritMetrics,
     EditLatents,
     EditMetrics,
+    EvaluateMetrics,
     FetchMetrics,
     FinetuneMetrics,
     FitSaeMetrics,
@@ -177,6 +178,7 @@ def load_inputs(root: Path) -> ReportInputs:
         edit_curve_rows=read_csv_rows(STAGES["edit"].plot(root, "curves")),
         alpha_crit_metrics=alpha_metrics,
         alpha_values=alpha_values(root, len(classes)),
+        evaluate_metrics=_metrics(root, "evaluate", EvaluateMetrics),
         extra_params=extra_params,
     )
 
