@@ -638,10 +638,11 @@ _ARROWS = {"higher": "↑", "lower": "↓", "none": ""}
 
 
 def changed_params(rows: Sequence[ExperimentRow]) -> list[str]:
-    """Parameters whose value differs between any two rows (absent counts as a value)."""
-    names = sorted({k for r in rows for k in r.params})
-    missing = object()
-    return [n for n in names if len({repr(r.params.get(n, missing)) for r in rows}) > 1]
+    """Parameters whose value differs between any two rows that record parameters (a queued
+    or failed run may record none); absent from such a row counts as a value."""
+    recorded = [r.params for r in rows if r.params]
+    names = sorted({k for p in recorded for k in p})
+    return [n for n in names if len({repr(p.get(n, ...)) for p in recorded}) > 1]
 
 
 def experiments_table(
@@ -660,7 +661,11 @@ def experiments_table(
     values = {km: [lookup(r.metrics.get(km.file), km.key) for r in rows] for km in key_metrics}
     present = [km for km in key_metrics if any(v is not None for v in values[km])]
     # With several runs, a key metric equal in all of them is one note, not a column.
-    same = [km for km in present if len(rows) > 1 and len({repr(v) for v in values[km]}) == 1]
+    same = [
+        km
+        for km in present
+        if len(rows) > 1 and len({repr(v) for v in values[km] if v is not None}) == 1
+    ]
     shown = [km for km in present if km not in same]
     header = ["run", *params, *(f"{km.name}{_ARROWS[km.better]}" for km in shown)]
     body = []
@@ -681,7 +686,9 @@ def experiments_table(
     if same:
         notes.append(
             "Same in every run: "
-            + ", ".join(f"{km.label} {fmt(values[km][0])}" for km in same)
+            + ", ".join(
+                f"{km.label} {fmt(next(v for v in values[km] if v is not None))}" for km in same
+            )
             + "."
         )
     if markdown:
