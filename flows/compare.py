@@ -104,7 +104,9 @@ def compare(root: Path, rev_a: str, rev_b: str, out: Path | None = None) -> Path
     return path
 
 
-def diff_text(root: Path, rev: str = "HEAD", *, show_all: bool = False, markdown: bool = False):
+def diff_text(
+    root: Path, rev: str = "HEAD", *, show_all: bool = False, markdown: bool = False
+) -> str:
     """`salve diff`: REV against the workspace, as terminal text (or Markdown)."""
     from salve.compare import metrics_diff_markdown, metrics_diff_text
     from tasks.keymetrics import metrics_files
