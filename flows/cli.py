@@ -230,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.schedule import add_schedule_parser
 
     add_schedule_parser(sub)
-    from flows.compare import add_compare_parser
+    from flows.compare import add_compare_parser, add_diff_parser, add_exps_parser
 
     add_compare_parser(sub)
+    add_diff_parser(sub)
+    add_exps_parser(sub)
     return p
 
 

@@ -1,13 +1,17 @@
-"""Nightly rerun: `dvc pull` -> the pipeline (as a subflow) -> `dvc push` -> metrics diff artifact.
+"""Nightly rerun: `dvc pull` -> the pipeline (as a subflow) -> `dvc push` -> what changed.
 
 Served on a schedule by `salve schedule` (flows/schedule.py) or deployed to a work pool from
 prefect.yaml. Pull and push happen only when a DVC remote is configured (the repository's default
-remote, or the one named by `remote`). The markdown artifact compares the workspace metrics and
-params with the last committed state (`dvc metrics diff HEAD`, `dvc params diff HEAD`).
+remote, or the one named by `remote`). The markdown artifact `salve-nightly-metrics-diff`
+compares the workspace with the last commit (HEAD) in the compare page's order: the parameter
+changes (the cause) first, then every key metric (tasks/keymetrics.py) with direction and
+judgement, then the other metric changes as one line per stage with their table folded, and the
+stage table last.
 
-DVC commands never overlap in one repository: a nightly run holds `.salve/nightly.lock` for its
-whole length (a second nightly run refuses at once) and the pipeline's own lock around each DVC
-command it runs (so a concurrent `salve run` cannot interleave with them either).
+Every DVC operation goes through tasks/dvcrepo.py, in this process. They never overlap in one
+repository: a nightly run holds `.salve/nightly.lock` for its whole length (a second nightly run
+refuses at once) and each DVC operation holds the pipeline's lock (`.salve/run.lock`, the one
+`salve run` takes), so a concurrent `salve run` cannot interleave with them either.
 """
 
 from __future__ import annotations
@@ -15,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +28,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import pipeline
-from tasks.runner import PipelineBusyError, pipeline_lock
+from tasks import dvcrepo
+from tasks.dvcrepo import WORKSPACE, DvcError, configured_remote, git_commit, read_text_at
+from tasks.runner import PipelineBusyError
 
 ARTIFACT_KEY = "salve-nightly-metrics-diff"
-DVC_TIMEOUT_S = 1800  # pull/push of a large cache over a slow link; never unbounded
-
-
-class DvcCommandError(RuntimeError):
-    """A DVC command the nightly run depends on failed."""
 
 
 @contextlib.contextmanager
@@ -53,41 +51,8 @@ def nightly_lock(root: Path) -> Iterator[None]:
         yield
 
 
-def run_dvc(root: Path, *args: str, timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`dvc ARGS` in ``root`` with this interpreter's DVC, under the pipeline lock."""
-    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
-    with pipeline_lock(root):
-        return subprocess.run(
-            [sys.executable, "-m", "dvc", *args],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-
-
-def configured_remote(root: Path, remote: str | None = None) -> str | None:
-    """The DVC remote to use: ``remote`` if given (it must exist), else the default one, if any."""
-    from dvc.config import Config
-
-    config = Config(dvc_dir=str(root / ".dvc"))  # system, global, repo and local levels
-    names = set(config.get("remote", {}))
-    default = config.get("core", {}).get("remote")
-    if remote is not None:
-        if remote not in names:
-            raise DvcCommandError(
-                f"DVC remote {remote!r} is not configured in {root} "
-                f"(configured: {', '.join(sorted(names)) or 'none'}); add it with "
-                f"`dvc remote add {remote} URL`."
-            )
-        return remote
-    return default or None
-
-
-def _tail(text: str, n: int = 1500) -> str:
-    text = text.strip()
-    return text if len(text) <= n else "..." + text[-n:]
+def _counts(stats: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in stats.items()) or "nothing to do"
 
 
 @task(name="dvc-pull", cache_policy=NO_CACHE, persist_result=False)
@@ -96,19 +61,15 @@ def dvc_pull(root: str, remote: str) -> dict:
     the pipeline recomputes whatever is still stale afterwards."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    out = run_dvc(Path(root), "pull", "--remote", remote)
+    try:
+        stats = dvcrepo.pull(Path(root), remote)
+    except DvcError as exc:
+        seconds = time.perf_counter() - t0
+        log.warning("%s (after %.1f s); stale stages will be recomputed", exc, seconds)
+        return {"ok": False, "seconds": round(seconds, 2), "output": str(exc)}
     seconds = time.perf_counter() - t0
-    if out.returncode != 0:
-        log.warning(
-            "dvc pull from %r failed (rc %d) after %.1f s; stale stages will be recomputed:\n%s",
-            remote,
-            out.returncode,
-            seconds,
-            _tail(out.stderr or out.stdout),
-        )
-        return {"ok": False, "seconds": round(seconds, 2), "output": _tail(out.stderr)}
-    log.info("dvc pull from %r in %.1f s: %s", remote, seconds, _tail(out.stdout, 300))
-    return {"ok": True, "seconds": round(seconds, 2), "output": _tail(out.stdout, 300)}
+    log.info("dvc pull from %r in %.1f s: %s", remote, seconds, _counts(stats))
+    return {"ok": True, "seconds": round(seconds, 2), "output": _counts(stats)}
 
 
 @task(
@@ -117,77 +78,81 @@ def dvc_pull(root: str, remote: str) -> dict:
 def dvc_push(root: str, remote: str) -> dict:
     log = get_run_logger()
     t0 = time.perf_counter()
-    out = run_dvc(Path(root), "push", "--remote", remote)
+    pushed = dvcrepo.push(Path(root), remote)  # DvcError fails the task (and is retried)
     seconds = time.perf_counter() - t0
-    if out.returncode != 0:
-        detail = _tail(out.stderr or out.stdout)
-        raise DvcCommandError(f"dvc push to {remote!r} failed (rc {out.returncode}):\n{detail}")
-    log.info("dvc push to %r in %.1f s: %s", remote, seconds, _tail(out.stdout, 300))
-    return {"ok": True, "seconds": round(seconds, 2), "output": _tail(out.stdout, 300)}
+    log.info("dvc push to %r in %.1f s: %d file(s) uploaded", remote, seconds, pushed)
+    return {"ok": True, "seconds": round(seconds, 2), "output": f"{pushed} file(s) uploaded"}
 
 
-def _diff_json(root: Path, kind: str) -> dict:
-    """`dvc {metrics|params} diff HEAD --json`: {file: {name: {old, new[, diff]}}}."""
-    out = run_dvc(root, kind, "diff", "HEAD", "--json", timeout=300)
-    if out.returncode != 0:
-        raise DvcCommandError(
-            f"dvc {kind} diff HEAD failed (rc {out.returncode}):\n{_tail(out.stderr or out.stdout)}"
-        )
-    text = out.stdout.strip()
-    return json.loads(text) if text else {}
-
-
-def _cell(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v).replace("|", "\\|")
-
-
-def _diff_table(diff: dict, what: str) -> tuple[str, int]:
-    rows = [
-        f"| {path} | {name} | {_cell(d.get('old'))} | {_cell(d.get('new'))} "
-        f"| {_cell(d.get('diff'))} |"
-        for path, entries in sorted(diff.items())
-        for name, d in sorted(entries.items())
-    ]
-    if not rows:
-        return f"No {what} changed since HEAD.\n", 0
-    head = f"| file | {what[:-1]} | HEAD | workspace | change |\n|---|---|---|---|---|\n"
-    return head + "\n".join(rows) + "\n", len(rows)
+def _json_at(root: Path, rev: str, path: str) -> dict:
+    text = read_text_at(root, rev, path)
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 @task(name="dvc-diff", cache_policy=NO_CACHE, persist_result=False)
 def metrics_and_params_diff(root: str) -> dict:
-    """Both diffs against HEAD; a failed diff (no commit yet, say) is reported, not raised."""
+    """Both diffs, HEAD against the workspace; a failed diff (no commit yet, say) is reported,
+    not raised. Metrics include unchanged entries, so key metrics show both values."""
+    from tasks.keymetrics import VAL_SAMPLES, val_samples
+
     r = Path(root)
     out: dict = {"errors": {}}
-    for kind in ("metrics", "params"):
+    for kind, fn in (("metrics", dvcrepo.metrics_diff), ("params", dvcrepo.params_diff)):
         try:
-            out[kind] = _diff_json(r, kind)
-        except (DvcCommandError, json.JSONDecodeError) as exc:
+            out[kind] = fn(r, "HEAD", WORKSPACE, unchanged=kind == "metrics")
+        except DvcError as exc:
             get_run_logger().warning("%s", exc)
             out[kind], out["errors"][kind] = {}, str(exc)
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=r, capture_output=True, text=True, timeout=30
-    ).stdout.strip()
-    out["head"] = rev or "unknown"
+    head = git_commit(r, "HEAD")
+    out["head"] = head[:7] if head else "unknown"
+    file = VAL_SAMPLES[0]
+    out["val_samples"] = val_samples(
+        *({file: _json_at(r, rev, file)} for rev in ((head,) if head else ()) + (WORKSPACE,))
+    )
     return out
+
+
+def _cell(v: object) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def changed_count(metrics: dict) -> int:
+    """Metric entries whose value differs (a diff with `--all` also lists equal ones)."""
+    return sum(
+        e.get("old") != e.get("new") for entries in metrics.values() for e in entries.values()
+    )
 
 
 def render_report(
     root: Path, diff: dict, rows: list[dict], pulled: dict | None, pushed: dict | None
-) -> tuple[str, int]:
-    metrics_md, n_metrics = _diff_table(diff["metrics"], "metrics")
-    params_md, _ = _diff_table(diff["params"], "params")
+) -> tuple[str, int, str]:
+    """The artifact's Markdown, the number of metrics changed since HEAD, and the parameter
+    changes in one line (the likely cause)."""
+    from salve.compare import metrics_diff_markdown, param_rows
+    from tasks.keymetrics import headline, key_metrics, metrics_files
+
     errors = diff.get("errors", {})
-    if "metrics" in errors:
-        metrics_md = f"Not available:\n\n```\n{errors['metrics']}\n```\n"
-    if "params" in errors:
-        params_md = f"Not available:\n\n```\n{errors['params']}\n```\n"
-    stage_md = "| stage | status | seconds | summary |\n|---|---|---|---|\n" + "\n".join(
-        f"| {r['stage']} | {r['status']} | {r['seconds']} | {_cell(r['summary'])} |" for r in rows
+    body = metrics_diff_markdown(
+        diff["params"],
+        diff["metrics"],
+        key_metrics(diff.get("val_samples")),
+        old_label="HEAD",
+        new_label="workspace",
+        file_order=metrics_files(),
+    )
+    for kind in ("params", "metrics"):
+        if kind in errors:
+            body = f"**{kind} diff not available:** `{_cell(errors[kind])}`\n\n" + body
+    changed = changed_count(diff["metrics"])
+    params = param_rows(diff["params"])
+    cause = (
+        "; ".join(f"{key} {old} -> {new}" for _, key, old, new, _ in params[:3])
+        + ("; ..." if len(params) > 3 else "")
+        if params
+        else "no parameter changed"
     )
 
     def sync(label: str, res: dict | None) -> str:
@@ -195,15 +160,24 @@ def render_report(
             return f"{label}: skipped (no DVC remote configured)"
         return f"{label}: {'ok' if res['ok'] else 'FAILED'} in {res['seconds']} s"
 
-    text = (
-        f"# SALVE nightly: metrics against HEAD ({diff['head']})\n\n"
-        f"Repository: `{root}`\n\n"
-        f"- {sync('dvc pull', pulled)}\n- {sync('dvc push', pushed)}\n\n"
-        f"## Metrics (`dvc metrics diff HEAD`)\n\n{metrics_md}\n"
-        f"## Params (`dvc params diff HEAD`)\n\n{params_md}\n"
-        f"## Stages\n\n{stage_md}\n"
+    def summary(r: dict) -> str:
+        metrics = root / "metrics" / f"{r['stage']}.json"
+        try:
+            return headline(r["stage"], json.loads(metrics.read_text()))
+        except (OSError, json.JSONDecodeError):
+            return str(r.get("summary", ""))
+
+    stage_md = "| stage | status | seconds | key metrics |\n|---|---|---|---|\n" + "\n".join(
+        f"| {r['stage']} | {r['status']} | {r['seconds']} | {_cell(summary(r))} |" for r in rows
     )
-    return text, n_metrics
+    text = (
+        f"# SALVE nightly: the workspace against HEAD ({diff['head']})\n\n"
+        f"**{cause}**; {changed} metric(s) changed.\n\n"
+        f"Repository: `{root}` · {sync('dvc pull', pulled)} · {sync('dvc push', pushed)}\n\n"
+        f"{body}\n"
+        f"### Stages\n\n{stage_md}\n"
+    )
+    return text, changed, cause
 
 
 @flow(name="salve-nightly")
@@ -222,11 +196,11 @@ def nightly(root: str = ".", remote: str | None = None, push: bool = True) -> di
         rows = pipeline(root=str(root_path), progress=False)
         pushed = dvc_push(str(root_path), name) if name and push else None
         diff = metrics_and_params_diff(str(root_path))
-        markdown, changed = render_report(root_path, diff, rows, pulled, pushed)
+        markdown, changed, cause = render_report(root_path, diff, rows, pulled, pushed)
     create_markdown_artifact(
         key=ARTIFACT_KEY,
         markdown=markdown,
-        description=f"SALVE nightly: {changed} metric(s) changed since HEAD ({diff['head']})",
+        description=f"SALVE nightly vs HEAD ({diff['head']}): {cause}; {changed} metric(s) changed",
     )
     return {
         "remote": name,

@@ -4,6 +4,12 @@ Schedules live on a Prefect server: `flow.serve` registers a deployment there an
 due runs, executing each in a subprocess in the repository. The temporary API that plain flow runs
 start cannot schedule, so this command refuses at once, with instructions, when PREFECT_API_URL is
 not set or the server does not answer.
+
+Its deployment is `salve-nightly/scheduled` by default, apart from the work-pool deployments that
+`prefect deploy --all` creates from prefect.yaml (`salve-nightly/salve-nightly`, ...): Prefect
+identifies a deployment by flow and name, so two sources using one name would silently overwrite
+each other. Choosing such a name with --name, or one the server already holds for a work pool,
+prints a warning naming the deployment that would be taken over.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_DEPLOYMENT = "salve-nightly"
+DEFAULT_DEPLOYMENT = "scheduled"
+FLOW_NAME = "salve-nightly"
 HEALTH_TIMEOUT_S = 5.0
 
 _HOW_TO = (
@@ -73,6 +80,54 @@ def _check_cron(expr: str, timezone: str) -> str | None:
     return None
 
 
+def prefect_yaml_deployments(root: Path) -> dict[str, str]:
+    """Deployment name -> flow entrypoint declared in ``root``/prefect.yaml (empty if none)."""
+    import yaml
+
+    path = root / "prefect.yaml"
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {
+        str(d.get("name")): str(d.get("entrypoint", ""))
+        for d in spec.get("deployments") or []
+        if isinstance(d, dict)
+    }
+
+
+def takeover_warnings(root: Path, name: str, existing_pool: str | None = None) -> list[str]:
+    """Why serving `salve-nightly/NAME` would replace a deployment someone else manages:
+    prefect.yaml declares that name for the nightly flow, or the server holds it on a work pool
+    (``existing_pool``, as `prefect deploy` leaves it; served deployments have none)."""
+    full = f"{FLOW_NAME}/{name}"
+    out = []
+    entry = prefect_yaml_deployments(root).get(name)
+    if entry is not None and entry.endswith(":nightly"):
+        out.append(
+            f"deployment {full} is also declared in prefect.yaml: `prefect deploy --all` and "
+            f"`salve schedule --name {name}` would overwrite each other (keep the default "
+            f"--name {DEFAULT_DEPLOYMENT} for a served schedule)"
+        )
+    if existing_pool:
+        out.append(
+            f"deployment {full} exists on the server on work pool {existing_pool!r}: serving "
+            "it here takes it over (its runs would stop going to that pool's workers)"
+        )
+    return out
+
+
+def _existing_pool(name: str) -> str | None:
+    """The work pool of the server's deployment `salve-nightly/NAME`, None if absent or served."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(f"{FLOW_NAME}/{name}").work_pool_name
+        except ObjectNotFound:
+            return None
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     from salve.config import load
 
@@ -90,6 +145,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    for warning in takeover_warnings(root, args.name, _existing_pool(args.name)):
+        print(f"warning: {warning}", file=sys.stderr)
+
     from prefect.schedules import Cron, Interval
     from prefect.types.entrypoint import EntrypointType
 
@@ -101,7 +159,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     else:
         schedule = Interval(args.interval)
         when = f"every {args.interval:g} s"
-    print(f"serving deployment salve-nightly/{args.name} ({when}) for {root} against {url}")
+    print(f"serving deployment {FLOW_NAME}/{args.name} ({when}) for {root} against {url}")
     print("stop with Ctrl-C (its schedule is paused on shutdown)", flush=True)
     nightly.serve(
         name=args.name,
@@ -144,7 +202,10 @@ def add_schedule_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="IANA timezone of --cron, e.g. Europe/Paris (default: %(default)s)",
     )
     s.add_argument(
-        "--name", default=DEFAULT_DEPLOYMENT, help="deployment name (default: %(default)s)"
+        "--name",
+        default=DEFAULT_DEPLOYMENT,
+        help=f"deployment name, served as {FLOW_NAME}/NAME (default: %(default)s; prefect.yaml's "
+        f"work-pool deployment is {FLOW_NAME}/{FLOW_NAME})",
     )
     s.add_argument(
         "--remote",

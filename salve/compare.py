@@ -7,26 +7,27 @@ key metric, then the other metric changes grouped by file (stage), collapsed or 
 
 Each metric change carries two separate signals: its direction (an arrow for the sign of new - old)
 and, only where the metric declares which way is better, a judgement (better / worse). A change
-smaller than the metric's noise floor is "within noise" and never coloured. Identifiers (feature
-indices, class names) are compared for equality only: "4 -> 67 (changed)", never a numeric delta.
+smaller than the metric's noise floor (absolute, or relative to the larger magnitude) is "within
+noise" and never coloured. Identifiers (feature indices, class names) are compared for equality
+only: "4 -> 67 (changed)", never a numeric delta.
+
+Three renderings of one story: the HTML page (`build_compare_page`), Markdown for the nightly
+Prefect artifact (`metrics_diff_markdown`) and plain text for a terminal (`metrics_diff_text`);
+`experiments_table` lists several runs (DVC experiments) by their key metrics. The figure and page
+code (matplotlib, Jinja2) is imported only when first needed, so importing this module (e.g. for
+`KeyMetric`) stays cheap.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from salve.figures import (
-    ESTIMATORS,
-    alpha_medians,
-    alpha_medians_figure,
-    curves_from_rows,
-    edit_curves_figure,
-    finetune_figure,
-)
-from salve.report import Counter, Image, fmt, render
+if TYPE_CHECKING:
+    from salve.report import Image
 
 BETTER = ("higher", "lower", "none")
 KINDS = ("number", "identifier")
@@ -54,18 +55,26 @@ class KeyMetric:
     key: str
     label: str
     better: str = "none"  # "higher" | "lower" | "none"
-    noise_floor: float = 0.0
+    noise_floor: float = 0.0  # absolute: a smaller change is noise
     kind: str = "number"  # "number" | "identifier"
+    short: str = ""  # name in terminal tables and one-line summaries (default: the key)
+    relative_noise: float = 0.0  # a change below this fraction of max(|old|, |new|) is noise
 
     def __post_init__(self) -> None:
         if self.better not in BETTER:
             raise ValueError(f"KeyMetric {self.key!r}: better={self.better!r}; use one of {BETTER}")
         if self.kind not in KINDS:
             raise ValueError(f"KeyMetric {self.key!r}: kind={self.kind!r}; use one of {KINDS}")
-        if not (self.noise_floor >= 0 and math.isfinite(self.noise_floor)):
-            raise ValueError(
-                f"KeyMetric {self.key!r}: noise_floor={self.noise_floor!r}; use a finite value >= 0"
-            )
+        for name in ("noise_floor", "relative_noise"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(
+                    f"KeyMetric {self.key!r}: {name}={value!r}; use a finite value >= 0"
+                )
+
+    @property
+    def name(self) -> str:
+        return self.short or self.key
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,13 @@ def looks_like_identifier(key: str) -> bool:
     return leaf in _IDENTIFIER_LEAVES or leaf.endswith(_IDENTIFIER_SUFFIXES)
 
 
+def fmt(value: Any) -> str:
+    """The report's number formatting (salve.report.fmt), imported when first needed."""
+    from salve.report import fmt as report_fmt
+
+    return report_fmt(value)
+
+
 def _row(file: str, key: str, label: str, old: Any, new: Any, **kw: str) -> MetricChange:
     base = {"change": "", "direction": "", "arrow": "", "judgement": "", "verdict": ""}
     return MetricChange(file, key, label, fmt(old), fmt(new), **(base | kw))
@@ -116,8 +132,12 @@ def metric_change(
     better: str = "none",
     noise_floor: float = 0.0,
     identifier: bool = False,
+    relative_noise: float = 0.0,
 ) -> MetricChange:
-    """Classify one diff entry (``{"old": a, "new": b, ...}``, None when the diff omits it)."""
+    """Classify one diff entry (``{"old": a, "new": b, ...}``, None when the diff omits it).
+
+    A numeric change smaller than ``noise_floor``, or than ``relative_noise`` times the larger
+    of |old| and |new|, is "within noise"; a change of exactly the floor is judged."""
     label = label or key
     if entry is None:
         return _row(
@@ -189,7 +209,7 @@ def metric_change(
     }
     if abs(d) <= ROUNDOFF * max(abs(old), abs(new)):
         return _row(file, key, label, old, new, **kw, judgement="noise", verdict="round-off")
-    if abs(d) < noise_floor:
+    if abs(d) < max(noise_floor, relative_noise * max(abs(old), abs(new))):
         return _row(file, key, label, old, new, **kw, judgement="noise", verdict="within noise")
     if better == "none":
         return _row(file, key, label, old, new, **kw)
@@ -217,6 +237,7 @@ def key_metric_changes(metrics_diff: Diff, key_metrics: Sequence[KeyMetric]) -> 
             better=km.better,
             noise_floor=km.noise_floor,
             identifier=km.kind == "identifier",
+            relative_noise=km.relative_noise,
         )
         for km in key_metrics
     ]
@@ -285,11 +306,13 @@ class RevisionData:
 
 def alpha_values_from_samples(
     rows: Sequence[Mapping[str, Any]],
-    estimators: Sequence[str] = ESTIMATORS,
+    estimators: Sequence[str] | None = None,
     class_order: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, list[list[float]]]]:
     """Per-class value lists from plots/alpha_crit/samples.csv rows: classes in
-    ``class_order``, then any others in first-seen order."""
+    ``class_order``, then any others in first-seen order (``estimators``: default all)."""
+    if estimators is None:
+        from salve.figures import ESTIMATORS as estimators
     classes: list[str] = [str(c) for c in class_order]
     index: dict[str, int] = {c: i for i, c in enumerate(classes)}
     values: dict[str, list[list[float]]] = {e: [[] for _ in classes] for e in estimators}
@@ -319,12 +342,16 @@ def _edit_targets(classes: Sequence[str], edit_metrics: dict | None) -> list[tup
 
 
 def _revision_alpha(rev: RevisionData) -> tuple[list[str], dict[str, list[list[float]]]]:
+    from salve.figures import curves_from_rows
+
     order = curves_from_rows(rev.edit_curve_rows)[0] if rev.edit_curve_rows else []
     return alpha_values_from_samples(rev.alpha_samples or [], class_order=order)
 
 
 def _shared_log_range(revs: Sequence[RevisionData]) -> tuple[float, float] | None:
     """One y range (log axis) covering every revision's finite alpha_crit medians."""
+    from salve.figures import alpha_medians
+
     meds = []
     for rev in revs:
         if rev.alpha_samples:
@@ -339,6 +366,13 @@ def revision_figures(
     rev: RevisionData, alpha_ylim: tuple[float, float] | None = None
 ) -> dict[str, bytes | None]:
     """The comparison's key figures for one revision (None where the data is absent)."""
+    from salve.figures import (
+        alpha_medians_figure,
+        curves_from_rows,
+        edit_curves_figure,
+        finetune_figure,
+    )
+
     figs: dict[str, bytes | None] = {
         "finetune": finetune_figure(rev.finetune_epochs) if rev.finetune_epochs else None,
         "suppression": None,
@@ -373,6 +407,8 @@ def compare_context(
     title: str = "SALVE: revision comparison",
 ) -> dict:
     """The compare page's template context (plain data)."""
+    from salve.report import Counter
+
     n = Counter()
     ylim = _shared_log_range((a, b))
     fa, fb = revision_figures(a, ylim), revision_figures(b, ylim)
@@ -410,6 +446,8 @@ def build_compare_page(
 ) -> str:
     """The comparison page: parameter diff, key metrics, the other metric changes by stage
     (collapsed), and the key figures of both revisions side by side."""
+    from salve.report import render
+
     context = compare_context(
         a, b, params_diff, metrics_diff, key_metrics, file_order=file_order, title=title
     )
@@ -426,9 +464,17 @@ def _md(text: str) -> str:
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(_md(c) for c in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _group_rows(g: MetricGroup) -> list[tuple[str, str, str, str, str]]:
+    def change(r: MetricChange) -> str:
+        said = not r.verdict or r.verdict in r.change  # "4 -> 67 (changed)", "added"
+        return r.change if said else f"{r.change} ({r.verdict})"
+
+    return [(r.key, r.old, r.new, change(r), r.arrow) for r in g.rows]
 
 
 def metrics_diff_markdown(
@@ -440,15 +486,16 @@ def metrics_diff_markdown(
     new_label: str = "new",
     file_order: Sequence[str] = (),
 ) -> str:
-    """The same story as the compare page, as Markdown: parameters, key metrics, then the other
-    metric changes by file in a trailing section."""
-    out = ["### Parameters\n"]
+    """The same story as the compare page, as Markdown: parameters, key metrics, then one line
+    per file (stage) for the other metric changes, each with its table folded in a
+    ``<details>`` block (Prefect's UI and GitHub render it collapsed)."""
+    out = ["### Parameters\n\n"]
     params = param_rows(params_diff)
     if params:
         out.append(_md_table(("file", "parameter", old_label, new_label, "change"), params))
     else:
         out.append("No parameter changed.\n")
-    out.append("\n### Key metrics\n")
+    out.append("\n### Key metrics\n\n")
     rows = [
         (f"{c.label} ({c.key})", c.old, c.new, c.change, c.arrow, c.verdict)
         for c in key_metric_changes(metrics_diff, key_metrics)
@@ -461,22 +508,213 @@ def metrics_diff_markdown(
     groups = other_metric_groups(metrics_diff, key_metrics, file_order)
     out.append("\n### Other metric changes, by stage\n")
     if not groups:
-        out.append("None.\n")
+        out.append("\nNone.\n")
     for g in groups:
         out.append(f"\n#### {_md(g.file)}: {g.summary}\n\n")
-        out.append(
-            _md_table(
-                ("metric", old_label, new_label, "change", "direction"),
-                [
-                    (
-                        r.key,
-                        r.old,
-                        r.new,
-                        r.change + (f" ({r.verdict})" if r.verdict else ""),
-                        r.arrow,
-                    )
-                    for r in g.rows
-                ],
-            )
-        )
+        out.append(f"<details><summary>the {len(g.rows)} change(s)</summary>\n\n")
+        header = ("metric", old_label, new_label, "change", "direction")
+        out.append(_md_table(header, _group_rows(g)))
+        out.append("\n</details>\n")
     return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain text (`salve diff`, `salve exps`)
+# --------------------------------------------------------------------------------------------
+
+TEXT_WIDTH = 100
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def text_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int = TEXT_WIDTH,
+    indent: int = 2,
+    shrink: int = 0,
+) -> str:
+    """Left-aligned columns separated by two spaces; when the table is wider than ``width``,
+    column ``shrink`` is clipped (with "…") to fit."""
+    cells = [[str(c) for c in header], *([str(c) for c in r] for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    excess = indent + sum(widths) + 2 * (len(widths) - 1) - width
+    if excess > 0:
+        widths[shrink] = max(widths[shrink] - excess, 8)
+    lines = []
+    for r in cells:
+        parts = [_clip(c, w).ljust(w) for c, w in zip(r, widths, strict=True)]
+        lines.append((" " * indent + "  ".join(parts)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def metrics_diff_text(
+    params_diff: Diff,
+    metrics_diff: Diff,
+    key_metrics: Sequence[KeyMetric],
+    *,
+    old_label: str = "old",
+    new_label: str = "new",
+    file_order: Sequence[str] = (),
+    show_all: bool = False,
+    width: int = TEXT_WIDTH,
+) -> str:
+    """The comparison for a terminal, in the page's order: parameters, every key metric, then
+    one line per file (stage) of other changes (``show_all``: their rows too)."""
+    out = [f"Parameters ({old_label} -> {new_label})\n"]
+    params = param_rows(params_diff)
+    if params:
+        rows = [(key, old, new, change, file) for file, key, old, new, change in params]
+        out.append(text_table(("parameter", old_label, new_label, "change", "file"), rows))
+    else:
+        out.append("  no parameter changed\n")
+    out.append("\nKey metrics\n")
+    changes = key_metric_changes(metrics_diff, key_metrics)
+    if changes:
+        rows = [(c.label, c.old, c.new, c.change, c.arrow, c.verdict) for c in changes]
+        header = ("metric", old_label, new_label, "change", "", "judgement")
+        out.append(text_table(header, rows, width=width))
+    else:
+        out.append("  no key metrics declared\n")
+    groups = other_metric_groups(metrics_diff, key_metrics, file_order)
+    out.append("\nOther metric changes, by stage\n")
+    if not groups:
+        out.append("  none\n")
+    for g in groups:
+        out.append(f"  {g.file}: {g.summary}\n")
+        if show_all:
+            header = ("metric", old_label, new_label, "change", "")
+            out.append(text_table(header, _group_rows(g), width=width, indent=4))
+    if groups and not show_all:
+        out.append("  (--all lists them)\n")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Several runs side by side (`salve exps`)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExperimentRow:
+    """One run in an experiment table: a baseline commit, the workspace or a DVC experiment.
+    ``params``: flat dotted names (``sae.width``); ``metrics``: ``{file: nested values}``;
+    ``state``: "" when finished, else queued / running / failed (its values may be missing)."""
+
+    name: str
+    rev: str
+    params: Mapping[str, Any]
+    metrics: Mapping[str, Mapping[str, Any]]
+    state: str = ""
+    baseline: bool = False
+
+
+def lookup(tree: Mapping[str, Any] | None, dotted: str) -> Any:
+    """The value at ``a.b.c`` in nested mappings, None when any part is absent."""
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": leaf}`` (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+_ARROWS = {"higher": "↑", "lower": "↓", "none": ""}
+
+
+def changed_params(rows: Sequence[ExperimentRow]) -> list[str]:
+    """Parameters whose value differs between any two rows that record parameters (a queued
+    or failed run may record none); absent from such a row counts as a value."""
+    recorded = [r.params for r in rows if r.params]
+    names = sorted({k for p in recorded for k in p})
+    return [n for n in names if len({repr(p.get(n, ...)) for p in recorded}) > 1]
+
+
+def experiments_table(
+    rows: Sequence[ExperimentRow],
+    key_metrics: Sequence[KeyMetric],
+    *,
+    markdown: bool = False,
+    width: int = TEXT_WIDTH,
+) -> str:
+    """Runs as rows; columns: the parameters that differ between them, then the key metrics
+    (short names, ↑ / ↓ where a direction is better). Plain text is split into column blocks
+    that each fit ``width`` (the run column repeated); Markdown is one table."""
+    if not rows:
+        return "No experiments.\n"
+    params = changed_params(rows)
+    values = {km: [lookup(r.metrics.get(km.file), km.key) for r in rows] for km in key_metrics}
+    present = [km for km in key_metrics if any(v is not None for v in values[km])]
+    # With several runs, a key metric equal in all of them is one note, not a column.
+    same = [
+        km
+        for km in present
+        if len(rows) > 1 and len({repr(v) for v in values[km] if v is not None}) == 1
+    ]
+    shown = [km for km in present if km not in same]
+    header = ["run", *params, *(f"{km.name}{_ARROWS[km.better]}" for km in shown)]
+    body = []
+    for r in rows:
+        label = r.name if r.rev.startswith(r.name) else f"{r.name} ({r.rev[:7]})"
+        if r.state:
+            label += f" [{r.state}]"
+        cells = [label if r.baseline else f"  {label}"]
+        cells += [fmt(r.params.get(p)) for p in params]
+        cells += [fmt(lookup(r.metrics.get(km.file), km.key)) for km in shown]
+        body.append(cells)
+    legend = ", ".join(f"{km.name} = {km.label}" for km in shown)
+    notes = [
+        f"Changed parameters: {', '.join(params) if params else 'none'}.",
+        "↑ higher is better, ↓ lower is better.",
+        f"Key metrics: {legend}." if legend else "No key metric differs.",
+    ]
+    if same:
+        notes.append(
+            "Same in every run: "
+            + ", ".join(
+                f"{km.label} {fmt(next(v for v in values[km] if v is not None))}" for km in same
+            )
+            + "."
+        )
+    if markdown:
+        body = [[c.strip() for c in r] for r in body]
+        return _md_table(header, body) + "\n" + "\n".join(notes) + "\n"
+    blocks = _column_blocks(header, body, width)
+    out = "\n".join(
+        text_table([header[i] for i in b], [[r[i] for i in b] for r in body], width=width)
+        for b in blocks
+    )
+    return out + "\n" + "\n".join(textwrap.fill(n, width) for n in notes) + "\n"
+
+
+def _column_blocks(
+    header: Sequence[str], body: Sequence[Sequence[str]], width: int
+) -> list[list[int]]:
+    """Column index groups, each starting with the run column, each fitting ``width``."""
+    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    blocks: list[list[int]] = []
+    current = [0]
+    used = 2 + widths[0]
+    for i in range(1, len(header)):
+        if used + 2 + widths[i] > width and len(current) > 1:
+            blocks.append(current)
+            current, used = [0], 2 + widths[0]
+        current.append(i)
+        used += 2 + widths[i]
+    blocks.append(current)
+    return blocks

@@ -14,7 +14,6 @@ import csv
 import math
 from pathlib import Path
 
-from salve.compare import KeyMetric
 from salve.config import Config
 from salve.figures import ESTIMATORS
 from salve.io import ArtifactError, load_tensors, read_json, write_text
@@ -36,36 +35,6 @@ from tasks.records import (
     Ranking,
     ReportMetrics,
     read_record,
-)
-
-# The metrics a comparison leads with (`salve compare`, the nightly artifact). Noise floors are
-# one val sample of 200 for accuracies and a comparable step elsewhere: set them from the
-# seed-to-seed spread once the evaluate stage measures it.
-KEY_METRICS: tuple[KeyMetric, ...] = (
-    KeyMetric("metrics/finetune.json", "val_accuracy", "fine-tuned val accuracy", "higher", 0.005),
-    KeyMetric("metrics/fit_sae.json", "val_fvu", "SAE val FVU", "lower", 0.002),
-    KeyMetric("metrics/fit_sae.json", "val_l0", "SAE val L0", "none", 0.5),
-    KeyMetric("metrics/fit_sae.json", "val_dead_fraction", "SAE dead fraction", "lower", 0.005),
-    KeyMetric(
-        "metrics/fit_sae.json", "val_splice_accuracy", "splice val accuracy", "higher", 0.005
-    ),
-    KeyMetric("metrics/rank.json", "distinct_dominant_features", "distinct dominant features"),
-    KeyMetric("metrics/edit.json", "classes_selective", "classes edited selectively", "higher"),
-    KeyMetric("metrics/edit.json", "mean_score", "mean selectivity score", "higher", 0.005),
-    KeyMetric(
-        "metrics/edit.json",
-        "mean_abs_off_target_change",
-        "mean |off-target change|",
-        "lower",
-        0.005,
-    ),
-    KeyMetric(
-        "metrics/edit.json",
-        "checkpoint_edit.feature",
-        "saved edit's feature",
-        kind="identifier",
-    ),
-    KeyMetric("metrics/alpha_crit.json", "median_exact", "median exact alpha_crit", "none", 1e-6),
 )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from salve.config import Config
 from salve.io import read_json, remove_temp_files, write_json
 from tasks import STAGES
+from tasks.dvcrepo import dvc_repo, restore_from_run_cache, stage_is_fresh
 
 log = logging.getLogger("salve")
 
@@ -188,59 +189,6 @@ def pipeline_lock(root: Path) -> Iterator[None]:
             _HELD.pop(key, None)
     finally:
         fh.close()
-
-
-def _quiet_dvc_console() -> None:
-    """DVC prints "Updating lock file" and the like on stdout from its own handlers; inside
-    salve its records go to the root logger instead (the run log under `salve run`)."""
-    dvc_log = logging.getLogger("dvc")
-    for handler in list(dvc_log.handlers):
-        dvc_log.removeHandler(handler)
-    dvc_log.propagate = True
-
-
-@contextlib.contextmanager
-def dvc_repo(root: Path) -> Iterator:
-    """A DVC Repo for `root`, used from inside it (DVC resolves output paths against the cwd)."""
-    from dvc.repo import Repo
-
-    _quiet_dvc_console()
-    with contextlib.chdir(root):
-        repo = Repo(str(root))
-        try:
-            yield repo
-        finally:
-            repo.close()
-
-
-def stage_is_fresh(repo, name: str) -> bool:
-    return not repo.status(targets=[name])
-
-
-def restore_from_run_cache(repo, name: str) -> bool:
-    from dvc.exceptions import ConfirmRemoveError
-    from dvc.stage.cache import RunCacheNotFoundError
-
-    (stage,) = repo.stage.collect(name)
-    with repo.lock:
-        try:
-            repo.stage_cache.restore(stage)
-        except RunCacheNotFoundError:
-            return False
-        except ConfirmRemoveError:
-            # An output holds content DVC has no copy of (corrupted, or edited by hand), so it
-            # will not delete it unasked. The stage owns its outputs and running it would replace
-            # them too: delete the cached ones and restore the recorded versions (`dvc repro`
-            # also removes a stage's outputs before it consults the run-cache).
-            for out in stage.outs:
-                if out.use_cache:
-                    out.remove(ignore_remove=False)
-            try:
-                repo.stage_cache.restore(stage)
-            except RunCacheNotFoundError:
-                return False
-    repo.commit(name, force=True)
-    return True
 
 
 def remove_stale_temp_files(root: Path, name: str) -> list[Path]:

@@ -76,7 +76,7 @@ def test_schedule_rejects_bad_arguments(tiny_project: Path, capsys) -> None:
 
 
 def test_configured_remote_default_named_and_missing(tiny_project: Path, tmp_path: Path) -> None:
-    from flows.nightly import DvcCommandError, configured_remote
+    from tasks.dvcrepo import DvcError, configured_remote
 
     assert configured_remote(tiny_project) is None  # no remote: nightly skips pull and push
     dvc(tiny_project, "remote", "add", "--local", "other", str(tmp_path / "other"))
@@ -84,29 +84,65 @@ def test_configured_remote_default_named_and_missing(tiny_project: Path, tmp_pat
     assert configured_remote(tiny_project, "other") == "other"
     dvc(tiny_project, "remote", "add", "--local", "-d", "shared", str(tmp_path / "shared"))
     assert configured_remote(tiny_project) == "shared"
-    with pytest.raises(DvcCommandError, match="'nope' is not configured"):
+    with pytest.raises(DvcError, match="'nope' is not configured"):
         configured_remote(tiny_project, "nope")
 
 
-def test_report_renders_changes_and_missing_diffs() -> None:
+def test_report_leads_with_the_cause_then_key_metrics() -> None:
     from flows.nightly import render_report
 
-    rows = [{"stage": "fit_sae", "status": "ran", "seconds": 1.5, "summary": "val_fvu=0.1"}]
+    rows = [{"stage": "fit_sae", "status": "ran", "seconds": 1.5, "summary": "x=1"}]
+    alpha = {f"per_class.{c}.exact.median": {"old": 1.0 + c, "new": 2.0 + c} for c in range(50)}
     diff = {
         "head": "abc1234",
-        "metrics": {"metrics/fit_sae.json": {"val_fvu": {"old": 0.2, "new": 0.1, "diff": -0.1}}},
+        "metrics": {
+            "metrics/alpha_crit.json": alpha,
+            "metrics/fit_sae.json": {
+                "val_fvu": {"old": 0.2, "new": 0.1, "diff": -0.1},
+                "val_l0": {"old": 5.0, "new": 5.0, "diff": 0.0},
+            },
+        },
         "params": {"params.yaml": {"sae.width": {"old": 32, "new": 64, "diff": 32}}},
         "errors": {},
+        "val_samples": 200,
     }
-    text, changed = render_report(Path("/r"), diff, rows, None, {"ok": True, "seconds": 0.5})
-    assert changed == 1
-    assert "| metrics/fit_sae.json | val_fvu | 0.2 | 0.1 | -0.1 |" in text
-    assert "| params.yaml | sae.width | 32 | 64 | 32 |" in text
+    text, changed, cause = render_report(Path("/r"), diff, rows, None, {"ok": True, "seconds": 0.5})
+    assert changed == 51 and cause == "sae.width 32 -> 64"
+    assert text.splitlines()[2] == "**sae.width 32 -> 64**; 51 metric(s) changed."
+    order = [
+        text.index(s)
+        for s in (
+            "| params.yaml | sae.width | 32 | 64 | +32 (×2) |",
+            "| SAE val FVU (val_fvu) | 0.2 | 0.1 | -0.1 (-50 %) | ▼ | better |",
+            "| SAE val L0 (active latents) (val_l0) | 5 | 5 | unchanged |  | unchanged |",
+            "#### metrics/alpha_crit.json: 50 changed",
+            "<details>",
+            "| per_class.0.exact.median | 1 | 2 |",
+            "### Stages",
+        )
+    ]
+    assert order == sorted(order)
     assert "dvc pull: skipped (no DVC remote configured)" in text
-    assert "dvc push: ok in 0.5 s" in text and "| fit_sae | ran |" in text
+    assert "dvc push: ok in 0.5 s" in text and "| fit_sae | ran | 1.5 | x=1 |" in text
     diff = {"head": "unknown", "metrics": {}, "params": {}, "errors": {"metrics": "no HEAD"}}
-    text, changed = render_report(Path("/r"), diff, [], None, None)
-    assert changed == 0 and "Not available" in text and "No params changed since HEAD" in text
+    text, changed, cause = render_report(Path("/r"), diff, [], None, None)
+    assert changed == 0 and cause == "no parameter changed"
+    assert "**metrics diff not available:** `no HEAD`" in text and "No parameter changed." in text
+
+
+def test_schedule_deployment_name_is_apart_from_prefect_yaml() -> None:
+    from flows.schedule import DEFAULT_DEPLOYMENT, prefect_yaml_deployments, takeover_warnings
+    from tests.conftest import REPO
+
+    declared = prefect_yaml_deployments(REPO)
+    assert declared["salve-nightly"] == "flows/nightly.py:nightly"
+    assert DEFAULT_DEPLOYMENT not in declared
+    assert takeover_warnings(REPO, DEFAULT_DEPLOYMENT) == []
+    (clash,) = takeover_warnings(REPO, "salve-nightly")
+    assert "salve-nightly/salve-nightly is also declared in prefect.yaml" in clash
+    assert "salve-pipeline" in declared and takeover_warnings(REPO, "salve-pipeline") == []
+    (pool,) = takeover_warnings(REPO, "mine", existing_pool="salve-gpu")
+    assert "on work pool 'salve-gpu'" in pool
 
 
 def _artifact_data(artifact) -> object:
@@ -202,7 +238,7 @@ def test_serve_runs_nightly_on_schedule(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[done.id])),
             )
             markdown = report.data
-            assert "No metrics changed since HEAD" in markdown
+            assert "**no parameter changed**; 0 metric(s) changed." in markdown
             assert "dvc pull: ok" in markdown and "dvc push: ok" in markdown
     finally:
         rc = stop_process(serve, timeout=30)

@@ -632,7 +632,7 @@ def test_compare_two_commits(built_project: Path):
     assert 'data-key="edit.alpha_max"' in params
     assert ">1.5</td>" in params and ">1</td>" in params
     # Every declared key metric has its row, changed or not.
-    from tasks.report import KEY_METRICS
+    from tasks.keymetrics import KEY_METRICS
 
     keys = text[text.index('id="key-metrics"') : text.index('id="other-metrics"')]
     for k in KEY_METRICS:
