@@ -56,12 +56,11 @@ def _all_fresh(root: Path, wanted: list[str]) -> list[StageOutcome] | None:
     Starting a Prefect flow costs 7-14 s with no server running (its temporary API); when
     nothing is stale there is nothing for it to orchestrate, so none is started.
     """
-    from tasks.runner import dvc_repo
+    from tasks.dvcrepo import stale_stages
 
     t0 = time.perf_counter()
-    with dvc_repo(root) as repo:
-        if repo.status(targets=wanted):
-            return None
+    if stale_stages(root, wanted):
+        return None
     seconds = (time.perf_counter() - t0) / max(len(wanted), 1)
     outcomes = []
     for name in wanted:

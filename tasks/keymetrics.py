@@ -110,6 +110,29 @@ KEY_METRICS_BY_STAGE: dict[str, tuple[KeyMetric, ...]] = {
             "lower",
         ),
     ),
+    "evaluate": (
+        _per_sample(
+            "evaluate",
+            "methods.salve_projection.efficacy.mean",
+            "SALVE projection: efficacy (seed mean)",
+            "efficacy",
+            "higher",
+        ),
+        _per_sample(
+            "evaluate",
+            "methods.salve_projection.specificity_mean.mean",
+            "SALVE projection: specificity (seed mean)",
+            "specificity",
+            "higher",
+        ),
+        _km(
+            "evaluate",
+            "stability.dominant_match_fraction",
+            "dominant latent found again across seeds",
+            "stable",
+            "higher",
+        ),
+    ),
     "report": (),
 }
 

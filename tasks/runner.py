@@ -103,9 +103,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from salve.models import WeightsFileError, WeightsUnavailableError
     from salve.runtime import KernelModeError
     from salve.train import DivergenceError, QualityGateError
+    from tasks.dvcrepo import DvcError
     from tasks.preflight import InputError
 
     return (
+        DvcError,
         InputError,
         KernelModeError,
         ArtifactError,
@@ -134,18 +136,14 @@ class StageOutcome:
         return f"{r['stage']:<10} {r['status']:<9} {r['seconds']:>7.1f} s  {r['summary']}"
 
     def row(self) -> dict:
-        scalars = [(k, v) for k, v in self.summary.items() if isinstance(v, int | float | str)]
-        brief = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars[:6])
+        from tasks.keymetrics import headline
+
         return {
             "stage": self.name,
             "status": self.status,
             "seconds": round(self.seconds, 2),
-            "summary": brief,
+            "summary": headline(self.name, self.summary),
         }
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 _HELD: dict[Path, int] = {}  # lock depth per repository held by this process
