@@ -101,7 +101,10 @@ def check_model(cfg: Config, root: Path, num_classes: int) -> None:
     from salve.models import check_architecture, check_weights_file
 
     f = cfg.finetune
-    check_architecture(f.arch, image_size=cfg.data.image_size)
+    try:
+        check_architecture(f.arch, image_size=cfg.data.image_size)
+    except ValueError as exc:  # the parameter is wrong: a configuration error (exit 2)
+        raise ConfigError(f"params.yaml: finetune.arch={f.arch!r}: {exc}") from None
     if f.weights in WEIGHT_KEYWORDS:
         return
     path = resolve_user_path(root, f.weights)
