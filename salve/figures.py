@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-ESTIMATORS = ("linear", "exact", "brentq", "empirical")
+from salve.alpha_crit import ESTIMATORS
+
 ESTIMATOR_COLOURS = {
     "linear": "#1f77b4",
     "exact": "#ff7f0e",
@@ -46,7 +47,7 @@ _RC = {
     "axes.grid": False,
     "image.interpolation": "nearest",
 }
-_PNG_METADATA = {"Software": None}
+PNG_METADATA = {"Software": None}  # PNG bytes depend only on the figure
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -59,7 +60,7 @@ def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
     """PNG bytes of ``fig`` (palette-compacted), with no software/date metadata: the same
     figure gives the same bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
+    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA)
     return compact_png(buf.getvalue())
 
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from torch import nn
 
 from salve.models import head_path, penultimate
+from salve.modes import eval_mode
 from salve.sae import SparseAutoencoder
 from salve.tv import import_torchvision
 
@@ -77,19 +78,6 @@ def _feature_list(features: Sequence[int], d_latent: int) -> list[int]:
     if bad:
         raise ValueError(f"features {bad[:5]} out of range for an SAE with {d_latent} latents")
     return feats
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put modules in eval mode; restore each one's own training flag afterwards."""
-    flags = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        yield
-    finally:
-        for m, flag in zip(modules, flags, strict=True):
-            m.train(flag)
 
 
 # --- Layouts: the one place that knows model families -------------------------------------
@@ -168,7 +156,7 @@ def _probe(model: nn.Module, image_size: int, names: list[str]) -> list[FeatureL
     x = x.to(device=param.device, dtype=param.dtype).requires_grad_(True)
     handles = [model.get_submodule(n).register_forward_hook(recorder(n)) for n in names]
     try:
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             acts = penultimate(model, x)
     finally:
         for h in handles:
@@ -274,7 +262,7 @@ def gradfam_closed_form(
     _, c, h, w = fmaps_nchw.shape
     if sae.W_enc.shape[1] != c:
         raise ValueError(f"SAE reads {sae.W_enc.shape[1]} channels, feature maps have {c}")
-    with torch.no_grad(), _eval_mode(sae):
+    with torch.no_grad(), eval_mode(sae):
         acts = fmaps_nchw.mean(dim=(2, 3))
         deriv = sae.code_derivative(acts)[:, feats]  # [N, F]
         w_enc = sae.W_enc[feats]  # [F, C]
@@ -357,7 +345,7 @@ def gradfam_autograd(
     _check_images(images_nchw)
     layer = _resolve(model, images_nchw.shape[-1], layer)
     out: list[torch.Tensor] = []
-    with _eval_mode(model, sae), _tapped(model, layer) as tap:
+    with eval_mode(model, sae), _tapped(model, layer) as tap:
         for start in range(0, images_nchw.shape[0], batch_size):
             batch = images_nchw[start : start + batch_size]
             with torch.enable_grad():
@@ -398,7 +386,7 @@ def feature_maps(
         lambda _m, _a, out: captured.append(out.detach())
     )
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             penultimate(model, images_nchw)
     finally:
         handle.remove()
@@ -463,7 +451,7 @@ def gradfam_pairs(
             maps = gradfam_closed_form(feature_maps(model, batch, layer), sae, uniq.tolist())
             out.append(maps[torch.arange(len(f)), inverse])
         return torch.cat(out)
-    with _eval_mode(model, sae), _tapped(model, layer) as tap:
+    with eval_mode(model, sae), _tapped(model, layer) as tap:
         for start in range(0, images_nchw.shape[0], batch_size):
             batch = images_nchw[start : start + batch_size]
             f = feats[start : start + batch_size].to(batch.device)
@@ -564,7 +552,7 @@ def deletion_curves(
     fill = images_nchw.mean(dim=(2, 3), keepdim=True)  # the mean colour, per image
     total = n * (steps + 1)
     values = torch.empty(total, dtype=torch.float64)
-    with _eval_mode(model, sae):
+    with eval_mode(model, sae):
         for start in range(0, total, batch_size):
             j = torch.arange(start, min(start + batch_size, total), device=device)
             i, k = j // (steps + 1), j % (steps + 1)

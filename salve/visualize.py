@@ -26,12 +26,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from salve.data import IMAGENET_MEAN, IMAGENET_STD
+from salve.figures import PNG_METADATA
 from salve.models import penultimate
+from salve.modes import eval_mode
 from salve.sae import SparseAutoencoder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_PNG_METADATA = {"Software": None}
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +88,7 @@ def activation_maximisation_batch(
     model_size = getattr(model, "image_size", None)
     if isinstance(model_size, int) and model_size != image_size:
         raise ValueError(f"this model takes {model_size} px images, asked for {image_size}")
-    flags = (model.training, sae.training)
-    model.eval()
-    sae.eval()
-    try:
+    with eval_mode(model, sae):
         chunks = [
             _maximise(
                 model,
@@ -112,9 +108,6 @@ def activation_maximisation_batch(
             )
             for i in range(0, len(feats), batch_size)
         ]
-    finally:
-        model.train(flags[0])
-        sae.train(flags[1])
     if not chunks:
         return torch.empty(0, 3, image_size, image_size)
     return torch.cat(chunks)
@@ -197,7 +190,7 @@ def _hwc_float(image_chw: np.ndarray) -> np.ndarray:
 def _png_bytes(fig: Figure, dpi: int) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
+    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA)
     return buf.getvalue()
 
 
@@ -294,7 +287,7 @@ def overlay_strip_png(
     strip = np.concatenate(tiles[:-1], axis=1)
     buf = io.BytesIO()
     rgb_u8 = np.round(np.clip(strip, 0.0, 1.0) * 255.0).astype(np.uint8)
-    matplotlib.image.imsave(buf, rgb_u8, format="png", metadata=_PNG_METADATA)
+    matplotlib.image.imsave(buf, rgb_u8, format="png", metadata=PNG_METADATA)
     return buf.getvalue()
 
 
@@ -310,5 +303,5 @@ def image_png(image: torch.Tensor | np.ndarray, *, scale: int = 1) -> bytes:
         arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
     rgb_u8 = np.round(arr * 255.0).astype(np.uint8)
     buf = io.BytesIO()
-    matplotlib.image.imsave(buf, rgb_u8, format="png", metadata=_PNG_METADATA)
+    matplotlib.image.imsave(buf, rgb_u8, format="png", metadata=PNG_METADATA)
     return buf.getvalue()

@@ -525,7 +525,7 @@ def _fake_root(tmp_path: Path) -> Path:
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(12) % 3
     save_tensors(res / "fetch" / "val.safetensors", {"images": images, "labels": labels})
-    write_json(res / "fetch" / "meta.json", {"classes": classes})
+    write_json(res / "fetch" / "meta.json", {"classes": classes, "info": {}})
     model = build_model("resnet18", 3, image_size=32).eval()
     norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     save_checkpoint(
@@ -543,9 +543,15 @@ def _fake_root(tmp_path: Path) -> Path:
         sae.encoder.bias[7] = -1.0  # latent 7 never fires: a dead latent
     save_tensors(res / "fit_sae" / "sae.safetensors", sae_tensors(sae))
     write_json(res / "fit_sae" / "sae.json", {"kind": "relu", "k": 0})
-    ranking = {
-        "dominant": [{"feature": 2, "name": "a", "class": 0}, {"feature": 5, "name": "b"}],
-        "cross_class": [{"feature": 3, "classes": [1, 2]}],
+    ranking = {  # the rank stage's record (tasks/records.py Ranking)
+        "classes": classes,
+        "dominant": [
+            {"feature": 2, "name": "a", "class": 0, "class_mean": 1.0},
+            {"feature": 5, "name": "b", "class": 1, "class_mean": 1.0},
+        ],
+        "top": {},
+        "cross_class": [{"feature": 3, "classes": [1, 2], "class_means": [1.0, 0.9], "ratio": 0.9}],
+        "rule": {},
     }
     write_json(res / "rank" / "ranking.json", ranking)
     return root

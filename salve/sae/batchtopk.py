@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from salve.modes import train_mode
 from salve.sae.topk import TopKSAE
 
 THRESHOLD_TENSOR = "batchtopk_threshold"
@@ -35,16 +36,14 @@ class BatchTopKSAE(TopKSAE):
         """Threshold = mean over batches of the smallest pre-activation the batch rule keeps.
 
         normalise_decoder_ rescales latents one by one, so recalibrate after it."""
-        was_training = self.training
-        self.train()
         mins = []
-        for start in range(0, acts_nm.shape[0], batch_size):
-            pre = self.pre_activation(acts_nm[start : start + batch_size])
-            mask = self.support(pre)
-            if mask.any():
-                mins.append(pre[mask].min())
+        with train_mode(self):  # the batch rule, as while fitting
+            for start in range(0, acts_nm.shape[0], batch_size):
+                pre = self.pre_activation(acts_nm[start : start + batch_size])
+                mask = self.support(pre)
+                if mask.any():
+                    mins.append(pre[mask].min())
         self.batchtopk_threshold.fill_(torch.stack(mins).mean() if mins else 0.0)
-        self.train(was_training)
 
     def describe(self) -> dict[str, Any]:
         rule = super().describe()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from salve.modes import eval_mode
 from salve.sae.base import SparseAutoencoder
 
 
@@ -21,8 +22,11 @@ def quality_metrics(
 
     Sums are accumulated in float64 over the whole set (never an average of per-batch ratios).
     """
-    was_training = sae.training
-    sae.eval()
+    with eval_mode(sae):
+        return _metrics(sae, acts_nm, head, labels_n, batch_size)
+
+
+def _metrics(sae, acts_nm, head, labels_n, batch_size) -> dict[str, float]:
     n = acts_nm.shape[0]
     mean_m = acts_nm.double().mean(dim=0)
     sse = torch.zeros((), dtype=torch.float64)
@@ -45,7 +49,6 @@ def quality_metrics(
             correct_orig += int((pred_orig == y).sum())
             correct_splice += int((pred_splice == y).sum())
             agree += int((pred_orig == pred_splice).sum())
-    sae.train(was_training)
     fvu = float(sse / sst) if sst > 0 else float("nan")
     metrics = {
         "fvu": fvu,
