@@ -63,3 +63,7 @@ def import_torchvision() -> ModuleType:
         EXTENSION_STUBBED = True
         import torchvision
     return torchvision
+
+
+# Importing this module makes a later `import torchvision` work (README, "Using a checkpoint").
+import_torchvision()

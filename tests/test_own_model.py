@@ -1,0 +1,91 @@
+"""Explain your own model: a trained torchvision classifier other than the built-in backbones,
+taken as it is (`finetune.epochs: 0`, `finetune.weights: weights/<file>.safetensors`), through
+the whole pipeline on an image folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY_PARAMS, make_project, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+ARCH = "mobilenet_v3_small"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def own_model_project(tmp_path_factory) -> tuple[Path, dict]:
+    from safetensors.torch import save_file
+
+    from salve.models import build_model
+
+    params = {s: dict(v) for s, v in TINY_PARAMS.items()}
+    params["data"] |= {
+        "source": "imagefolder",
+        "path": "data/shapes",
+        "image_size": SIZE,
+        "min_val_per_class": 1,
+    }
+    params["finetune"] |= {"arch": ARCH, "weights": "weights/mine.safetensors", "epochs": 0}
+    params["edit"] |= {"checkpoint_class": 1}
+    params["evaluate"] = {"seeds": 2}
+    root = make_project(tmp_path_factory.mktemp("own") / "project", params)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("a", "b", "c")):
+        (root / "data/shapes" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (SIZE, SIZE, 3)) // 4 + 60 * k
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "data/shapes" / name / f"{i}.png")
+    torch.manual_seed(3)
+    model = build_model(ARCH, 3, image_size=SIZE)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(root / "weights" / "mine.safetensors"))
+    statuses = run_pipeline(root)
+    return root, {"statuses": statuses, "state": state}
+
+
+def test_the_whole_pipeline_runs_on_the_users_model_as_it_is(own_model_project) -> None:
+    root, info = own_model_project
+    assert set(info["statuses"].values()) == {"ran"}
+    from salve.io import load_tensors
+
+    # epochs 0: the checkpoint is the user's weights, bit for bit (nothing was trained)
+    saved = load_tensors(root / "results/finetune/model.safetensors")
+    assert saved.keys() == info["state"].keys()
+    assert all(torch.equal(saved[k], info["state"][k]) for k in saved)
+    finetune = json.loads((root / "metrics/finetune.json").read_text())
+    assert finetune["arch"] == ARCH and finetune["epochs_run"] == 0
+
+
+def test_activations_are_the_head_input_and_edits_load_into_plain_torchvision(own_model_project):
+    root, _ = own_model_project
+    from salve.data import normalise
+    from salve.io import load_tensors
+    from salve.models import head_of, load_checkpoint
+    from salve.tv import import_torchvision
+
+    model, sidecar = load_checkpoint(root / "results/finetune/model.safetensors")
+    images = load_tensors(root / "results/fetch/val.safetensors")["images"]
+    acts = load_tensors(root / "results/extract/val.safetensors")["acts"]
+    norm = sidecar["normalisation"]
+    with torch.no_grad():
+        logits = model(normalise(images, tuple(norm["mean"]), tuple(norm["std"])))
+        assert torch.allclose(head_of(model)(acts), logits, atol=1e-5)
+    plain = import_torchvision().models.get_model(ARCH, num_classes=3)
+    plain.load_state_dict(load_tensors(root / "results/edit/model.safetensors"), strict=True)
+
+
+def test_gradfam_uses_a_spatial_map_of_this_architecture(own_model_project) -> None:
+    root, _ = own_model_project
+    gradfam = json.loads((root / "metrics/gradfam.json").read_text())
+    latents = json.loads((root / "results/gradfam/latents.json").read_text())
+    assert gradfam["layer"] == latents["layer"] and gradfam["layer"].startswith("features.")
+    assert len(gradfam["map_grid"]) == 2 and min(gradfam["map_grid"]) >= 2
+    assert len(latents["latents"]) == TINY_PARAMS["sae"]["width"]
