@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -39,11 +40,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 STUDY_JSON = "metrics/study.json"
 STUDY_PAGE = "reports/study/index.html"
@@ -235,10 +233,6 @@ def _normalisation(sidecar: dict) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(norm["mean"]), tuple(norm["std"])
 
 
-study_task = task(cache_policy=NO_CACHE, persist_result=False)
-
-
-@study_task
 def attack_task(root: str, indices: list[int], norm: str, s: dict, common: dict) -> list[float]:
     import torch
 
@@ -271,7 +265,6 @@ def _acts(root: Path):
     return load_activations(root, "train"), load_activations(root, "val")
 
 
-@study_task
 def match_l0_task(
     root: str, sae: dict, target_l0: float, seed: int, fits: int, common: dict
 ) -> dict:
@@ -286,7 +279,6 @@ def match_l0_task(
     return {"l1": best.l1, "trace": trace}
 
 
-@study_task
 def variant_task(
     root: str, sae: dict, seed: int, match: dict | None, settings: dict, common: dict
 ) -> dict:
@@ -318,7 +310,6 @@ def variant_task(
         return {"seed": seed, "error": str(exc)}
 
 
-@study_task
 def layer_task(root: str, layer: str, sae: dict, settings: dict, common: dict) -> dict:
     """Question 3's shared work: the layer's SAE and directions, the unedited model's
     predictions on val and shifted images, and the head edit of every class."""
@@ -397,7 +388,6 @@ def layer_task(root: str, layer: str, sae: dict, settings: dict, common: dict) -
     }
 
 
-@study_task
 def backbone_edit_task(root: str, prep: dict, target: int, alpha: float, common: dict):
     import torch
 
@@ -426,6 +416,23 @@ def backbone_edit_task(root: str, prep: dict, target: int, alpha: float, common:
         std,
         reference_c=torch.tensor(prep["reference"], dtype=torch.float64),
         before_along=prep["before_along"][target],
+    )
+
+
+@functools.cache
+def prefect_tasks() -> SimpleNamespace:
+    """The task functions above as Prefect tasks, made on first use: importing this module (the
+    CLI does, to register `salve study`) must not import Prefect."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    wrap = task(cache_policy=NO_CACHE, persist_result=False)
+    return SimpleNamespace(
+        attack=wrap(attack_task),
+        match_l0=wrap(match_l0_task),
+        variant=wrap(variant_task),
+        layer=wrap(layer_task),
+        backbone_edit=wrap(backbone_edit_task),
     )
 
 
@@ -470,8 +477,10 @@ def submit_adversarial(root: Path, cfg, classes: list[str]) -> PartRun:
         if not indices:
             continue
         for norm in NORMS:
-            futures[k, norm] = attack_task.with_options(name=f"attack-{norm}-class-{k}").submit(
-                str(root), indices, norm, s["study"], common
+            futures[k, norm] = (
+                prefect_tasks()
+                .attack.with_options(name=f"attack-{norm}-class-{k}")
+                .submit(str(root), indices, norm, s["study"], common)
             )
 
     def assemble() -> tuple[dict, dict]:
@@ -537,14 +546,18 @@ def submit_sae_variants(root: Path, cfg, classes: list[str]) -> PartRun:
         name, sae = v["name"], dataclasses.asdict(v["sae"])
         match = None
         if v["l0_rule"] == "achieved" and v["sae"].kind != "linear" and s.match_l0_fits:
-            match = match_l0_task.with_options(name=f"match-l0-{name}").submit(
-                str(root), sae, target, seeds[0], s.match_l0_fits, common
+            match = (
+                prefect_tasks()
+                .match_l0.with_options(name=f"match-l0-{name}")
+                .submit(str(root), sae, target, seeds[0], s.match_l0_fits, common)
             )
             matches[name] = match
             futures.append(match)
         for seed in seeds:
-            fut = variant_task.with_options(name=f"fit-{name}-seed-{seed}").submit(
-                str(root), sae, seed, match, settings, common
+            fut = (
+                prefect_tasks()
+                .variant.with_options(name=f"fit-{name}-seed-{seed}")
+                .submit(str(root), sae, seed, match, settings, common)
             )
             fits[name, seed] = fut
             futures.append(fut)
@@ -585,13 +598,13 @@ def submit_deeper_layer(root: Path, cfg, classes: list[str]) -> PartRun:
         "paper_alpha": cfg.evaluate.paper_alpha,
         "min_base_accuracy": cfg.edit.min_base_accuracy,
     }
-    prep = layer_task.submit(
+    prep = prefect_tasks().layer.submit(
         str(root), cfg.study.deeper_layer, dataclasses.asdict(cfg.sae), settings, common
     )
     edits = {
-        k: backbone_edit_task.with_options(name=f"backbone-edit-class-{k}").submit(
-            str(root), prep, k, cfg.study.deeper_alpha, common
-        )
+        k: prefect_tasks()
+        .backbone_edit.with_options(name=f"backbone-edit-class-{k}")
+        .submit(str(root), prep, k, cfg.study.deeper_alpha, common)
         for k in range(len(classes))
     }
 
@@ -636,10 +649,12 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@flow(name="salve-study")
-def study_flow(root: str, parts: list[str], force: list[str]) -> dict[str, Any]:
+def study_flow_body(root: str, parts: list[str], force: list[str]) -> dict[str, Any]:
     """Compute the stale parts (concurrently, on the task runner), keep the others, write the
     record after each part and the page at the end."""
+    from prefect import get_run_logger
+    from prefect.futures import as_completed
+
     from salve.config import load
     from salve.io import ArtifactError
     from tasks.artifacts import load_dataset_meta
@@ -713,6 +728,14 @@ def study_flow(root: str, parts: list[str], force: list[str]) -> dict[str, Any]:
     return {"status": status, "study": str(root_path / STUDY_JSON), "page": str(page)}
 
 
+@functools.cache
+def study_flow():
+    """The Prefect flow `salve-study` (made on first use, as :func:`prefect_tasks`)."""
+    from prefect import flow
+
+    return flow(name="salve-study")(study_flow_body)
+
+
 def _say(log, line: str) -> None:
     log.info(line)
     print(line, flush=True)
@@ -783,7 +806,7 @@ def run_study(
         if check_fresh:
             require_fresh(root, parts)
         runner = task_runner(root, address, n)
-        return study_flow.with_options(task_runner=runner)(
+        return study_flow().with_options(task_runner=runner)(
             root=str(root), parts=list(parts), force=list(force)
         )
 

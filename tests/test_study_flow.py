@@ -7,6 +7,8 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ from salve.study.page import (
 )
 from salve.study.vulnerability import select_attack_samples, vulnerability_summary
 from salve.tv import import_torchvision
-from tests.conftest import copy_project
+from tests.conftest import REPO, copy_project
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -442,6 +444,10 @@ def test_cli_registers_study() -> None:
     assert args.dask_address is None and not args.allow_stale
     with pytest.raises(SystemExit):
         parser.parse_args(["study", "--parts", "q4"])
+    # Registering the command must not slow every `salve` call down with Prefect's import.
+    code = "import sys, flows.study; sys.exit('prefect' in sys.modules or 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +561,13 @@ def test_study_flow_end_to_end_skips_unchanged_parts(
     assert (
         third["parts"]["adversarial"]["fingerprint"] != again["parts"]["adversarial"]["fingerprint"]
     )
+
+    # Forced, on one worker instead of two: the same numbers (one torch thread per task).
+    out = run_study(root, parts=["adversarial"], force=["adversarial"], workers=1)
+    assert out["status"] == {"adversarial": "ran"}
+    forced = json.loads((root / STUDY_JSON).read_text())
+    assert forced["adversarial"] == third["adversarial"]
+    assert forced["deeper_layer"] == third["deeper_layer"]
 
     # 4. `salve study` with nothing changed (a --set to the same value): nothing runs, the
     # record is byte for byte the same, one line per part and a last line.
