@@ -259,6 +259,67 @@ class EvaluateConfig:
     paper_alpha: float = _f(8.0, min=0.0, help="strength of the paper-rule edit, per-feature units")
 
 
+# `salve study` (METHOD.md's open questions q1-q3): not a pipeline stage, so DVC ignores it.
+@dataclass(frozen=True)
+class StudyConfig:
+    workers: int = _f(
+        0, min=0, max=256, help="Dask worker processes, one thread each; 0 = one per CPU core"
+    )
+    attack_per_class: int = _f(
+        20, min=1, max=100_000, help="q1: correctly classified val samples attacked per class"
+    )
+    attack_steps: int = _f(10, min=1, max=10_000, help="q1: PGD steps per attack")
+    attack_bisection_steps: int = _f(
+        8, min=0, max=40, help="q1: bisection steps on the size (resolution eps_max / 2^steps)"
+    )
+    attack_targets: int = _f(
+        1,
+        min=0,
+        max=1000,
+        help="q1: targeted PGD runs on the top wrong classes after the untargeted one",
+    )
+    eps_max_linf: float = _f(
+        0.25,
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+        help="q1: largest L-inf size tried ([0, 1] pixels)",
+    )
+    eps_max_l2: float = _f(
+        8.0, min=0.0, min_exclusive=True, help="q1: largest L2 size tried ([0, 1] pixels)"
+    )
+    bootstrap: int = _f(
+        1000, min=0, max=100_000, help="q1: bootstrap resamples for Spearman's 95 % CI"
+    )
+    seeds: int = _f(3, min=1, max=100, help="q2: SAE fits (seeds) per variant; CIs over seeds")
+    target_l0: float = _f(
+        0.0, min=0.0, help="q2: L0 the variants are matched to; 0 = the pipeline SAE's val L0"
+    )
+    match_l0_fits: int = _f(
+        5,
+        min=0,
+        max=50,
+        help="q2: relu/jumprelu fits bisecting l1 towards the target L0 (0 = keep sae.l1)",
+    )
+    aux_l1: float = _f(
+        0.03, min=0.0, min_exclusive=True, help="q2: strength of topk_aux_l1's penalty"
+    )
+    l1_l2_ratio: float = _f(
+        0.01, min=0.0, min_exclusive=True, help="q2: strength of topk_l1_l2_ratio's penalty"
+    )
+    deeper_layer: str = _f(
+        "auto",
+        help="q3: backbone stage or block edited: auto (layer3 of a ResNet, the block at 3/4 "
+        "depth of a ViT) or a module name",
+    )
+    deeper_alpha: float = _f(
+        1.0,
+        min=0.0,
+        min_exclusive=True,
+        help="q3: strength of the backbone edit (1 removes the deviation along the feature)",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     common: CommonConfig = field(default_factory=CommonConfig)
@@ -271,6 +332,7 @@ class Config:
     alpha_crit: AlphaCritConfig = field(default_factory=AlphaCritConfig)
     gradfam: GradfamConfig = field(default_factory=GradfamConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -387,6 +449,12 @@ def _check_cross_field(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: alpha_crit.grid_min={cfg.alpha_crit.grid_min} must be below "
             f"alpha_crit.grid_max={cfg.alpha_crit.grid_max}"
+        )
+    layer = cfg.study.deeper_layer
+    if layer != "auto" and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", layer):
+        raise ConfigError(
+            f"{source}: study.deeper_layer={layer!r} must be auto or a dotted module name "
+            "(layer3, layer3.1, encoder.layers.encoder_layer_8)"
         )
     if cfg.sae.kind in ("topk", "batchtopk") and cfg.sae.k > cfg.sae.width:
         raise ConfigError(f"{source}: sae.k={cfg.sae.k} must be <= sae.width={cfg.sae.width}")
