@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.compare import add_compare_parser, add_diff_parser, add_exps_parser
 
     add_compare_parser(sub)
+    from flows.study import add_study_parser
+
+    add_study_parser(sub)
     add_diff_parser(sub)
     add_exps_parser(sub)
     return p
