@@ -11,10 +11,11 @@ time in a repository). `fn` must be a module-level function and `jobs` picklable
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -27,46 +28,47 @@ def run_job(fn: Callable[[dict], dict], job: dict) -> dict:
     return fn(job)
 
 
-def task_runner(address: str | None = None, workers: int | None = None):
-    """A DaskTaskRunner on ``address`` (or $SALVE_DASK_ADDRESS), else a local cluster."""
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def local_cluster(**kwargs: Any):
+    """A Dask LocalCluster whose workers report to this flow run's Prefect API.
+
+    Without a configured server, Prefect runs a temporary API in a subprocess; a worker process
+    knows nothing of it and would start its own (7-14 s each, all on one database).
+    """
+    from distributed import LocalCluster
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    env = {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None else {}
+    return LocalCluster(env=env, **kwargs)
+
+
+def task_runner(
+    address: str | None = None, workers: int | None = None, scratch: Path | None = None
+):
+    """A DaskTaskRunner on ``address`` (or $SALVE_DASK_ADDRESS), else a local cluster of
+    ``workers`` (default: one per core) single-threaded worker processes."""
     from prefect_dask import DaskTaskRunner
 
     address = address or os.environ.get(DASK_ADDRESS_ENV) or None
     if address:
         return DaskTaskRunner(address=address)
-    n = workers or os.cpu_count() or 1
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": n,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
-
-
-@contextlib.contextmanager
-def _workers_share_the_api() -> Iterator[None]:
-    """Point spawned Dask workers at this process's Prefect API.
-
-    Without a configured server, Prefect runs a temporary API in a subprocess; a worker process
-    knows nothing of it and would start its own (7-14 s each, all on one database). The workers
-    inherit the environment at spawn, so PREFECT_API_URL is set while the cluster starts.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    running = [s for s in SubprocessASGIServer._instances.values() if s.running]
-    if not running:
-        yield
-        return
-    os.environ["PREFECT_API_URL"] = running[0].api_url
-    try:
-        yield
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
+    kwargs = {
+        "n_workers": workers or default_workers(),
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.WARNING,
+    }
+    if scratch is not None:
+        kwargs["local_directory"] = str(scratch)
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=kwargs)
 
 
 def dask_map(
@@ -79,7 +81,7 @@ def dask_map(
 ) -> list[dict]:
     """``[fn(job) for job in jobs]``, computed concurrently on Dask, in the jobs' order."""
 
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
+    workers = min(workers or default_workers(), max(1, len(jobs)))
 
     @flow(name=name, task_runner=task_runner(address, workers))
     def fanout(batch: list[dict]) -> list[dict]:
@@ -88,6 +90,4 @@ def dask_map(
         ]
         return [f.result() for f in futures]
 
-    with _workers_share_the_api(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # distributed's port notices
-        return fanout(list(jobs))
+    return fanout(list(jobs))

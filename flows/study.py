@@ -43,9 +43,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from flows.fanout import DASK_ADDRESS_ENV, default_workers, task_runner
+
 STUDY_JSON = "metrics/study.json"
 STUDY_PAGE = "reports/study/index.html"
-ADDRESS_ENV = "SALVE_DASK_ADDRESS"
+ADDRESS_ENV = DASK_ADDRESS_ENV
 SCHEMA_VERSION = 1
 PARTS = ("adversarial", "sae_variants", "deeper_layer")
 NORMS = ("linf", "l2")
@@ -741,44 +743,6 @@ def _say(log, line: str) -> None:
     print(line, flush=True)
 
 
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def local_cluster(**kwargs: Any):
-    """A Dask LocalCluster whose workers report to this flow run's Prefect API (inherited
-    otherwise only by Prefect's settings, so each worker would start its own temporary API)."""
-    from distributed import LocalCluster
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    env = {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None else {}
-    return LocalCluster(env=env, **kwargs)
-
-
-def task_runner(root: Path, address: str | None, workers: int):
-    """Prefect's Dask task runner: the scheduler at ``address``, else a local cluster of
-    ``workers`` single-threaded worker processes."""
-    from prefect_dask import DaskTaskRunner
-
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(
-        cluster_class=local_cluster,
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            "silence_logs": logging.WARNING,
-            "local_directory": str(root / ".salve" / "dask"),
-        },
-    )
-
-
 def run_study(
     root: Path,
     *,
@@ -805,7 +769,7 @@ def run_study(
     with pipeline_lock(root):  # the artifacts must not change under the study
         if check_fresh:
             require_fresh(root, parts)
-        runner = task_runner(root, address, n)
+        runner = task_runner(address, n, scratch=root / ".salve" / "dask")
         return study_flow().with_options(task_runner=runner)(
             root=str(root), parts=list(parts), force=list(force)
         )

@@ -45,6 +45,14 @@ def own_model_project(tmp_path_factory) -> tuple[Path, dict]:
             Image.fromarray(pixels.astype(np.uint8)).save(root / "data/shapes" / name / f"{i}.png")
     torch.manual_seed(3)
     model = build_model(ARCH, 3, image_size=SIZE)
+    # A stand-in for the user's trained model: BatchNorm statistics of these images (a freshly
+    # initialised network maps every image to nearly the same activations).
+    images = torch.rand(64, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(images)
+    model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(root / "weights" / "mine.safetensors"))
     statuses = run_pipeline(root)
