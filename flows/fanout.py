@@ -6,7 +6,9 @@ a subflow on `prefect_dask.DaskTaskRunner`: by default a local cluster with one 
 worker process per core, or an existing Dask scheduler named by `SALVE_DASK_ADDRESS`
 (`tcp://host:8786`), for users who outgrow one machine. Workers only compute: they return their
 results to the flow, which writes every file and runs every DVC command (one DVC command at a
-time in a repository). `fn` must be a module-level function and `jobs` picklable.
+time in a repository). `fn` must be a module-level function and `jobs` picklable. Prefect is
+imported only when a map runs: importing this module (the CLI does) must leave Prefect's logging
+to be configured by `salve run` first.
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-
 DASK_ADDRESS_ENV = "SALVE_DASK_ADDRESS"
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
 def run_job(fn: Callable[[dict], dict], job: dict) -> dict:
     return fn(job)
 
@@ -81,12 +79,16 @@ def dask_map(
 ) -> list[dict]:
     """``[fn(job) for job in jobs]``, computed concurrently on Dask, in the jobs' order."""
 
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
     workers = min(workers or default_workers(), max(1, len(jobs)))
+    job_task = task(run_job, cache_policy=NO_CACHE, persist_result=False)
 
     @flow(name=name, task_runner=task_runner(address, workers))
     def fanout(batch: list[dict]) -> list[dict]:
         futures = [
-            run_job.with_options(name=f"{name}-{i}").submit(fn, job) for i, job in enumerate(batch)
+            job_task.with_options(name=f"{name}-{i}").submit(fn, job) for i, job in enumerate(batch)
         ]
         return [f.result() for f in futures]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from salve.activations import extract_activations
 from salve.config import Config
 from salve.io import save_tensors
@@ -13,6 +15,22 @@ from tasks import STAGES
 from tasks.artifacts import load_model, load_split
 from tasks.common import write_metrics
 from tasks.records import ExtractMetrics
+
+# Below this relative spread the head input is (numerically) the same for every image: the model
+# is untrained or collapsed, and an SAE fitted to it would only fit float32 round-off.
+MIN_RELATIVE_SPREAD = 1e-4
+
+
+def check_spread(acts_nm: torch.Tensor, split: str) -> None:
+    spread = float((acts_nm.double() - acts_nm.double().mean(0)).pow(2).sum(1).mean().sqrt())
+    scale = float(acts_nm.double().norm(dim=1).mean())
+    if acts_nm.shape[0] > 1 and not spread > MIN_RELATIVE_SPREAD * max(scale, 1e-30):
+        raise QualityGateError(
+            f"the classifier's head input barely varies across the {split} images (spread "
+            f"{spread:.3g} around a mean norm of {scale:.3g}): the model is untrained or "
+            "collapsed, so there are no features to find. Use trained weights "
+            "(finetune.weights) or fine-tune it (finetune.epochs > 0)."
+        )
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
@@ -42,6 +60,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             desc=f"extract {split}",
         )
         save_tensors(STAGES["extract"].path(root, split), {"acts": acts, "labels": labels})
+        check_spread(acts, split)
         summary[f"{split}_samples"] = int(acts.shape[0])
         summary["dim"] = int(acts.shape[1])
         summary[f"{split}_mean_norm"] = float(acts.norm(dim=1).mean())

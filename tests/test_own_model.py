@@ -43,15 +43,22 @@ def own_model_project(tmp_path_factory) -> tuple[Path, dict]:
         for i in range(8):
             pixels = rng.integers(0, 256, (SIZE, SIZE, 3)) // 4 + 60 * k
             Image.fromarray(pixels.astype(np.uint8)).save(root / "data/shapes" / name / f"{i}.png")
+    # A stand-in for the user's trained model: a few steps of training on these images (a
+    # freshly initialised network maps every image to nearly the same head input).
     torch.manual_seed(3)
     model = build_model(ARCH, 3, image_size=SIZE)
-    # A stand-in for the user's trained model: BatchNorm statistics of these images (a freshly
-    # initialised network maps every image to nearly the same activations).
-    images = torch.rand(64, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    files = sorted((root / "data/shapes").rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files])
+    y = torch.tensor([("a", "b", "c").index(f.parent.name) for f in files])
+    x = (x.float() / 255 - 0.45) / 0.25
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(images)
+    for step in range(40):
+        idx = torch.arange(8) + 8 * (step % 3)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(root / "weights" / "mine.safetensors"))
