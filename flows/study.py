@@ -1,4 +1,4 @@
-"""`salve study`: numbers for METHOD.md's three open questions, from the pipeline's artifacts.
+"""`salve study`: numbers for docs/METHOD.md's three open questions, from the pipeline's artifacts.
 
 Not a pipeline stage (not in dvc.yaml, not part of `salve run`): it reads what the pipeline
 cached and writes `metrics/study.json` and `reports/study/index.html`.
@@ -835,8 +835,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "study",
         help="answer the paper's open questions with numbers (after `salve run`)",
         description=(
-            "Answer METHOD.md's open questions from the pipeline's cached artifacts: alpha_crit "
-            "vs adversarial vulnerability, SAE kinds at matched L0, an edit inside the backbone. "
+            "Answer the open questions of docs/METHOD.md from the pipeline's cached artifacts: "
+            "alpha_crit vs adversarial vulnerability, SAE kinds at matched L0, an edit inside "
+            "the backbone. "
             f"Writes {STUDY_JSON} and {STUDY_PAGE}; parts whose inputs, parameters and code are "
             "unchanged are kept. Work runs on a local Dask cluster (one single-threaded worker "
             f"per core) or on the scheduler named by --dask-address / ${ADDRESS_ENV}."

@@ -259,7 +259,7 @@ class EvaluateConfig:
     paper_alpha: float = _f(8.0, min=0.0, help="strength of the paper-rule edit, per-feature units")
 
 
-# `salve study` (METHOD.md's open questions q1-q3): not a pipeline stage, so DVC ignores it.
+# `salve study` (docs/METHOD.md's open questions q1-q3): not a pipeline stage, so DVC ignores it.
 @dataclass(frozen=True)
 class StudyConfig:
     workers: int = _f(

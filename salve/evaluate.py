@@ -1,4 +1,4 @@
-"""Edit evaluation: baselines and metrics for permanent class-suppressing edits (METHOD.md).
+"""Edit evaluation: baselines and metrics for permanent class-suppressing edits (docs/METHOD.md).
 
 Every method suppresses one target class k. Each yields both
 

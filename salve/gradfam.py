@@ -1,7 +1,7 @@
 """Grad-FAM: Grad-CAM with the target changed from a class score to one SAE latent ``z_l``, and a
 deletion test of its faithfulness.
 
-METHOD.md, "Grad-FAM". For feature ``l`` and feature maps ``A`` (C x h x w):
+docs/METHOD.md, "Grad-FAM". For feature ``l`` and feature maps ``A`` (C x h x w):
 
     w_c = mean over (h, w) of d z_l / d A[c, h, w]          map = ReLU(sum_c w_c * A[c])
 
@@ -30,9 +30,9 @@ Two ways to compute the maps:
   ``gradfam_pairs`` (each image with its own feature) needs a single backward per batch, since in
   eval mode the samples are independent.
 
-Faithfulness (METHOD.md, "Grad-FAM faithfulness"): ``deletion_test`` replaces pixels by the image's
-mean colour in order of decreasing saliency, in ``steps`` equal steps, records the feature's code
-normalised by its unmasked value, and integrates that curve over the fraction deleted (trapezoid
+Faithfulness (docs/METHOD.md, "Faithfulness"): ``deletion_test`` replaces pixels by the
+image's mean colour in order of decreasing saliency, in ``steps`` equal steps, records the
+feature's code normalised by its unmasked value, and integrates that curve over the fraction deleted (trapezoid
 rule on [0, 1]); the same with a seeded random order. A faithful map has a clearly lower AUC.
 """
 

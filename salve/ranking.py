@@ -17,7 +17,7 @@ def class_mean_codes(
 
 
 def dominant_features(mu_kl: torch.Tensor) -> torch.Tensor:
-    """Dominant feature of class k: argmax_l |mu[k, l]| (METHOD.md)."""
+    """Dominant feature of class k: argmax_l |mu[k, l]| (docs/METHOD.md)."""
     return mu_kl.abs().argmax(dim=1)
 
 

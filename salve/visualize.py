@@ -1,6 +1,6 @@
 """Activation maximisation for SAE latents (batched over latents), and PNG figure helpers.
 
-METHOD.md, "Activation maximisation":
+docs/METHOD.md, "Activation maximisation":
 
     x* = argmax_x  z_l(x) - l2 * ||x||^2 - tv * TV(x)
 

@@ -43,7 +43,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     weight, bias = head.weight.detach(), head.bias.detach()
     acts, labels = load_activations(root, "val")
     w_dec = sae.W_dec.detach()
-    # The centred projection acts on a - b_dec, the part the SAE codes see (METHOD.md).
+    # The centred projection acts on a - b_dec, the part the SAE codes see (docs/METHOD.md).
     centre = sae.b_dec.detach() if e.centre and e.mode == "projection" else None
     grid = torch.linspace(0.0, e.alpha_max, e.alpha_steps, dtype=torch.float64)
 

@@ -1,6 +1,6 @@
 """Sparse autoencoders on penultimate activations: one class per kind, fitting, quality metrics.
 
-Kinds (METHOD.md, "SAE"), one module each, registered by name in ``SAE_KINDS``:
+Kinds (docs/METHOD.md, "SAE"), one module each, registered by name in ``SAE_KINDS``:
 - ``linear``: the paper's two linear layers with no nonlinearity (signed codes), l1 on codes.
 - ``relu``: the usual ReLU SAE, l1 on codes.
 - ``topk``: keep the k largest pre-activations per sample (after ReLU); optional ``aux_l1`` and

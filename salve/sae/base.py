@@ -136,7 +136,7 @@ class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
     def normalise_decoder_(self) -> None:
         """Scale decoder columns to unit norm and encoder rows inversely: the same function.
 
-        With unit columns, alpha in the head edit has one scale across features (METHOD.md).
+        With unit columns, alpha in the head edit has one scale across features (docs/METHOD.md).
         """
         norms = self.W_dec.norm(dim=0).clamp_min(1e-12)
         self.decoder.weight.div_(norms)

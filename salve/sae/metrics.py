@@ -1,4 +1,4 @@
-"""SAE quality metrics (METHOD.md): FVU, explained variance, L0, dead fraction, splice."""
+"""SAE quality metrics (docs/METHOD.md): FVU, explained variance, L0, dead fraction, splice."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def quality_metrics(
     labels_n: torch.Tensor | None = None,
     batch_size: int = 4096,
 ) -> dict[str, float]:
-    """FVU, explained variance, L0, dead fraction and splice metrics, exactly as METHOD.md defines.
+    """FVU, explained variance, L0, dead fraction and splice metrics, as docs/METHOD.md defines.
 
     Sums are accumulated in float64 over the whole set (never an average of per-batch ratios).
     """

@@ -1,6 +1,6 @@
 """TopK SAE: keep the k largest pre-activations of each sample (those above zero).
 
-Its optional regularisers act on the pre-activations before the selection (METHOD.md, "SAE"):
+Its optional regularisers act on the pre-activations before the selection (docs/METHOD.md, "SAE"):
 ``aux_l1``, l1 on the positive pre-activations outside the top-k support, and ``l1_l2_ratio``,
 the scale-invariant ||relu(pre)||_1 / ||relu(pre)||_2. There is no l1 on the codes.
 """

@@ -1,4 +1,4 @@
-"""Building blocks for the study of METHOD.md's open questions.
+"""Building blocks for the study of docs/METHOD.md's open questions.
 
 1. adversarial + stats: does a low alpha_crit predict adversarial vulnerability?
 2. variants: do other SAE kinds give more precise edits (at matched L0)?

@@ -8,7 +8,7 @@ every later layer sees the edited representation.
 The edit, for suppression strength ``alpha`` and sign ``s`` (``P = I + s * alpha * d d^T``, ``d``
 unit), acts on the branch output ``v`` (per position / token) as ``v' = P (v - m) + m``: centred at
 ``m``, so the branch's typical output keeps its component along ``d`` and only the deviation from
-it is scaled (the analogue of the centred head edit in METHOD.md).
+it is scaled (the analogue of the centred head edit in docs/METHOD.md).
 
 - ResNet block (``conv2``/``bn2``, or ``conv3``/``bn3`` for a bottleneck): in eval mode BN is the
   per-channel affine map ``v = S (u - mu) + beta`` of the conv output ``u``, with

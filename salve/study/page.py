@@ -1,4 +1,4 @@
-"""The study page: METHOD.md's open questions, each with its method, numbers, figure and an
+"""The study page: docs/METHOD.md's open questions, each with its method, numbers, figure and an
 answer written from the numbers (never a fixed conclusion).
 
 Pure functions of the study record (the JSON that `salve study` writes) and the class names;

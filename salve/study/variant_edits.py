@@ -1,6 +1,6 @@
 """Question 2: do other SAE kinds give more precise edits? One fit, and one row per kind.
 
-Each fit is scored twice: its quality (FVU, L0, dead fraction on val, METHOD.md's definitions)
+Each fit is scored twice: its quality (FVU, L0, dead fraction on val, docs/METHOD.md's definitions)
 and the edits it enables, with :func:`salve.evaluate.evaluate_seed` on the two SALVE methods
 (the centred projection and the paper's rule, along each class's dominant latent, ranked on the
 train split as the rank stage does). Rows aggregate a kind's seeds with 95 % t-intervals.
