@@ -32,8 +32,9 @@ Two ways to compute the maps:
 
 Faithfulness (docs/METHOD.md, "Faithfulness"): ``deletion_test`` replaces pixels by the
 image's mean colour in order of decreasing saliency, in ``steps`` equal steps, records the
-feature's code normalised by its unmasked value, and integrates that curve over the fraction deleted (trapezoid
-rule on [0, 1]); the same with a seeded random order. A faithful map has a clearly lower AUC.
+feature's code normalised by its unmasked value, and integrates that curve over the fraction
+deleted (trapezoid rule on [0, 1]); the same with a seeded random order. A faithful map has a
+clearly lower AUC.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Open question 1 (docs/METHOD.md) asks whether a sample with a low alpha_crit (a small head edit
 kills its class) is also easy to attack in input space. This module measures the input-space
-side: the smallest perturbation size eps (L-inf or L2) at which projected gradient descent (PGD) finds an
-input whose prediction leaves the true label.
+side: the smallest perturbation size eps (L-inf or L2) at which projected gradient descent
+(PGD) finds an input whose prediction leaves the true label.
 
 Units: eps is measured in the space of the tensor passed in. Passing the model's normalised inputs
 measures it in normalised units (per-channel std); to measure in pixel units ([0, 1] images, the
