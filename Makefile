@@ -1,9 +1,21 @@
 # `make run`: the pipeline on the built-in default. `make test`: the test suite.
-# Both create .venv and install what they need when it is missing.
+# Each creates .venv and installs what it needs when that is missing or pyproject.toml changed
+# (stamp files in .venv): `run` the package, `test` also the `dev` extra, `bench` also `bench`.
+#
+# Installs use uv when it is on PATH, or can be pip-installed into .venv, and pip otherwise,
+# with the same pins either way; `make INSTALLER=pip run` forces pip. pip's own settings that
+# decide where packages come from (find-links, index-url, extra-index-url, constraint, cert:
+# its config files and PIP_* variables, as `pip config list` shows them) are handed to uv, which
+# does not read them; nothing is passed where none is set.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+INSTALLER ?= auto
+# Pinned CPU build of torch, installed with the package: any other torch spec pulls the CUDA stack.
+TORCH := torch==2.13.0
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -11,25 +23,60 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 
 .PHONY: run test lint format bench
 
+# install SPEC...: into .venv with uv (see above) or pip.
+define INSTALL_FN
+install() { \
+  local uv="" opts=() key v seen_index="" extra=""; \
+  if [ "$(INSTALLER)" != pip ]; then \
+    uv=$$(command -v uv || true); \
+    if [ -z "$$uv" ] && $(PY) -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; \
+    then uv=$(VENV)/bin/uv; fi; \
+  fi; \
+  if [ -z "$$uv" ]; then \
+    echo "[make] installing with pip: $$*"; \
+    $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q "$$@"; return; \
+  fi; \
+  while read -r key rest; do \
+    for v in $$rest; do \
+      case $$key in \
+        index-url) [ -n "$$seen_index" ] || opts+=(--index-url "$$v"); seen_index=1;; \
+        extra-index-url) opts+=(--extra-index-url "$$v"); extra=1;; \
+        cert) [ -n "$${SSL_CERT_FILE:-}" ] || export SSL_CERT_FILE="$$v";; \
+        *) opts+=("--$$key" "$$v");; \
+      esac; \
+    done; \
+  done < <($(PY) -m pip config list 2>/dev/null | sed -nE \
+    "s/^(global|install|:env:)\.(find-links|index-url|extra-index-url|constraint|cert)='(.*)'$$/\2 \3/p"); \
+  [ -z "$$extra" ] || opts+=(--index-strategy unsafe-best-match); \
+  echo "[make] installing with $$($$uv --version): $$*"; \
+  "$$uv" pip install -q --python $(PY) "$${opts[@]}" "$$@"; \
+}
+endef
+
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# Pinned CPU build of torch first: any other torch spec pulls the CUDA stack.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(INSTALL_FN); install $(TORCH) -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	@$(INSTALL_FN); install $(TORCH) -e '.[dev]'
+	touch $(DEV_STAMP)
+
+$(BENCH_STAMP): $(DEV_STAMP)
+	@$(INSTALL_FN); install $(TORCH) -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/salve run
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
