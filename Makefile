@@ -2,7 +2,7 @@
 # Each creates .venv and installs what it needs when that is missing or pyproject.toml changed
 # (stamp files in .venv): `run` the package, `test` also the `dev` extra, `bench` also `bench`.
 #
-# Installs use uv when it is on PATH, or can be pip-installed into .venv, and pip otherwise,
+# Installs use uv when it is on PATH, or can be pip-installed into .venv/.uv, and pip otherwise,
 # with the same pins either way; `make INSTALLER=pip run` forces pip. pip's own settings that
 # decide where packages come from (find-links, index-url, extra-index-url, constraint, cert:
 # its config files and PIP_* variables, as `pip config list` shows them) are handed to uv, which
@@ -23,17 +23,32 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 
 .PHONY: run test lint format bench
 
-# install SPEC...: into .venv with uv (see above) or pip.
+# Shell functions for the stamp recipes (make does not keep a shell between recipe lines).
+# find_uv: uv on PATH, else the one bootstrapped into .venv/.uv (pip install --target, once).
+# pip_settings: pip's settings as `pip config list` prints them (from PIP_* alone without pip).
+# install SPEC...: into .venv, with uv when found (pip's settings as uv options), else pip.
 define INSTALL_FN
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1; \
+find_uv() { \
+  [ "$(INSTALLER)" != pip ] || return 1; \
+  uv=$$(command -v uv) && return 0; \
+  uv=$(VENV)/.uv/bin/uv; [ -x "$$uv" ] && return 0; \
+  python3 -m pip install -q --target $(VENV)/.uv uv >/dev/null 2>&1 && [ -x "$$uv" ]; \
+}; \
+pip_settings() { \
+  python3 -m pip config list 2>/dev/null && return 0; \
+  local k v; for k in FIND_LINKS INDEX_URL EXTRA_INDEX_URL CONSTRAINT CERT; do \
+    v=PIP_$$k; [ -z "$${!v:-}" ] || echo ":env:.$$(tr A-Z_ a-z- <<< $$k)='$${!v}'"; done; \
+}; \
+make_venv() { \
+  [ -x $(PY) ] && return 0; \
+  if find_uv; then python3 -m venv --without-pip $(VENV); else python3 -m venv $(VENV); fi; \
+}; \
 install() { \
-  local uv="" opts=() key v seen_index="" extra=""; \
-  if [ "$(INSTALLER)" != pip ]; then \
-    uv=$$(command -v uv || true); \
-    if [ -z "$$uv" ] && $(PY) -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1; \
-    then uv=$(VENV)/bin/uv; fi; \
-  fi; \
-  if [ -z "$$uv" ]; then \
+  local uv="" opts=() key rest v seen_index="" extra=""; \
+  if ! find_uv; then \
     echo "[make] installing with pip: $$*"; \
+    $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q --upgrade; \
     $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q "$$@"; return; \
   fi; \
   while read -r key rest; do \
@@ -45,17 +60,16 @@ install() { \
         *) opts+=("--$$key" "$$v");; \
       esac; \
     done; \
-  done < <($(PY) -m pip config list 2>/dev/null | sed -nE \
+  done < <(pip_settings | sed -nE \
     "s/^(global|install|:env:)\.(find-links|index-url|extra-index-url|constraint|cert)='(.*)'$$/\2 \3/p"); \
   [ -z "$$extra" ] || opts+=(--index-strategy unsafe-best-match); \
-  echo "[make] installing with $$($$uv --version): $$*"; \
+  echo "[make] installing with $$("$$uv" --version): $$*"; \
   "$$uv" pip install -q --python $(PY) "$${opts[@]}" "$$@"; \
 }
 endef
 
 $(STAMP): pyproject.toml
-	[ -x $(PY) ] || python3 -m venv $(VENV)
-	@$(INSTALL_FN); install $(TORCH) -e .
+	@$(INSTALL_FN); make_venv && install $(TORCH) -e .
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
