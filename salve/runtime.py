@@ -122,8 +122,10 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _other_heavy_processes(interval: float) -> list[tuple[str, float]]:
-    """(name, cores used) of the other processes that used at least HEAVY_PROCESS_CORES of a core
+def _other_heavy_processes(
+    interval: float, min_cores: float = HEAVY_PROCESS_CORES
+) -> list[tuple[str, float]]:
+    """(label, cores used) of the other processes that used at least ``min_cores`` of a core
     over ``interval`` seconds, busiest first; this process and its own children are left out."""
     import time
 
@@ -147,7 +149,7 @@ def _other_heavy_processes(interval: float) -> list[tuple[str, float]]:
             cores = proc.cpu_percent(None) / 100.0
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if cores >= HEAVY_PROCESS_CORES:
+        if cores >= min_cores:
             heavy.append((_process_label(proc), cores))
     return sorted(heavy, key=lambda item: -item[1])
 
