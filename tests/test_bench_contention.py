@@ -47,8 +47,9 @@ def test_busy_processes_are_found_except_our_own_children(tmp_path):
     (tmp_path / "busy_stranger.py").write_text(loop)
     (tmp_path / "busy_child.py").write_text(loop)
     # not our child: started by a shell that exits at once (the loop is re-parented)
+    script = tmp_path / "busy_stranger.py"
     shell = subprocess.run(
-        ["sh", "-c", f'"{sys.executable}" "{tmp_path / "busy_stranger.py"}" >/dev/null 2>&1 & echo $!'],
+        ["sh", "-c", f'"{sys.executable}" "{script}" >/dev/null 2>&1 & echo $!'],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     stranger = int(shell.stdout.strip())
