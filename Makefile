@@ -45,7 +45,7 @@ make_venv() { \
   if find_uv; then python3 -m venv --without-pip $(VENV); else python3 -m venv $(VENV); fi; \
 }; \
 install() { \
-  local uv="" opts=() key rest v seen_index="" extra=""; \
+  local uv="" opts=() key rest v seen=" " seen_index="" extra=""; \
   if ! find_uv; then \
     echo "[make] installing with pip: $$*"; \
     $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q --upgrade; \
@@ -53,6 +53,7 @@ install() { \
   fi; \
   while read -r key rest; do \
     for v in $$rest; do \
+      case "$$seen" in *" $$key=$$v "*) continue;; esac; seen+="$$key=$$v "; \
       case $$key in \
         index-url) [ -n "$$seen_index" ] || opts+=(--index-url "$$v"); seen_index=1;; \
         extra-index-url) opts+=(--extra-index-url "$$v"); extra=1;; \
