@@ -87,7 +87,9 @@ def fit_sae(
     acts = acts_nm.to(device)
     scale_sq = data_scale_sq(acts_nm)
     weights = loss_weights(cfg, scale_sq)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    # foreach: one call per update step for all four tensors instead of a Python loop over
+    # them (CPU defaults to the loop); the same arithmetic, bit for bit, in fewer dispatches.
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, foreach=True)
     gen = torch.Generator().manual_seed(seed + 1)
     n = acts.shape[0]
     history = []
