@@ -438,6 +438,8 @@ def bench_peers(
         "contention_before": cpu_contention(),
         "kernel_settings": kernel_settings(),
         "torch_threads": torch.get_num_threads(),
+        # how idle OpenMP threads wait: on a shared CPU the default spinning costs a lot
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
     reuse = extract is not None and "error" not in extract
     sections: dict[str, Callable[[], dict[str, Any]]] = {

@@ -353,7 +353,7 @@ def _render_peers(p: dict) -> list[str]:
         "run, interleaved, best of the repeats. Load average "
         f"{' / '.join(map(str, p['load_average_before']))} before, "
         f"{' / '.join(map(str, p['load_average_after']))} after; torch threads "
-        f"{p['torch_threads']}; CPU kernels "
+        f"{p['torch_threads']}; OMP_WAIT_POLICY {p.get('omp_wait_policy') or 'unset'}; CPU kernels "
         + ", ".join(f"{k}={v or 'unset'}" for k, v in p["kernel_settings"].items())
         + ".",
         "",
