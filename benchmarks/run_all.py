@@ -174,7 +174,10 @@ def markdown(doc: dict[str, Any]) -> str:
         if "error" in res:
             lines += [f"## {name}", "", f"**error**: `{res['error']}`", ""]
             continue
-        lines += RENDER[name](res)
+        section = RENDER[name](res)
+        if "run" in res:  # merged from another run: say which, under the section's title
+            section[2:2] = _run_note(res["run"])
+        lines += section
     return "\n".join(lines)
 
 
@@ -446,6 +449,28 @@ RENDER = {
 }
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the sections of ``new`` replacing theirs; each of those records the run it
+    came from (time, machine), since the document's own machine is the old run's."""
+    out = dict(old)
+    out["results"] = dict(old["results"])
+    for name, res in new["results"].items():
+        out["results"][name] = res | {"run": {"started": new["started"], "quick": new["quick"],
+                                              "machine": new["machine"]}}  # fmt: skip
+    return out
+
+
+def _run_note(run: dict[str, Any]) -> list[str]:
+    m = run["machine"]
+    return [
+        f"*Measured in a separate run on {run['started']}"
+        + (" (quick)" if run["quick"] else "")
+        + f": {m['cpu_model']}, {m['logical_cores']} cores, torch threads {m['torch_threads']}, "
+        f"load average {' / '.join(str(x) for x in m['load_average_at_start'])} at its start.*",
+        "",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -455,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads here (default: params.yaml's)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other sections of --out-dir's results.json; the ones run here replace "
+        "theirs and carry this run's machine and time",
+    )
     args = ap.parse_args(argv)
 
     from salve.config import load
@@ -481,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "results": results,
     }
+    old_path = args.out_dir / "results.json"
+    if args.merge and old_path.exists():
+        doc = merge(json.loads(old_path.read_text()), doc)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (args.out_dir / "RESULTS.md").write_text(markdown(doc))

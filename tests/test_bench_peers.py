@@ -110,3 +110,31 @@ def test_peers_table_says_what_was_skipped_and_that_the_machine_was_busy(monkeyp
     assert text.count("| skipped | not installed") == 2
     assert "salve reaches" in text and "test activations" in text
     assert not math.isnan(sae["salve_fraction_of_matmul_floor"])
+
+
+def _doc(started: str, cpu: str, extract_ratio: float) -> dict:
+    machine = {"cpu_model": cpu, "logical_cores": 2, "usable_cores": 2, "memory_gib": 1.0,
+               "torch_threads": 2, "torch": "t", "python": "p",
+               "load_average_at_start": [0.1, 0.2, 0.3]}  # fmt: skip
+    extract = {"n": 4, "image_size": 16, "batch_size": 2, "salve_images_per_s": 10.0,
+               "bare_images_per_s": 9.0, "salve_s": 0.4, "bare_s": 0.44, "max_abs_diff": 0.0,
+               "throughput_ratio_salve_over_bare": extract_ratio}  # fmt: skip
+    sae = {"n": 8, "d": 4, "width": 4, "epochs": 1, "batch_size": 4, "k": 2,
+           "rows": [{"kind": "relu", "samples_per_s": 100.0, "seconds": 0.08}]}  # fmt: skip
+    return {"quick": False, "started": started, "seconds": 1.0, "machine": machine,
+            "results": {"extract": extract, "sae": sae}}  # fmt: skip
+
+
+def test_merge_replaces_only_the_sections_run_and_says_where_they_come_from():
+    old, new = _doc("old-run", "CPU A", 1.01), _doc("new-run", "CPU B", 2.5)
+    del new["results"]["sae"]
+    merged = run_all.merge(old, new)
+    assert merged["machine"]["cpu_model"] == "CPU A" and merged["started"] == "old-run"
+    assert merged["results"]["sae"] == old["results"]["sae"]  # kept as it was
+    assert merged["results"]["extract"]["throughput_ratio_salve_over_bare"] == 2.5
+    assert merged["results"]["extract"]["run"]["machine"]["cpu_model"] == "CPU B"
+    text = run_all.markdown(merged)
+    section = text[text.index("## Activation extraction") : text.index("## SAE fitting")]
+    assert "Measured in a separate run on new-run: CPU B" in section and "**1.014**" not in section
+    assert "**2.500**" in section
+    assert "separate run" not in text[text.index("## SAE fitting") :]
