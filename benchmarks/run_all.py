@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks import bench_peers as bpe  # noqa: E402
 from benchmarks import bench_pipeline as bp  # noqa: E402
 
-BENCHMARKS = ("stages", "extract", "sae", "control", "gradfam", "prefect", "finetune")
+BENCHMARKS = ("stages", "extract", "sae", "control", "gradfam", "prefect", "finetune", "peers")
 
 # Sizes per mode. "full" measures the real thing (the default params, the real shapes).
 SIZES: dict[str, dict[str, Any]] = {
@@ -40,6 +41,11 @@ SIZES: dict[str, dict[str, Any]] = {
         "prefect_repeats": 3,
         "finetune": {"cases": [("resnet18", 64), ("resnet18", 224), ("vit_b_16", 64),
                                ("vit_b_16", 224)], "batch_size": 16, "steps": 3},
+        # the issue's comparison: 32 images x 8 latents; TopK SAE width 512, k 16, 20 epochs
+        "peers": {"gradfam": {"image_sizes": [224, 64], "n_images": 32, "n_features": 8,
+                              "width": 64, "repeats": 2},
+                  "sae": {"width": 512, "k": 16, "epochs": 20, "batch_size": 256, "lr": 1e-3,
+                          "repeats": 3}},
     },
     "quick": {
         "stages_overlay": bp.QUICK_PARAMS,
@@ -51,6 +57,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "prefect_repeats": 1,
         "finetune": {"cases": [("resnet18", 64), ("resnet18", 224), ("vit_b_16", 64),
                                ("vit_b_16", 224)], "batch_size": 2, "steps": 1},
+        "peers": {"gradfam": {"image_sizes": [64], "n_images": 4, "n_features": 2, "width": 32,
+                              "repeats": 1},
+                  "sae": {"width": 64, "k": 4, "epochs": 2, "batch_size": 256, "lr": 1e-3,
+                          "repeats": 1}},
     },
 }  # fmt: skip
 
@@ -90,6 +100,14 @@ def run(names: list[str], quick: bool, workdir: Path) -> dict[str, Any]:
         f = sizes["finetune"]
         return bp.bench_finetune([tuple(c) for c in f["cases"]], f["batch_size"], f["steps"])
 
+    def peers() -> dict[str, Any]:
+        return bpe.bench_peers(
+            **sizes["peers"],
+            extract=results.get("extract"),
+            project=project[0] if project else None,
+            extract_sizes=sizes["extract"],
+        )
+
     jobs = {
         "stages": stages,
         "extract": lambda: bp.bench_extract(**sizes["extract"]),
@@ -98,6 +116,7 @@ def run(names: list[str], quick: bool, workdir: Path) -> dict[str, Any]:
         "gradfam": lambda: bp.bench_gradfam(**sizes["gradfam"]),
         "prefect": prefect,
         "finetune": finetune,
+        "peers": peers,
     }
     (workdir / "prefect").mkdir(parents=True, exist_ok=True)
     for name in BENCHMARKS:
@@ -155,7 +174,10 @@ def markdown(doc: dict[str, Any]) -> str:
         if "error" in res:
             lines += [f"## {name}", "", f"**error**: `{res['error']}`", ""]
             continue
-        lines += RENDER[name](res)
+        section = RENDER[name](res)
+        if "run" in res:  # merged from another run: say which, under the section's title
+            section[2:2] = _run_note(res["run"])
+        lines += section
     return "\n".join(lines)
 
 
@@ -318,6 +340,103 @@ def _render_finetune(f: dict) -> list[str]:
     ]
 
 
+def _int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _ratio(x: Any) -> str:
+    return "n/a" if x is None else f"**x{x:.2f}**"
+
+
+def _render_peers(p: dict) -> list[str]:
+    lines = [
+        "## Peers: salve vs what users would pick instead",
+        "",
+        "Every ratio is the peer's time over salve's (> 1: salve faster), both measured in this "
+        "run, interleaved, best of the repeats. Load average "
+        f"{' / '.join(map(str, p['load_average_before']))} before, "
+        f"{' / '.join(map(str, p['load_average_after']))} after; torch threads "
+        f"{p['torch_threads']}; OMP_WAIT_POLICY {p.get('omp_wait_policy') or 'unset'}; CPU kernels "
+        + ", ".join(f"{k}={v or 'unset'}" for k, v in p["kernel_settings"].items())
+        + ".",
+        "",
+    ]
+    if p.get("contention_before"):
+        lines += [f"**Measured on a busy machine**: {p['contention_before']}", ""]
+    g = p.get("gradfam", {})
+    lines += ["### Grad-FAM vs pytorch-grad-cam `GradCAM` (latent as target)", ""]
+    if "error" in g:
+        lines += [f"**error**: `{g['error']}`", ""]
+    elif "skipped" in g["peer"]:
+        lines += [f"pytorch-grad-cam skipped: {g['peer']['skipped']}.", ""]
+    else:
+        lines += _table(
+            ["image px", "images x latents", "salve ms", "grad-cam ms", "ratio",
+             "maps: correlation", "max abs diff"],
+            [[r["image_size"], f"{r['images']} x {r['latents']}", _int(r["salve_ms"]),
+              _int(r["peer_ms"]),
+              _ratio(r["ratio_peer_over_salve"]), f"{r['check_correlation']:.6f}",
+              f"{r['check_max_abs_diff']:.1g}"] for r in g["rows"]],
+        )  # fmt: skip
+        lines += [
+            f"grad-cam {g['peer']['version']}. resnet18 (seeded, untrained), ReLU SAE width "
+            "64 on its activations, digits validation images, the most active latents. salve: "
+            '`gradfam_maps(layer="pooled")` (closed form, layer resolved per call) + '
+            "`upsample_normalise` to the input size; grad-cam: `GradCAM(target_layers=[layer4])`, "
+            "one call per latent with that latent's code as the target. Check: salve's raw maps "
+            "through grad-cam's own post-processing (ReLU, `scale_cam_image` to the input size, "
+            "twice as its layer aggregation does) against grad-cam's maps, over every pixel.",
+            "",
+        ]
+    s = p.get("sae", {})
+    lines += ["### TopK SAE fitting vs overcomplete and SAELens", ""]
+    if "error" in s:
+        lines += [f"**error**: `{s['error']}`", ""]
+    else:
+        rows = []
+        for r in s["rows"]:
+            if "skipped" in r:
+                rows.append([r["library"], "", "", "", "", "skipped", r["skipped"]])
+                continue
+            note = "; ".join(x for x in (r.get("setup"), r.get("note")) if x)
+            rows.append([f"{r['library']} {r.get('version', '')}".strip(), _int(r["samples_per_s"]),
+                         r["fvu"], r["gflop_per_s"], r["seconds"],
+                         _ratio(r.get("ratio_peer_over_salve")) if r["library"] != "salve"
+                         else "", note])  # fmt: skip
+        floor = s["n"] * s["epochs"] / s["matmul_floor_s"]
+        rows.append(["matmul floor (the 6 products alone)", _int(floor), "", s[
+            "matmul_floor_gflop_per_s"], s["matmul_floor_s"], "", ""])  # fmt: skip
+        lines += _table(
+            ["library", "samples/s", "FVU", "GFLOP/s", "seconds", "ratio", "setup"], rows
+        )
+        lines += [
+            f"{s['n']} x {s['d']} activations ({s['activations']}), width {s['width']}, "
+            f"k {s['k']}, {s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g}. FVU: "
+            "salve's definition on the training activations. GFLOP/s counts the six matrix "
+            "products of a step (12 x d x width per sample); salve reaches "
+            f"**{s['salve_fraction_of_matmul_floor']:.0%}** of the matmul floor.",
+            "",
+        ]
+    e = p.get("extract", {})
+    lines += ["### Activation extraction vs a bare `torch.inference_mode` forward", ""]
+    if "error" in e:
+        lines += [f"**error**: `{e['error']}`", ""]
+    else:
+        lines += _table(
+            ["path", "images/s", "ratio"],
+            [["salve extract_activations", _int(e["salve_images_per_s"]),
+              _ratio(e["throughput_ratio_salve_over_bare"])],
+             ["bare inference_mode forward", _int(e["bare_images_per_s"]), ""]],
+        )  # fmt: skip
+        lines += [
+            f"resnet18, {e['n']} images at {e['image_size']} px, batch {e['batch_size']} "
+            "(the extraction benchmark's measurement); max |difference| "
+            f"{e['max_abs_diff']:.2g}.",
+            "",
+        ]
+    return lines
+
+
 RENDER = {
     "stages": _render_stages,
     "extract": _render_extract,
@@ -326,7 +445,30 @@ RENDER = {
     "gradfam": _render_gradfam,
     "prefect": _render_prefect,
     "finetune": _render_finetune,
+    "peers": _render_peers,
 }
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the sections of ``new`` replacing theirs; each of those records the run it
+    came from (time, machine), since the document's own machine is the old run's."""
+    out = dict(old)
+    out["results"] = dict(old["results"])
+    for name, res in new["results"].items():
+        out["results"][name] = res | {"run": {"started": new["started"], "quick": new["quick"],
+                                              "machine": new["machine"]}}  # fmt: skip
+    return out
+
+
+def _run_note(run: dict[str, Any]) -> list[str]:
+    m = run["machine"]
+    return [
+        f"*Measured in a separate run on {run['started']}"
+        + (" (quick)" if run["quick"] else "")
+        + f": {m['cpu_model']}, {m['logical_cores']} cores, torch threads {m['torch_threads']}, "
+        f"load average {' / '.join(str(x) for x in m['load_average_at_start'])} at its start.*",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="torch threads here (default: params.yaml's)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other sections of --out-dir's results.json; the ones run here replace "
+        "theirs and carry this run's machine and time",
+    )
     args = ap.parse_args(argv)
 
     from salve.config import load
@@ -364,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "results": results,
     }
+    old_path = args.out_dir / "results.json"
+    if args.merge and old_path.exists():
+        doc = merge(json.loads(old_path.read_text()), doc)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (args.out_dir / "RESULTS.md").write_text(markdown(doc))

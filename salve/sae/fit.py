@@ -87,7 +87,9 @@ def fit_sae(
     acts = acts_nm.to(device)
     scale_sq = data_scale_sq(acts_nm)
     weights = loss_weights(cfg, scale_sq)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    # foreach: one call per update step for all four tensors instead of a Python loop over
+    # them (CPU defaults to the loop); the same arithmetic, bit for bit, in fewer dispatches.
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, foreach=True)
     gen = torch.Generator().manual_seed(seed + 1)
     n = acts.shape[0]
     history = []
@@ -97,7 +99,8 @@ def fit_sae(
         order = torch.randperm(n, generator=gen).to(device)
         sums = {"loss": 0.0, "mse": 0.0, "l1": 0.0}
         for start in range(0, n, cfg.batch_size):
-            batch = acts[order[start : start + cfg.batch_size]]
+            # index_select: the same rows as acts[idx], copied by a faster kernel
+            batch = acts.index_select(0, order[start : start + cfg.batch_size])
             # Looked up on the package at call time, so a fault drill can substitute it.
             loss, parts = _package.sae_loss(sae, batch, weights)
             if not torch.isfinite(loss):

@@ -1,0 +1,67 @@
+"""salve.runtime.cpu_contention: the busy-CPU warning, from the load average and the other
+CPU-heavy processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+from salve import runtime
+
+
+def test_quiet_machine_gives_no_warning():
+    assert runtime.contention_message(0.4, 2, [], threads=2) is None
+    assert runtime.contention_message(2.0, 2, [], threads=2) is None  # load == cores: not over
+
+
+def test_busy_machine_names_the_processes_and_the_threads():
+    msg = runtime.contention_message(3.8, 2, [("python tune.py", 1.08), ("dvc", 0.74)], 2)
+    assert msg is not None and "\n" not in msg
+    assert "load average 3.80 on 2 cores" in msg
+    assert "2 other CPU-heavy processes (python tune.py 108%, dvc 74%)" in msg
+    assert "torch's 2 threads" in msg and "common.num_threads" in msg
+
+
+def test_high_load_without_a_heavy_process_still_warns_and_long_lists_are_cut():
+    assert "no single heavy process" in runtime.contention_message(5.0, 4, [], threads=4)
+    heavy = [(f"p{i}", 0.9) for i in range(5)]
+    msg = runtime.contention_message(1.0, 8, heavy, threads=1)
+    assert "p0 90%, p1 90%, p2 90% and 2 more" in msg and "torch's 1 thread " in msg
+
+
+def test_cpu_contention_uses_the_load_and_the_sampled_processes(monkeypatch):
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    monkeypatch.setattr(runtime, "_other_heavy_processes", lambda interval: [("x", 2.0)])
+    msg = runtime.cpu_contention(threads=3)
+    assert "load average 9.00" in msg and "(x 200%)" in msg and "torch's 3 threads" in msg
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(runtime, "_other_heavy_processes", lambda interval: [])
+    assert runtime.cpu_contention(threads=1) is None
+
+
+def test_busy_processes_are_found_except_our_own_children(tmp_path):
+    loop = "import time\nt = time.time()\nwhile time.time() - t < 3:\n    pass\n"
+    (tmp_path / "busy_stranger.py").write_text(loop)
+    (tmp_path / "busy_child.py").write_text(loop)
+    # not our child: started by a shell that exits at once (the loop is re-parented)
+    script = tmp_path / "busy_stranger.py"
+    shell = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" "{script}" >/dev/null 2>&1 & echo $!'],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    stranger = int(shell.stdout.strip())
+    child = subprocess.Popen([sys.executable, str(tmp_path / "busy_child.py")])
+    try:
+        time.sleep(0.3)
+        # any CPU use at all: on a loaded machine the loop may get far less than a core
+        labels = [name for name, _ in runtime._other_heavy_processes(0.5, min_cores=0.02)]
+        assert any(label.endswith("busy_stranger.py") for label in labels), sorted(labels)
+        assert not any(label.endswith("busy_child.py") for label in labels), labels
+    finally:
+        child.kill()
+        child.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stranger, 9)

@@ -1,0 +1,140 @@
+"""benchmarks/bench_peers.py without the peer packages: the skip paths, the map check, FVU, the
+peers table. No timing is asserted (timings are measurements, not tests)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_peers as bpe
+from benchmarks import run_all
+
+
+def test_map_agreement_oracles():
+    a = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    same = bpe.map_agreement(a, a.clone())
+    assert same["correlation"] == pytest.approx(1.0) and same["max_abs_diff"] == 0.0
+    flipped = bpe.map_agreement(a, 3.0 - a)
+    assert flipped["correlation"] == pytest.approx(-1.0)
+    assert flipped["max_abs_diff"] == pytest.approx(3.0)
+    # hand case: x = (0, 1, 2), y = (0, 2, 1): centred (-1, 0, 1) and (-1, 1, 0): r = 1 / 2
+    r = bpe.map_agreement(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 2.0, 1.0]))
+    assert r["correlation"] == pytest.approx(0.5) and r["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_reference_postprocess_is_relu_then_scale_twice_per_map():
+    calls = []
+
+    def scale(cams, size=None):  # records what pytorch-grad-cam's scale_cam_image would get
+        calls.append((cams.copy(), size))
+        out = cams / cams.reshape(len(cams), -1).max(1).reshape(-1, 1, 1).clip(min=1e-7)
+        return out.repeat(2, axis=1).repeat(2, axis=2) if size else out
+
+    maps = torch.tensor([[[[1.0, -2.0], [4.0, 0.0]], [[-1.0, -1.0], [0.0, 0.0]]]])  # [1, 2, 2, 2]
+    out = bpe.reference_postprocess(maps, 4, scale)
+    assert out.shape == (1, 2, 4, 4)
+    first, size = calls[0]
+    assert size == (4, 4) and first.shape == (2, 2, 2) and first.min() == 0.0  # ReLU before
+    assert calls[1][1] is None  # the aggregation's second scaling, no resize
+    assert out[0, 0].max() == pytest.approx(1.0) and float(out[0, 1].abs().max()) == 0.0
+    assert out[0, 0, 2, 0] == pytest.approx(1.0) and out[0, 0, 0, 0] == pytest.approx(0.25)
+
+
+def test_fvu_oracles():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(20, 5, generator=g)
+    assert bpe.fvu(acts, acts) == 0.0
+    assert bpe.fvu(acts, acts.mean(0).expand_as(acts)) == pytest.approx(1.0)
+    # hand case: acts (0, 2) in 1-d, mean 1, sum of squares 2; recon (1, 1): error 2: FVU 1
+    # recon (0, 1): error 1: FVU 0.5
+    two = torch.tensor([[0.0], [2.0]])
+    assert bpe.fvu(two, torch.tensor([[0.0], [1.0]])) == pytest.approx(0.5)
+
+
+def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(bpe.PEERS, "ghost", ("salve_ghost_module", "salve-ghost-dist-xyz"))
+    module, info = bpe.import_peer("ghost")
+    assert module is None and "not installed" in info["skipped"]
+    assert "salve-ghost-dist-xyz" in info["skipped"]
+    # installed distribution whose module does not import: the error is the reason
+    monkeypatch.setitem(bpe.PEERS, "broken", ("salve_ghost_module", "torch"))
+    module, info = bpe.import_peer("broken")
+    assert module is None and "does not import" in info["skipped"]
+    assert "ModuleNotFoundError" in info["skipped"]
+
+
+def _no_peers(monkeypatch):
+    for name in list(bpe.PEERS):
+        monkeypatch.setitem(bpe.PEERS, name, ("salve_ghost_module", f"salve-ghost-{name}"))
+
+
+def test_sae_comparison_runs_salve_and_reports_skipped_peers(monkeypatch):
+    _no_peers(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(48, 8, generator=g).relu()
+    out = bpe.bench_sae_vs_peers(acts, width=8, k=2, epochs=1, batch_size=16, lr=1e-3, repeats=1)
+    rows = {r["library"]: r for r in out["rows"]}
+    assert set(rows) == {"salve", "overcomplete", "SAELens"}
+    assert rows["salve"]["samples_per_s"] > 0 and 0.0 <= rows["salve"]["fvu"] < 10.0
+    assert "not installed" in rows["overcomplete"]["skipped"]
+    assert "not installed" in rows["SAELens"]["skipped"]
+    assert out["matmul_floor_s"] > 0
+    flops = bpe.sae_flops_per_sample(8, 8) * 48
+    assert out["rows"][0]["gflop_per_s"] == pytest.approx(flops / rows["salve"]["seconds"] / 1e9)
+
+
+def test_peers_table_says_what_was_skipped_and_that_the_machine_was_busy(monkeypatch):
+    _no_peers(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(32, 8, generator=g).relu()
+    sae = bpe.bench_sae_vs_peers(acts, width=8, k=2, epochs=1, batch_size=16, lr=1e-3, repeats=1)
+    extract = {"n": 4, "image_size": 16, "batch_size": 2, "salve_images_per_s": 10.0,
+               "bare_images_per_s": 9.0, "throughput_ratio_salve_over_bare": 0.9 / 0.8 * 0.8,
+               "max_abs_diff": 0.0}  # fmt: skip
+    _, gradfam_info = bpe.import_peer("pytorch-grad-cam")
+    peers = {
+        "load_average_before": [3.5, 2.0, 1.0],
+        "load_average_after": [3.0, 2.0, 1.0],
+        "contention_before": "CPU busy: load average 3.50 on 2 cores",
+        "kernel_settings": {"MKL_CBWR": "AUTO"},
+        "torch_threads": 2,
+        "gradfam": {"peer": gradfam_info, "rows": []},
+        "sae": {"activations": "test activations"} | sae,
+        "extract": extract,
+    }
+    text = "\n".join(run_all._render_peers(peers))
+    assert "**Measured on a busy machine**: CPU busy: load average 3.50" in text
+    assert "pytorch-grad-cam skipped: not installed" in text
+    assert text.count("| skipped | not installed") == 2
+    assert "salve reaches" in text and "test activations" in text
+    assert not math.isnan(sae["salve_fraction_of_matmul_floor"])
+
+
+def _doc(started: str, cpu: str, extract_ratio: float) -> dict:
+    machine = {"cpu_model": cpu, "logical_cores": 2, "usable_cores": 2, "memory_gib": 1.0,
+               "torch_threads": 2, "torch": "t", "python": "p",
+               "load_average_at_start": [0.1, 0.2, 0.3]}  # fmt: skip
+    extract = {"n": 4, "image_size": 16, "batch_size": 2, "salve_images_per_s": 10.0,
+               "bare_images_per_s": 9.0, "salve_s": 0.4, "bare_s": 0.44, "max_abs_diff": 0.0,
+               "throughput_ratio_salve_over_bare": extract_ratio}  # fmt: skip
+    sae = {"n": 8, "d": 4, "width": 4, "epochs": 1, "batch_size": 4, "k": 2,
+           "rows": [{"kind": "relu", "samples_per_s": 100.0, "seconds": 0.08}]}  # fmt: skip
+    return {"quick": False, "started": started, "seconds": 1.0, "machine": machine,
+            "results": {"extract": extract, "sae": sae}}  # fmt: skip
+
+
+def test_merge_replaces_only_the_sections_run_and_says_where_they_come_from():
+    old, new = _doc("old-run", "CPU A", 1.01), _doc("new-run", "CPU B", 2.5)
+    del new["results"]["sae"]
+    merged = run_all.merge(old, new)
+    assert merged["machine"]["cpu_model"] == "CPU A" and merged["started"] == "old-run"
+    assert merged["results"]["sae"] == old["results"]["sae"]  # kept as it was
+    assert merged["results"]["extract"]["throughput_ratio_salve_over_bare"] == 2.5
+    assert merged["results"]["extract"]["run"]["machine"]["cpu_model"] == "CPU B"
+    text = run_all.markdown(merged)
+    section = text[text.index("## Activation extraction") : text.index("## SAE fitting")]
+    assert "Measured in a separate run on new-run: CPU B" in section and "**1.014**" not in section
+    assert "**2.500**" in section
+    assert "separate run" not in text[text.index("## SAE fitting") :]
