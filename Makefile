@@ -26,7 +26,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 # torch's import, so it must come from the environment; an explicit setting wins.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint format bench
+.PHONY: run test lint format bench study
 
 # Shell functions for the stamp recipes (make does not keep a shell between recipe lines).
 # find_uv: uv on PATH, else the one bootstrapped into .venv/.uv (pip install --target, once).
@@ -97,6 +97,9 @@ lint: $(DEV_STAMP)
 
 format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+study: $(STAMP)
+	$(VENV)/bin/salve study
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py

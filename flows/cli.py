@@ -33,6 +33,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
     if added:
         print(f"params.yaml: added missing keys with their defaults: {', '.join(added)}")
     pin_cpu_kernels(cfg.common.reproducible)
+    from salve.runtime import cpu_contention
+
+    busy = cpu_contention(threads=cfg.common.num_threads or None)
+    if busy:  # torch's threads then compete with other work: say so (README, "Side by side")
+        logging.getLogger("salve").warning(busy)
     return root, cfg
 
 
