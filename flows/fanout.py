@@ -85,7 +85,7 @@ def dask_map(
     workers = min(workers or default_workers(), max(1, len(jobs)))
     job_task = task(run_job, cache_policy=NO_CACHE, persist_result=False)
 
-    @flow(name=name, task_runner=task_runner(address, workers))
+    @flow(name=name, task_runner=task_runner(address, workers), persist_result=False)
     def fanout(batch: list[dict]) -> list[dict]:
         futures = [
             job_task.with_options(name=f"{name}-{i}").submit(fn, job) for i, job in enumerate(batch)

@@ -74,7 +74,24 @@ def _handler(signum: int, _frame) -> None:
     _finish(signum)
 
 
+_installed = False
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM as above (main thread only, as Python requires)."""
+    global _installed
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _handler)
+    _installed = True
+
+
+def reclaim() -> None:
+    """Inside a flow started by the CLI: take SIGTERM back from Prefect's engine.
+
+    The flow engine installs its own SIGTERM handler for the flow's duration (a worker's cancel
+    request); under `salve run` it would raise inside the main thread while the stage threads run
+    on, and the process hung. Flows run by a worker (no `install()`) keep Prefect's handler."""
+    import threading
+
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handler)

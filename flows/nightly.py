@@ -180,7 +180,7 @@ def render_report(
     return text, changed, cause
 
 
-@flow(name="salve-nightly")
+@flow(name="salve-nightly", persist_result=False)
 def nightly(root: str = ".", remote: str | None = None, push: bool = True) -> dict:
     """Pull, rerun what is stale, push, and publish what changed since the last commit."""
     log = get_run_logger()

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import interrupt
 from flows.fanout import dask_map
 from salve.config import load
 from tasks import STAGE_ORDER, STAGES
@@ -69,7 +70,7 @@ def stage_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="salve-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="salve-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), persist_result=False)
 def pipeline(
     root: str = ".",
     stages: list[str] | None = None,
@@ -77,6 +78,7 @@ def pipeline(
     progress: bool = True,
 ) -> list[dict]:
     """Run the stages (all by default) as a DAG, skipping those DVC finds up to date."""
+    interrupt.reclaim()
     root_path = Path(root).resolve()
     params = str(root_path / "params.yaml")
     load(params)  # validate before any work

@@ -657,7 +657,10 @@ def study_flow_body(root: str, parts: list[str], force: list[str]) -> dict[str, 
     from prefect import get_run_logger
     from prefect.futures import as_completed
 
+    from flows import interrupt
     from salve.config import load
+
+    interrupt.reclaim()
     from salve.io import ArtifactError
     from tasks.artifacts import load_dataset_meta
 
@@ -735,7 +738,7 @@ def study_flow():
     """The Prefect flow `salve-study` (made on first use, as :func:`prefect_tasks`)."""
     from prefect import flow
 
-    return flow(name="salve-study")(study_flow_body)
+    return flow(name="salve-study", persist_result=False)(study_flow_body)
 
 
 def _say(log, line: str) -> None:

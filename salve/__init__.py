@@ -2,6 +2,11 @@
 
 The method as a library: pure functions and small classes, no orchestration, no file layout.
 Stage wiring lives in ``tasks/`` (file I/O) and ``flows/`` (Prefect).
+
+Tensor names end in their shape, one letter per axis: ``n`` samples, ``m`` the head's input
+width (activations, decoder columns), ``d`` SAE latents, ``k`` classes, ``f`` features being
+edited, ``a`` alpha values, ``hw`` a spatial map. So ``acts_nm`` is [N, M], ``codes_nd`` is
+[N, D], ``weight_km`` the head weight [K, M].
 """
 
 from salve.runtime import apply_base_settings as _apply_base_settings

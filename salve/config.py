@@ -1,7 +1,7 @@
 """Typed, validated parameters: one frozen dataclass per params.yaml section.
 
-Constraints live next to each field (`_f(default, min=..., max=..., choices=...)`), so validation,
-error messages and the failure-drill tests are all generated from this one schema.
+Constraints live next to each field (`setting(default, min=..., max=..., choices=...)`), so
+validation, error messages and the failure-drill tests are all generated from this one schema.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
     """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
 
 
-def _f(
+def setting(
     default: Any,
     *,
     help: str,
@@ -53,10 +53,12 @@ def _f(
 
 @dataclass(frozen=True)
 class CommonConfig:
-    seed: int = _f(0, min=0, help="global seed (data split, init, SAE, AM)")
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when present")
-    num_threads: int = _f(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
-    reproducible: bool = _f(
+    seed: int = setting(0, min=0, help="global seed (data split, init, SAE, AM)")
+    device: str = setting(
+        "auto", choices=("auto", "cpu", "cuda"), help="auto picks cuda when present"
+    )
+    num_threads: int = setting(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
+    reproducible: bool = setting(
         True,
         help="pin CPU kernels to AVX2 code paths so results match across x86-64 CPUs "
         "(about 1.5x slower CPU training; see README)",
@@ -65,98 +67,100 @@ class CommonConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f(
+    source: str = setting(
         "digits",
         choices=("digits", "imagenette", "cifar100", "imagefolder"),
         help="dataset; digits is built in and offline",
     )
-    variant: str = _f("160px", choices=("160px", "320px", "full"), help="imagenette archive")
-    path: str = _f(
+    variant: str = setting("160px", choices=("160px", "320px", "full"), help="imagenette archive")
+    path: str = setting(
         "data",
         help="the folder DVC tracks as fetch's input: imagefolder: its root (a folder per class); "
         "imagenette/cifar100: where archives are downloaded; digits: unused",
     )
-    image_size: int = _f(64, min=16, max=1024, help="square side images are resized to")
-    val_fraction: float = _f(
+    image_size: int = setting(64, min=16, max=1024, help="square side images are resized to")
+    val_fraction: float = setting(
         0.2,
         min=0.0,
         max=0.9,
         min_exclusive=True,
         help="held-out share when the source has no split",
     )
-    max_per_class: int = _f(0, min=0, help="cap on train images per class; 0 = all")
-    min_val_per_class: int = _f(
+    max_per_class: int = setting(0, min=0, help="cap on train images per class; 0 = all")
+    min_val_per_class: int = setting(
         5, min=1, help="fetch refuses a class with fewer val images than this"
     )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    arch: str = _f(
+    arch: str = setting(
         "resnet18",
         help="any torchvision classification model with a linear head (resnet18, vit_b_16, "
         "mobilenet_v3_small, convnext_tiny, ...)",
     )
-    weights: str = _f(
+    weights: str = setting(
         "none",
         help="none | imagenet | a .safetensors state dict under weights/ (a DVC input)",
     )
-    epochs: int = _f(4, min=0, max=1000, help="epoch budget; 0 explains finetune.weights as is")
-    batch_size: int = _f(
+    epochs: int = setting(
+        4, min=0, max=1000, help="epoch budget; 0 explains finetune.weights as is"
+    )
+    batch_size: int = setting(
         16, min=2, max=4096, help="small batches give more disentangled features (min 2: BatchNorm)"
     )
-    lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="learning rate")
-    optimizer: str = _f("adamw", choices=("adamw", "sgd"), help="optimiser")
-    weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="decoupled weight decay")
-    schedule: str = _f(
+    lr: float = setting(1e-3, min=0.0, max=10.0, min_exclusive=True, help="learning rate")
+    optimizer: str = setting("adamw", choices=("adamw", "sgd"), help="optimiser")
+    weight_decay: float = setting(1e-4, min=0.0, max=1.0, help="decoupled weight decay")
+    schedule: str = setting(
         "onecycle",
         choices=("onecycle", "cosine", "constant"),
         help="learning-rate schedule over the epoch budget (warm-up, then decay)",
     )
-    warmup: float = _f(0.15, min=0.0, max=0.9, help="share of the budget spent warming up")
-    patience: int = _f(
+    warmup: float = setting(0.15, min=0.0, max=0.9, help="share of the budget spent warming up")
+    patience: int = setting(
         2, min=0, max=1000, help="stop after this many epochs without a better val accuracy"
     )
-    augment: str = _f(
+    augment: str = setting(
         "auto",
         choices=("auto", "none", "crop", "crop_flip"),
         help="train-time augmentation; auto: crop for digits, crop_flip otherwise",
     )
-    mixed_precision: bool = _f(True, help="bf16/fp16 autocast on CUDA; ignored on CPU")
-    min_val_accuracy: float = _f(
+    mixed_precision: bool = setting(True, help="bf16/fp16 autocast on CUDA; ignored on CPU")
+    min_val_accuracy: float = setting(
         0.8, min=0.0, max=1.0, help="quality gate: stop before the SAE below this val accuracy"
     )
-    min_class_accuracy: float = _f(
+    min_class_accuracy: float = setting(
         0.5, min=0.0, max=1.0, help="quality gate: stop when any class is below this"
     )
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    batch_size: int = _f(256, min=1, max=65536, help="inference batch size")
+    batch_size: int = setting(256, min=1, max=65536, help="inference batch size")
 
 
 @dataclass(frozen=True)
 class SaeConfig:
-    kind: str = _f(
+    kind: str = setting(
         "relu",
         choices=("linear", "relu", "topk", "batchtopk", "jumprelu"),
         help="linear is the paper's variant; the others go beyond it",
     )
-    width: int = _f(64, min=1, max=1_000_000, help="number of latent features")
-    l1: float = _f(0.03, min=0.0, help="lambda_1, l1 weight on codes (scale-free, see README)")
-    k: int = _f(8, min=1, help="active latents for topk / batchtopk")
-    aux_l1: float = _f(0.0, min=0.0, help="topk: l1 on pre-activations outside the top-k")
-    l1_l2_ratio: float = _f(0.0, min=0.0, help="topk: scale-invariant l1/l2 penalty")
-    lr: float = _f(1e-3, min=0.0, max=10.0, min_exclusive=True, help="Adam learning rate")
-    epochs: int = _f(300, min=1, max=100_000, help="passes over the training activations")
-    batch_size: int = _f(256, min=1, max=1_000_000, help="SAE batch size")
-    normalise_decoder: bool = _f(True, help="unit-norm decoder columns (sets alpha's scale)")
+    width: int = setting(64, min=1, max=1_000_000, help="number of latent features")
+    l1: float = setting(0.03, min=0.0, help="lambda_1, l1 weight on codes (scale-free, see README)")
+    k: int = setting(8, min=1, help="active latents for topk / batchtopk")
+    aux_l1: float = setting(0.0, min=0.0, help="topk: l1 on pre-activations outside the top-k")
+    l1_l2_ratio: float = setting(0.0, min=0.0, help="topk: scale-invariant l1/l2 penalty")
+    lr: float = setting(1e-3, min=0.0, max=10.0, min_exclusive=True, help="Adam learning rate")
+    epochs: int = setting(300, min=1, max=100_000, help="passes over the training activations")
+    batch_size: int = setting(256, min=1, max=1_000_000, help="SAE batch size")
+    normalise_decoder: bool = setting(True, help="unit-norm decoder columns (sets alpha's scale)")
 
 
 @dataclass(frozen=True)
 class RankConfig:
-    cross_class_fraction: float = _f(
+    cross_class_fraction: float = setting(
         0.5,
         min=0.0,
         max=1.0,
@@ -164,155 +168,170 @@ class RankConfig:
         help="a feature is cross-class when its 2nd-largest |class mean| is at least "
         "this fraction of its largest",
     )
-    min_mean_fraction: float = _f(
+    min_mean_fraction: float = setting(
         0.1,
         min=0.0,
         max=1.0,
         help="a cross-class feature's largest |class mean| must be at least this fraction of "
         "the largest |class mean| of any feature",
     )
-    top_n: int = _f(5, min=1, max=1000, help="features listed per class")
+    top_n: int = setting(5, min=1, max=1000, help="features listed per class")
 
 
 @dataclass(frozen=True)
 class EditConfig:
-    mode: str = _f(
+    mode: str = setting(
         "projection",
         choices=("paper", "projection"),
         help="projection: W(I+s*alpha*dd^T); paper: w_ij*max(0,1+s*alpha*|c_j|)",
     )
-    centre: bool = _f(
+    centre: bool = setting(
         True, help="projection: act on a - b_dec (the SAE's centre), bias moved to match"
     )
-    targets: str = _f(
+    targets: str = setting(
         "dominant_and_cross",
         choices=("dominant", "dominant_and_cross"),
         help="features swept: each class's dominant feature, plus cross-class ones",
     )
-    alpha_unit: str = _f(
+    alpha_unit: str = setting(
         "absolute",
         choices=("per_feature", "absolute"),
         help="paper rule only: per_feature divides alpha by max|c_j|, so alpha=1 zeroes the "
         "column's largest component",
     )
-    alpha_max: float = _f(
+    alpha_max: float = setting(
         1.5,
         min=0.0,
         min_exclusive=True,
         help="end of the alpha grid; full suppression is measured here",
     )
-    alpha_steps: int = _f(16, min=2, max=1001, help="points on the alpha grid, 0 included")
-    checkpoint_class: int = _f(0, min=0, help="class whose dominant feature the saved edit uses")
-    checkpoint_sign: str = _f(
+    alpha_steps: int = setting(16, min=2, max=1001, help="points on the alpha grid, 0 included")
+    checkpoint_class: int = setting(
+        0, min=0, help="class whose dominant feature the saved edit uses"
+    )
+    checkpoint_sign: str = setting(
         "suppress", choices=("suppress", "enhance"), help="direction of the saved edit"
     )
-    checkpoint_alpha: float = _f(1.5, min=0.0, help="strength of the saved edit (alpha_unit)")
-    min_base_accuracy: float = _f(
+    checkpoint_alpha: float = setting(1.5, min=0.0, help="strength of the saved edit (alpha_unit)")
+    min_base_accuracy: float = setting(
         0.5, min=0.0, max=1.0, help="classes below this accuracy before any edit are not evaluated"
     )
 
 
 @dataclass(frozen=True)
 class AlphaCritConfig:
-    grid_min: float = _f(
+    grid_min: float = setting(
         0.01,
         min=0.0,
         min_exclusive=True,
         help="first non-zero alpha of the empirical grid (paper rule, absolute)",
     )
-    grid_max: float = _f(
+    grid_max: float = setting(
         1e4,
         min=0.0,
         min_exclusive=True,
         help="last alpha of the empirical grid; alpha_crit often spans decades",
     )
-    grid_steps: int = _f(121, min=2, max=10001, help="points on the empirical grid, 0 included")
-    grid_spacing: str = _f("log", choices=("log", "linear"), help="spacing of the grid")
-    verify_samples: int = _f(20, min=0, help="val samples re-checked on the real edited model")
+    grid_steps: int = setting(
+        121, min=2, max=10001, help="points on the empirical grid, 0 included"
+    )
+    grid_spacing: str = setting("log", choices=("log", "linear"), help="spacing of the grid")
+    verify_samples: int = setting(20, min=0, help="val samples re-checked on the real edited model")
 
 
 @dataclass(frozen=True)
 class GradfamConfig:
-    top_k: int = _f(6, min=1, max=64, help="top-activating val images shown per feature")
-    batch_size: int = _f(32, min=1, max=4096, help="images per Grad-FAM batch")
-    layer: str = _f(
+    top_k: int = setting(6, min=1, max=64, help="top-activating val images shown per feature")
+    batch_size: int = setting(32, min=1, max=4096, help="images per Grad-FAM batch")
+    layer: str = setting(
         "auto",
         help="feature map differentiated: auto (the deepest with a grid of at least 4x4), or a "
         "module name (layer3, layer4, encoder.layers.encoder_layer_10, ...)",
     )
-    deletion_steps: int = _f(
+    deletion_steps: int = setting(
         20, min=2, max=1000, help="faithfulness: pixels deleted in this many equal steps"
     )
-    am_steps: int = _f(64, min=0, max=100_000, help="activation-maximisation steps")
-    am_lr: float = _f(0.05, min=0.0, min_exclusive=True, help="activation-maximisation step size")
-    am_l2: float = _f(1e-4, min=0.0, help="lambda_L2")
-    am_tv: float = _f(1e-3, min=0.0, help="lambda_TV")
-    am_jitter: int = _f(4, min=0, max=64, help="random shift in pixels per step")
+    am_steps: int = setting(64, min=0, max=100_000, help="activation-maximisation steps")
+    am_lr: float = setting(
+        0.05, min=0.0, min_exclusive=True, help="activation-maximisation step size"
+    )
+    am_l2: float = setting(1e-4, min=0.0, help="lambda_L2")
+    am_tv: float = setting(1e-3, min=0.0, help="lambda_TV")
+    am_jitter: int = setting(4, min=0, max=64, help="random shift in pixels per step")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    seeds: int = _f(5, min=1, max=100, help="SAE fits (seeds) every edit metric is averaged over")
-    projection_alpha: float = _f(
+    seeds: int = setting(
+        5, min=1, max=100, help="SAE fits (seeds) every edit metric is averaged over"
+    )
+    projection_alpha: float = setting(
         1.0, min=0.0, help="strength of the projection edits (1 removes the component)"
     )
-    paper_alpha: float = _f(8.0, min=0.0, help="strength of the paper-rule edit, per-feature units")
+    paper_alpha: float = setting(
+        8.0, min=0.0, help="strength of the paper-rule edit, per-feature units"
+    )
+
+
+# Sections read by a flow outside the DVC pipeline: no stage declares them, so changing them
+# reruns no stage (`salve study` reads `study`).
+FLOW_ONLY_SECTIONS = ("study",)
 
 
 # `salve study` (docs/METHOD.md's open questions q1-q3): not a pipeline stage, so DVC ignores it.
 @dataclass(frozen=True)
 class StudyConfig:
-    workers: int = _f(
+    workers: int = setting(
         0, min=0, max=256, help="Dask worker processes, one thread each; 0 = one per CPU core"
     )
-    attack_per_class: int = _f(
+    attack_per_class: int = setting(
         20, min=1, max=100_000, help="q1: correctly classified val samples attacked per class"
     )
-    attack_steps: int = _f(10, min=1, max=10_000, help="q1: PGD steps per attack")
-    attack_bisection_steps: int = _f(
+    attack_steps: int = setting(10, min=1, max=10_000, help="q1: PGD steps per attack")
+    attack_bisection_steps: int = setting(
         8, min=0, max=40, help="q1: bisection steps on the size (resolution eps_max / 2^steps)"
     )
-    attack_targets: int = _f(
+    attack_targets: int = setting(
         1,
         min=0,
         max=1000,
         help="q1: targeted PGD runs on the top wrong classes after the untargeted one",
     )
-    eps_max_linf: float = _f(
+    eps_max_linf: float = setting(
         0.25,
         min=0.0,
         max=1.0,
         min_exclusive=True,
         help="q1: largest L-inf size tried ([0, 1] pixels)",
     )
-    eps_max_l2: float = _f(
+    eps_max_l2: float = setting(
         8.0, min=0.0, min_exclusive=True, help="q1: largest L2 size tried ([0, 1] pixels)"
     )
-    bootstrap: int = _f(
+    bootstrap: int = setting(
         1000, min=0, max=100_000, help="q1: bootstrap resamples for Spearman's 95 % CI"
     )
-    seeds: int = _f(3, min=1, max=100, help="q2: SAE fits (seeds) per variant; CIs over seeds")
-    target_l0: float = _f(
+    seeds: int = setting(3, min=1, max=100, help="q2: SAE fits (seeds) per variant; CIs over seeds")
+    target_l0: float = setting(
         0.0, min=0.0, help="q2: L0 the variants are matched to; 0 = the pipeline SAE's val L0"
     )
-    match_l0_fits: int = _f(
+    match_l0_fits: int = setting(
         5,
         min=0,
         max=50,
         help="q2: relu/jumprelu fits bisecting l1 towards the target L0 (0 = keep sae.l1)",
     )
-    aux_l1: float = _f(
+    aux_l1: float = setting(
         0.03, min=0.0, min_exclusive=True, help="q2: strength of topk_aux_l1's penalty"
     )
-    l1_l2_ratio: float = _f(
+    l1_l2_ratio: float = setting(
         0.01, min=0.0, min_exclusive=True, help="q2: strength of topk_l1_l2_ratio's penalty"
     )
-    deeper_layer: str = _f(
+    deeper_layer: str = setting(
         "auto",
         help="q3: backbone stage or block edited: auto (layer3 of a ResNet, the block at 3/4 "
         "depth of a ViT) or a module name",
     )
-    deeper_alpha: float = _f(
+    deeper_alpha: float = setting(
         1.0,
         min=0.0,
         min_exclusive=True,

@@ -51,6 +51,7 @@ TINY_PARAMS = {
     "edit": {"alpha_steps": 6},
     "alpha_crit": {"grid_steps": 11, "verify_samples": 8},
     "gradfam": {"top_k": 2, "am_steps": 3, "deletion_steps": 4},
+    "evaluate": {"seeds": 2},
 }
 
 PROJECT_FILES = (

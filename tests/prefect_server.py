@@ -169,3 +169,13 @@ def running_prefect_server(
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
         yield server
+
+
+def stage_rows(artifact) -> list[dict[str, str]]:
+    """The rows of the flow's `salve-stage-summaries` markdown table (stage, status, ...)."""
+    lines = [line for line in artifact.data.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=False))
+        for line in lines[2:]
+    ]

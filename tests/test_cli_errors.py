@@ -262,7 +262,15 @@ def test_an_interrupt_stops_salve_run_at_once_with_one_line(signum, folder_templ
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
-        [SALVE, "run", "--no-progress", "--set", "finetune.epochs=200"],
+        [
+            SALVE,
+            "run",
+            "--no-progress",
+            "--set",
+            "finetune.epochs=200",
+            "--set",
+            "finetune.patience=0",
+        ],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -276,7 +284,11 @@ def test_an_interrupt_stops_salve_run_at_once_with_one_line(signum, folder_templ
             if line.startswith("fetch"):
                 break
             assert proc.poll() is None, proc.stderr.read()
-        time.sleep(2.0)
+        # finetune is running once it has written its first resume point (after epoch 1)
+        resume = root / ".salve" / "resume"
+        while time.monotonic() < deadline and not (resume.is_dir() and any(resume.iterdir())):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         t0 = time.monotonic()
         proc.send_signal(signum)

@@ -470,7 +470,7 @@ def test_adapter_push_pull_and_status(built_project_template: Path, tmp_path: Pa
 # The docs/OPERATIONS.md recipe, verbatim: a real experiment
 # ------------------------------------------------------------------------------------------
 
-DOWNSTREAM_OF_SAE = ["fit_sae", "rank", "edit", "alpha_crit", "gradfam", "report"]
+DOWNSTREAM_OF_SAE = ["fit_sae", "rank", "edit", "alpha_crit", "gradfam", "evaluate", "report"]
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,10 @@ def project_modules_found_by_modulefinder(stage: str) -> set[str]:
 def test_code_deps_match_an_independent_import_analysis(stage: str) -> None:
     declared = set(code_deps(stage))
     found = project_modules_found_by_modulefinder(stage)
-    assert declared == found, (sorted(declared - found), sorted(found - declared))
+    # package data (template folders) is declared beside the code that reads it
+    data = {p for p in declared if (REPO / p).is_dir()}
+    assert all(f"{p.rsplit('/', 1)[0]}/__init__.py" in found for p in data), data
+    assert declared - data == found, (sorted(declared - data - found), sorted(found - declared))
     assert f"tasks/{stage}.py" in declared and "salve/config.py" in declared
 
 
@@ -91,13 +94,20 @@ def test_editing_any_module_makes_exactly_its_importing_stages_stale(edited_proj
         str(p.relative_to(root)) for pkg in ("salve", "tasks") for p in (root / pkg).rglob("*.py")
     )
     assert len(modules) > 20
+    # Which stages depend on which module is checked against modulefinder above; here DVC must
+    # honour the declaration: one module for each distinct set of importing stages (the empty
+    # set included) is enough, at a fraction of the dvc status calls.
+    by_stages: dict[frozenset, str] = {}
     for module in modules:
+        importers = frozenset(name for name, deps in declared.items() if module in deps)
+        by_stages.setdefault(importers, module)
+    assert len(by_stages) >= 5, by_stages
+    for expected, module in sorted(by_stages.items(), key=lambda kv: kv[1]):
         path = root / module
         original = path.read_bytes()
         path.write_bytes(original + b"\n# an edit\n")
         try:
-            expected = {name for name, deps in declared.items() if module in deps}
-            assert stale_stages(root) == expected, module
+            assert stale_stages(root) == set(expected), module
         finally:
             path.write_bytes(original)
     assert stale_stages(root) == set()

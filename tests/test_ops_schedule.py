@@ -7,7 +7,6 @@ command runs as a subprocess; what happened is read back through the Prefect cli
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_project, dvc
-from tests.prefect_server import free_port, log_tail, start_process, stop_process
+from tests.prefect_server import free_port, log_tail, stage_rows, start_process, stop_process
 
 pytest_plugins = ["tests.prefect_server"]
 
@@ -145,11 +144,6 @@ def test_schedule_deployment_name_is_apart_from_prefect_yaml() -> None:
     assert "on work pool 'salve-gpu'" in pool
 
 
-def _artifact_data(artifact) -> object:
-    data = artifact.data
-    return json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
-
-
 @pytest.mark.slow
 def test_serve_runs_nightly_on_schedule(
     prefect_server, built_project_template: Path, tmp_path: Path
@@ -228,7 +222,7 @@ def test_serve_runs_nightly_on_schedule(
                 ),
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[pipeline_run.id])),
             )
-            rows = _artifact_data(table)
+            rows = stage_rows(table)
             stages = dvc(root, "stage", "list", "--name-only").stdout.split()
             assert [r["stage"] for r in rows] == stages
             assert {r["status"] for r in rows} == {"skipped"}, rows

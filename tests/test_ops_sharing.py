@@ -114,4 +114,7 @@ def test_every_params_section_feeds_a_stage() -> None:
         for entry in stage.get("params", [])
         for p in (entry if isinstance(entry, dict) else {entry: None})
     }
-    assert sorted(set(params) - declared) == []
+    from salve.config import FLOW_ONLY_SECTIONS
+
+    assert sorted(set(params) - declared - set(FLOW_ONLY_SECTIONS)) == []
+    assert declared.isdisjoint(FLOW_ONLY_SECTIONS)  # a flow-only section in a stage is a mistake

@@ -7,7 +7,6 @@ triggered through the client and followed until it completes.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, copy_project, dvc
-from tests.prefect_server import PREFECT, log_tail, start_process, stop_process
+from tests.prefect_server import PREFECT, log_tail, stage_rows, start_process, stop_process
 
 pytest_plugins = ["tests.prefect_server"]
 
@@ -120,8 +119,7 @@ def test_worker_runs_deployment_from_prefect_yaml(
                 ),
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
             )
-            rows = table.data if isinstance(table.data, list) else json.loads(table.data)
-            statuses = {r["stage"]: r["status"] for r in rows}
+            statuses = {r["stage"]: r["status"] for r in stage_rows(table)}
             assert statuses.pop("rank") == "ran"
             assert set(statuses.values()) == {"skipped"}, statuses
     finally:

@@ -143,22 +143,27 @@ def test_dvc_repro_then_flow_skips_everything(project, first_run, prefect_harnes
 
 
 def test_flow_reruns_changed_stage_and_stores_no_pickles(project, first_run, prefect_harness):
+    import os
+
     from flows.pipeline import pipeline
 
+    storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
+
+    def stored() -> set[Path]:  # the storage is the session's: count only what this flow adds
+        return {p for p in storage.rglob("*") if p.is_file()} if storage.exists() else set()
+
+    before = stored()
     apply_overrides(project / "params.yaml", ["edit.alpha_max=0.5"])
     rows = {r["stage"]: r["status"] for r in pipeline(root=str(project), progress=False)}
     assert [s for s, v in rows.items() if v != "skipped"] == ["edit", "report"]
     assert dvc_clean(project)
-    import os
-
-    storage = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"])
-    stored = [p for p in storage.rglob("*") if p.is_file()] if storage.exists() else []
-    assert stored == [], f"Prefect persisted results: {stored[:3]}"
+    added = sorted(stored() - before)
+    assert added == [], f"Prefect persisted results: {added[:3]}"
 
 
 def test_edited_checkpoint_matches_closed_form_and_loads_into_torchvision(project, first_run):
     from salve.data import normalise
-    from salve.editing import edit_head
+    from salve.editing import edit_head, resolve_sign
     from salve.io import load_tensors, read_json
     from salve.tv import import_torchvision
 
@@ -170,17 +175,33 @@ def test_edited_checkpoint_matches_closed_form_and_loads_into_torchvision(projec
     original = load_tensors(project / "results/finetune/model.safetensors")
     sae = load_tensors(project / "results/fit_sae/sae.safetensors")
     col = sae["decoder.weight"][:, edit["feature"]]
-    expected_w = edit_head(
-        original["fc.weight"], col, edit["alpha_abs"], edit["sign"], edit["mode"]
+    centre = sae["decoder.bias"] if edit["centred"] else None
+    expected_w, expected_b = edit_head(
+        original["fc.weight"],
+        col,
+        edit["alpha_abs"],
+        edit["sign"],
+        edit["mode"],
+        bias_k=original["fc.bias"],
+        centre_m=centre,
     )
     assert torch.equal(state["fc.weight"], expected_w)
-    assert torch.equal(state["fc.bias"], original["fc.bias"])
+    assert torch.equal(state["fc.bias"], expected_b)
+    if centre is not None and edit["alpha_abs"] != 0:  # the centred edit moves the bias
+        # W' a + b' = W a + b - s alpha W d d.(a - b_dec): the head sees the SAE's centred input.
+        d = col.double() / col.double().norm()
+        a = torch.randn(3, d.numel(), dtype=torch.float64)
+        w, b = original["fc.weight"].double(), original["fc.bias"].double()
+        s = resolve_sign(edit["sign"])
+        want = a @ w.T + b + s * edit["alpha_abs"] * ((a - centre.double()) @ d)[:, None] * (w @ d)
+        got = a @ expected_w.double().T + expected_b.double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     images = load_tensors(project / "results/fetch/val.safetensors")["images"][:16]
     acts = load_tensors(project / "results/extract/val.safetensors")["acts"][:16]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     with torch.no_grad():
         logits = plain(normalise(images, mean, std))
-    torch.testing.assert_close(logits, acts @ expected_w.T + original["fc.bias"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits, acts @ expected_w.T + expected_b, rtol=0, atol=1e-4)
 
 
 def test_alpha_zero_checkpoint_is_bit_identical(project, first_run):
