@@ -17,7 +17,6 @@ refuses at once) and each DVC operation holds the pipeline's lock (`.salve/run.l
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.pipeline import pipeline
 from tasks import dvcrepo
 from tasks.dvcrepo import WORKSPACE, DvcError, configured_remote, git_commit, read_text_at
-from tasks.runner import PipelineBusyError
+from tasks.runner import exclusive_lock
 
 ARTIFACT_KEY = "salve-nightly-metrics-diff"
 
@@ -38,16 +37,11 @@ ARTIFACT_KEY = "salve-nightly-metrics-diff"
 @contextlib.contextmanager
 def nightly_lock(root: Path) -> Iterator[None]:
     """One nightly run per repository at a time; a second one fails at once with a clear message."""
-    path = root / ".salve" / "nightly.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineBusyError(
-                f"another nightly run is in progress in {root}; this one stops here "
-                "(serve with a concurrency limit of 1 to queue runs instead)."
-            ) from None
+    busy = (
+        "another nightly run is in progress in {where}; this one stops here "
+        "(serve with a concurrency limit of 1 to queue runs instead)."
+    )
+    with exclusive_lock(root / ".salve" / "nightly.lock", busy, where=root):
         yield
 
 

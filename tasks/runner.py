@@ -164,29 +164,36 @@ def pipeline_lock(root: Path) -> Iterator[None]:
             _HELD[key] -= 1
         return
     path = key / ".salve" / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 - held for the block
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise PipelineBusyError(
-                f"another salve run is in progress in {key} ({holder}); wait for it to finish "
-                "(runs in one repository cannot overlap: they share the workspace and DVC cache)."
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
+    busy = (
+        "another salve run is in progress in {where} ({holder}); wait for it to finish "
+        "(runs in one repository cannot overlap: they share the workspace and DVC cache)."
+    )
+    with exclusive_lock(path, busy, where=key):
         _HELD[key] = 1
         try:
             yield
         finally:
             _HELD.pop(key, None)
-    finally:
-        fh.close()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str, **fmt: object) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (released when the process dies, even by kill -9); when
+    another process holds it, raise PipelineBusyError with `busy` formatted with `fmt` and the
+    holder (`{holder}`: the pid it wrote)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise PipelineBusyError(busy.format(holder=holder, **fmt)) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
 
 
 def remove_stale_temp_files(root: Path, name: str) -> list[Path]:
