@@ -407,17 +407,17 @@ def compare_context(
     title: str = "SALVE: revision comparison",
 ) -> dict:
     """The compare page's template context (plain data)."""
-    from salve.report import Counter
+    from salve.report import Embeds
 
-    n = Counter()
+    embeds = Embeds()
     ylim = _shared_log_range((a, b))
     fa, fb = revision_figures(a, ylim), revision_figures(b, ylim)
     missing = "not available at this revision"
     figures: list[tuple[str, Image, Image]] = [
         (
             caption,
-            n.figure(fa[key], f"A ({a.label})", missing),
-            n.figure(fb[key], f"B ({b.label})", missing),
+            embeds.figure(fa[key], f"A ({a.label})", missing),
+            embeds.figure(fb[key], f"B ({b.label})", missing),
         )
         for key, caption in _FIGURE_TITLES
     ]

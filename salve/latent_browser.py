@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from salve.report import KV, Counter, Image, ReportInputError, fmt, kv, render
+from salve.report import KV, Embeds, Image, ReportInputError, fmt, kv, render
 
 BAR_HEIGHT = 44  # px, the whole chart
 MAX_CHART_WIDTH = 240  # px; bars get narrower with more classes
@@ -159,7 +159,7 @@ def _entry(
     g: Mapping[str, Any] | None,
     e: Mapping[str, Any] | None,
     images: Mapping[str, bytes],
-    n: Counter,
+    embeds: Embeds,
 ) -> LatentEntry:
     k_top = int(np.argmax(np.abs(mu_k)))
     class_set = {k_top} | {k for _, ks in roles for k in ks}
@@ -186,9 +186,10 @@ def _entry(
                     f"{fmt(g['deletion_auc'])} ({fmt(g['deletion_auc_random'])})",
                 )
             )
-        overlay = n.image(images.get(g["overlay"]), f"Grad-FAM, top images of latent {latent}")
+        overlay = embeds.image(images.get(g["overlay"]), f"Grad-FAM, top images of latent {latent}")
         if g["am"]:
-            am = n.image(images.get(g["am"]), f"activation maximisation, latent {latent}", "thumb")
+            caption = f"activation maximisation, latent {latent}"
+            am = embeds.image(images.get(g["am"]), caption, "thumb")
             stats.append(("code of the AM image", g["am_code"]))
     if e is not None:
         ch = np.asarray(e["class_change"], dtype=np.float64)
@@ -220,9 +221,9 @@ def _entry(
     )
 
 
-def latents_context(src: LatentSources, *, report_page: str = "index.html") -> tuple[dict, Counter]:
+def latents_context(src: LatentSources, *, report_page: str = "index.html") -> tuple[dict, Embeds]:
     """The browser's template context (plain data) and what it embeds."""
-    n = Counter()
+    embeds = Embeds()
     classes = src.classes
     missing = [
         f"{what}: {src.hints.get(name, 'not provided')}"
@@ -250,7 +251,7 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
                     g_by.get(latent) if src.gradfam else None,
                     e_by.get(latent) if src.edit else None,
                     src.gradfam_images,
-                    n,
+                    embeds,
                 )
             )
         if src.gradfam:
@@ -274,17 +275,17 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
         "classes": list(enumerate(classes)),
         "entries": entries,
     }
-    return context, n
+    return context, embeds
 
 
 def build_latents_page(
     src: LatentSources, *, report_page: str = "index.html"
 ) -> tuple[str, dict[str, int]]:
     """The latent browser page and a summary (latents listed, images, sources missing)."""
-    context, n = latents_context(src, report_page=report_page)
+    context, embeds = latents_context(src, report_page=report_page)
     stats = {
         "latents": len(context["entries"]),
-        "images": n.images,
+        "images": embeds.images,
         "missing_sources": len(context["missing"]),
     }
     return render("latents.html", **context), stats

@@ -144,7 +144,7 @@ def render(template: str, **context: Any) -> str:
 
 
 @dataclass
-class Counter:
+class Embeds:
     """Counts what a page embeds (the report stage's summary metrics)."""
 
     figures: int = 0
@@ -262,7 +262,7 @@ def _metadata(d: ReportInputs) -> dict:
     }
 
 
-def _training(d: ReportInputs, n: Counter) -> dict:
+def _training(d: ReportInputs, embeds: Embeds) -> dict:
     info, fetch = d.dataset_info, d.fetch_metrics
     data = [
         ("source", fetch["source"]),
@@ -286,7 +286,9 @@ def _training(d: ReportInputs, n: Counter) -> dict:
         "data": kv(data),
         "finetune": kv(sorted(d.finetune_metrics.items())),
         "per_class": per_class,
-        "figure": n.figure(finetune_figure(d.finetune_epochs), "fine-tuning loss and accuracy"),
+        "figure": embeds.figure(
+            finetune_figure(d.finetune_epochs), "fine-tuning loss and accuracy"
+        ),
     }
 
 
@@ -303,7 +305,7 @@ _SAE_ROWS = (
 _SAE_INFO = ("kind", "d_in", "d_latent", "k", "hook_point", "decoder_columns_normalised")
 
 
-def _sae(d: ReportInputs, n: Counter) -> dict:
+def _sae(d: ReportInputs, embeds: Embeds) -> dict:
     m, sc = d.sae_metrics, d.sidecars["fit_sae"]
     return {
         "metrics": table(
@@ -312,11 +314,11 @@ def _sae(d: ReportInputs, n: Counter) -> dict:
         ),
         "info": kv([(k, sc[k]) for k in _SAE_INFO]),
         "final_loss": fmt(m["final_loss"]),
-        "figure": n.figure(sae_loss_figure(d.sae_loss), "SAE training loss"),
+        "figure": embeds.figure(sae_loss_figure(d.sae_loss), "SAE training loss"),
     }
 
 
-def _heatmap(d: ReportInputs, n: Counter) -> dict:
+def _heatmap(d: ReportInputs, embeds: Embeds) -> dict:
     m = np.asarray(d.class_means, dtype=np.float64)
     cols = list(range(m.shape[1]))
     note = None
@@ -342,7 +344,7 @@ def _heatmap(d: ReportInputs, n: Counter) -> dict:
         ylabel="class",
         marks=marks,
     )
-    return {"figure": n.figure(png, "class x feature mean codes"), "note": note}
+    return {"figure": embeds.figure(png, "class x feature mean codes"), "note": note}
 
 
 def _edit_entry(d: ReportInputs, k: int) -> dict | None:
@@ -368,7 +370,7 @@ def _gradfam_note(g: Mapping[str, Any]) -> str | None:
     )
 
 
-def _dominant(d: ReportInputs, n: Counter) -> list[dict]:
+def _dominant(d: ReportInputs, embeds: Embeds) -> list[dict]:
     entries = {int(e["latent"]): e for e in d.gradfam["latents"]}
     cards = []
     for dom in d.ranking["dominant"]:
@@ -413,10 +415,10 @@ def _dominant(d: ReportInputs, n: Counter) -> list[dict]:
                 "latent": f,
                 "facts": kv(items),
                 "raises_target": bool(ed and ed.get("raises_target", False)),
-                "overlay": n.image(
+                "overlay": embeds.image(
                     d.gradfam_images.get(e["overlay"]), f"Grad-FAM overlays, feature {f}"
                 ),
-                "am": n.image(
+                "am": embeds.image(
                     d.gradfam_images.get(e["am"]) if e["am"] else None,
                     f"activation maximisation, feature {f}",
                     cls="thumb",
@@ -427,7 +429,7 @@ def _dominant(d: ReportInputs, n: Counter) -> list[dict]:
     return cards
 
 
-def _edit(d: ReportInputs, n: Counter) -> dict:
+def _edit(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.edit_metrics
     _, curves = curves_from_rows(d.edit_curve_rows)
     targets = [(int(x["class"]), int(x["feature"])) for x in d.ranking["dominant"]]
@@ -448,7 +450,7 @@ def _edit(d: ReportInputs, n: Counter) -> dict:
     figures = []
     for sign, caption in (("suppress", "suppression"), ("enhance", "enhancement")):
         png = edit_curves_figure(curves, targets, d.classes, sign, alpha_label=alpha_label)
-        figures.append(n.figure(png, f"{caption} curves (dominant feature of each class)"))
+        figures.append(embeds.figure(png, f"{caption} curves (dominant feature of each class)"))
     rows, flags = [], []
     for k, f in targets:
         v = _edit_entry(d, k)
@@ -490,7 +492,7 @@ def _edit(d: ReportInputs, n: Counter) -> dict:
     }
 
 
-def _cross(d: ReportInputs, n: Counter) -> dict:
+def _cross(d: ReportInputs, embeds: Embeds) -> dict:
     cross, rule = d.edit_metrics["cross_class"], d.ranking["rule"]
     frac = fmt(rule["cross_class_fraction"])
     rule_text = (
@@ -550,7 +552,9 @@ def _cross(d: ReportInputs, n: Counter) -> dict:
     )
     return {
         "rule": rule_text,
-        "figure": n.figure(png, "cross-class effects (rows: feature and the classes sharing it)"),
+        "figure": embeds.figure(
+            png, "cross-class effects (rows: feature and the classes sharing it)"
+        ),
         "table": table(header, rows),
     }
 
@@ -571,7 +575,7 @@ def _interval(v: Mapping[str, Any]) -> str:
     return f"{fmt(v['mean'], 3)} [{fmt(lo, 3)}, {fmt(hi, 3)}]"
 
 
-def _baselines(d: ReportInputs, n: Counter) -> dict:
+def _baselines(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.evaluate_metrics
     methods = m["methods"]
     shown = [(k, label) for k, label in BASELINE_METRICS if any(k in v for v in methods.values())]
@@ -596,7 +600,7 @@ def _baselines(d: ReportInputs, n: Counter) -> dict:
     ]
     return {
         "facts": kv(facts),
-        "figure": n.figure(methods_figure(methods), "efficacy vs specificity per method"),
+        "figure": embeds.figure(methods_figure(methods), "efficacy vs specificity per method"),
         "table": table(("method", *(label for _, label in shown)), rows),
     }
 
@@ -612,9 +616,9 @@ def _estimator_cell(s: Mapping[str, Any]) -> str:
     return " · ".join(bits) or "–"
 
 
-def _alpha(d: ReportInputs, n: Counter) -> dict:
+def _alpha(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.alpha_crit_metrics
-    figure = n.figure(
+    figure = embeds.figure(
         alpha_crit_figure(d.classes, d.alpha_values),
         "alpha_crit per class and estimator (log axis; ∞N: N samples whose class logit never "
         "reaches zero, not drawn; n/a: no root bracketed)",
@@ -689,19 +693,19 @@ def _checkpoint(d: ReportInputs) -> dict:
     return {"description": desc, "facts": kv(items), "comparison": comparison, "recorded": recorded}
 
 
-def report_context(d: ReportInputs) -> tuple[dict, Counter]:
+def report_context(d: ReportInputs) -> tuple[dict, Embeds]:
     """The report page's template context (plain data) and what it embeds."""
-    n = Counter()
+    embeds = Embeds()
     builders: dict[str, Callable[[], Any]] = {
         "metadata": lambda: _metadata(d),
-        "training": lambda: _training(d, n),
-        "sae-quality": lambda: _sae(d, n),
-        "class-feature-heatmap": lambda: _heatmap(d, n),
-        "dominant-features": lambda: _dominant(d, n),
-        "edit-curves": lambda: _edit(d, n),
-        "cross-class": lambda: _cross(d, n),
-        "baselines": lambda: _baselines(d, n),
-        "alpha-crit": lambda: _alpha(d, n),
+        "training": lambda: _training(d, embeds),
+        "sae-quality": lambda: _sae(d, embeds),
+        "class-feature-heatmap": lambda: _heatmap(d, embeds),
+        "dominant-features": lambda: _dominant(d, embeds),
+        "edit-curves": lambda: _edit(d, embeds),
+        "cross-class": lambda: _cross(d, embeds),
+        "baselines": lambda: _baselines(d, embeds),
+        "alpha-crit": lambda: _alpha(d, embeds),
         "edited-checkpoint": lambda: _checkpoint(d),
     }
     body = {sid.replace("-", "_"): _section(sid, build) for sid, build in builders.items()}
@@ -722,16 +726,16 @@ def report_context(d: ReportInputs) -> tuple[dict, Counter]:
         "gradfam_note": _gradfam_note(d.gradfam),
         **body,
     }
-    return context, n
+    return context, embeds
 
 
 def build_report(d: ReportInputs) -> tuple[str, dict[str, int]]:
     """The report page and a small summary (figures drawn, images embedded, sections)."""
-    context, n = report_context(d)
+    context, embeds = report_context(d)
     text = render("report.html", **context)
     return text, {
-        "figures": n.figures,
-        "images": n.images,
+        "figures": embeds.figures,
+        "images": embeds.images,
         "sections": len(REPORT_SECTIONS),
         "classes": len(d.classes),
     }

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from salve.report import Counter, fmt, kv, render, table
+from salve.report import Embeds, fmt, kv, render, table
 from salve.study.figures import deeper_figure, variants_figure, vulnerability_figure
 
 PARTS: tuple[tuple[str, str], ...] = (
@@ -302,7 +302,7 @@ def _method_deeper(s: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _adversarial_section(part: Mapping[str, Any], classes: Sequence[str], counter: Counter):
+def _adversarial_section(part: Mapping[str, Any], classes: Sequence[str], counter: Embeds):
     norms = [n for n in NORM_NAMES if part.get(n)]
     rows = [("all classes", *(_rho_cell(part[n]) for n in norms))]
     per_class = {n: {c["class"]: c for c in part[n].get("per_class", [])} for n in norms}
@@ -341,7 +341,7 @@ def _rho_cell(entry: Mapping[str, Any]) -> str:
     return f"{fmt(rho, 2) if _finite(rho) else '–'}{ci} ({entry.get('n', 0)})"
 
 
-def _variants_section(rows: Sequence[Mapping[str, Any]], counter: Counter):
+def _variants_section(rows: Sequence[Mapping[str, Any]], counter: Embeds):
     header = (
         "kind",
         "sparsity",
@@ -384,7 +384,7 @@ def _variants_section(rows: Sequence[Mapping[str, Any]], counter: Counter):
     return {"table": table(header, body), "figure": figure}
 
 
-def _deeper_section(part: Mapping[str, Any], classes: Sequence[str], counter: Counter):
+def _deeper_section(part: Mapping[str, Any], classes: Sequence[str], counter: Embeds):
     summary = part.get("summary", {})
     metrics = ("efficacy", "flip_rate", "specificity_mean", "specificity_worst", "generalisation")
     rows = [
@@ -465,7 +465,7 @@ def study_context(
     subtitle: str = "",
 ) -> dict[str, Any]:
     """Everything study.html shows, as plain data (strings, tables, data-URI figures)."""
-    counter = Counter()
+    counter = Embeds()
     records = study.get("parts", {})
     sections = []
     for key, heading in PARTS:
