@@ -74,15 +74,10 @@ def _handler(signum: int, _frame) -> None:
     _finish(signum)
 
 
-_installed = False
-
-
 def install() -> None:
     """Handle SIGINT and SIGTERM as above (main thread only, as Python requires)."""
-    global _installed
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _handler)
-    _installed = True
 
 
 def reclaim() -> None:
@@ -90,8 +85,10 @@ def reclaim() -> None:
 
     The flow engine installs its own SIGTERM handler for the flow's duration (a worker's cancel
     request); under `salve run` it would raise inside the main thread while the stage threads run
-    on, and the process hung. Flows run by a worker (no `install()`) keep Prefect's handler."""
+    on, and the process hung. Prefect leaves SIGINT alone, so our handler there says `install()`
+    ran; flows run by a worker keep Prefect's handler."""
     import threading
 
-    if _installed and threading.current_thread() is threading.main_thread():
+    ours = signal.getsignal(signal.SIGINT) is _handler
+    if ours and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)

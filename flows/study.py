@@ -659,10 +659,10 @@ def study_flow_body(root: str, parts: list[str], force: list[str]) -> dict[str, 
 
     from flows import interrupt
     from salve.config import load
-
-    interrupt.reclaim()
     from salve.io import ArtifactError
     from tasks.artifacts import load_dataset_meta
+
+    interrupt.reclaim()
 
     log = get_run_logger()
     root_path = Path(root)

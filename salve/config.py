@@ -274,11 +274,10 @@ class EvaluateConfig:
 
 
 # Sections read by a flow outside the DVC pipeline: no stage declares them, so changing them
-# reruns no stage (`salve study` reads `study`).
+# reruns no stage. `salve study` (docs/METHOD.md's open questions q1-q3) reads `study`.
 FLOW_ONLY_SECTIONS = ("study",)
 
 
-# `salve study` (docs/METHOD.md's open questions q1-q3): not a pipeline stage, so DVC ignores it.
 @dataclass(frozen=True)
 class StudyConfig:
     workers: int = setting(

@@ -302,8 +302,8 @@ def quality_gate(
         f"quality gate: the classifier reaches {val_accuracy:.1%} val accuracy "
         f"(finetune.min_val_accuracy {min_val_accuracy:.0%}){classes}. Fixes: a larger epoch "
         "budget and learning rate (e.g. --set finetune.epochs=20 --set finetune.lr=0.002, "
-        "which took a 960-image 6-class folder from 47% to 96%), pretrained weights "
-        "(finetune.weights), more or cleaner images; to explain it anyway set "
+        "which took two 960-image 6-class folders from 47% and 94% to 96% and 98%), pretrained "
+        "weights (finetune.weights), more or cleaner images; to explain it anyway set "
         "finetune.min_val_accuracy=0 and finetune.min_class_accuracy=0. The fine-tuned model "
         "is kept in results/finetune."
     )
