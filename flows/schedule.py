@@ -82,12 +82,12 @@ def _check_cron(expr: str, timezone: str) -> str | None:
 
 def prefect_yaml_deployments(root: Path) -> dict[str, str]:
     """Deployment name -> flow entrypoint declared in ``root``/prefect.yaml (empty if none)."""
-    import yaml
+    from salve.config import yaml_load
 
     path = root / "prefect.yaml"
     if not path.is_file():
         return {}
-    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    spec = yaml_load(path.read_text(encoding="utf-8")) or {}
     return {
         str(d.get("name")): str(d.get("entrypoint", ""))
         for d in spec.get("deployments") or []

@@ -485,6 +485,22 @@ def load(path: str | Path = "params.yaml") -> Config:
     return from_dict(_safe_load(p.read_text(encoding="utf-8"), str(p)), str(p))
 
 
+def yaml_load(text: str) -> Any:
+    """YAML as DVC reads it (ruamel, YAML 1.2, safe types): the project's one YAML parser."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def yaml_dump(data: Any, *, width: int = 100) -> str:
+    """Block-style YAML of plain data, keys in insertion order (dvc.yaml, test fixtures)."""
+    import io
+
+    yaml = YAML()  # round-trip dumper: keeps insertion order (the safe one sorts keys)
+    yaml.width = width
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
+
+
 def _safe_load(text: str, where: str) -> Any:
     """Parse YAML as DVC does (ruamel, YAML 1.2): `1e-3` is a float, duplicate keys are errors.
 
@@ -492,7 +508,7 @@ def _safe_load(text: str, where: str) -> Any:
     ruamel writes back, e.g. `1e-10`) would be rejected here.
     """
     try:
-        return YAML(typ="safe").load(text)
+        return yaml_load(text)
     except YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
 

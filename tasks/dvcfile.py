@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import yaml
-
+from salve.config import yaml_dump
 from tasks import STAGES
 from tasks.deps import code_deps
 
@@ -27,4 +26,4 @@ def render_dvc_yaml() -> str:
         if spec.plots:
             entry["plots"] = [{p: {"cache": False}} for p in spec.plot_files]
         stages[spec.name] = entry
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
+    return HEADER + yaml_dump({"stages": stages})

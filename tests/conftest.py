@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 _PREFECT_TMP = Path(tempfile.mkdtemp(prefix="salve-prefect-"))
@@ -32,6 +31,8 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 from salve.runtime import pin_cpu_kernels  # noqa: E402
 
 pin_cpu_kernels(True)
+
+from salve.config import yaml_dump  # noqa: E402
 
 # Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
 TINY_PARAMS = {
@@ -88,7 +89,7 @@ def write_params(root: Path, params: dict) -> None:
     full = Config().to_dict()
     for section, values in params.items():
         full[section] |= values
-    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    (root / "params.yaml").write_text(yaml_dump(full))
 
 
 def make_project(root: Path, params: dict | None = None) -> Path:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from salve.compare import (
     ExperimentRow,
@@ -30,6 +29,7 @@ from salve.compare import (
     metrics_diff_text,
     text_table,
 )
+from salve.config import yaml_dump, yaml_load
 from tasks import STAGE_ORDER, STAGES
 from tests.conftest import REPO, copy_project, dvc, git
 from tests.test_report_browser import chromium  # noqa: F401 - the session fixture
@@ -293,9 +293,9 @@ def test_experiment_table_shows_changed_params_and_key_metrics_within_100_column
 
 
 def _edit(root: Path, width: int, fvu: float, feature: int) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = yaml_load((root / "params.yaml").read_text())
     params["sae"]["width"] = width
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml_dump(params))
     for name, change in (
         ("fit_sae", {"val_fvu": fvu}),
         ("edit", {"checkpoint_edit": {"feature": feature}}),
@@ -325,7 +325,7 @@ def test_salve_diff_between_two_commits(two_revisions: Path):
     from flows.compare import diff_text
 
     root = two_revisions
-    width = yaml.safe_load(git(root, "show", "HEAD~1:params.yaml"))["sae"]["width"]
+    width = yaml_load(git(root, "show", "HEAD~1:params.yaml"))["sae"]["width"]
     fvu = [
         json.loads(git(root, "show", f"{r}:metrics/fit_sae.json"))["val_fvu"]
         for r in ("HEAD~1", "HEAD")
@@ -385,7 +385,7 @@ def test_salve_exps_lists_the_experiment(two_revisions: Path):
     rows = _table_rows(lines)
     base = git(root, "rev-parse", "--short=7", "HEAD~1").strip()
     assert list(rows) == ["main", "hand-w96", base]  # workspace = HEAD: not listed
-    base_width = yaml.safe_load(git(root, "show", "HEAD~1:params.yaml"))["sae"]["width"]
+    base_width = yaml_load(git(root, "show", "HEAD~1:params.yaml"))["sae"]["width"]
     assert [r[0] for r in rows.values()] == ["48", "96", str(base_width)]
     fvu = [
         json.loads(git(root, "show", f"{r}:metrics/fit_sae.json"))["val_fvu"]
@@ -449,9 +449,9 @@ def test_adapter_push_pull_and_status(built_project_template: Path, tmp_path: Pa
     sae = "results/fit_sae/sae.safetensors"
     assert (a / sae).read_bytes() == (b / sae).read_bytes()
 
-    params = yaml.safe_load((b / "params.yaml").read_text())
+    params = yaml_load((b / "params.yaml").read_text())
     params["rank"]["top_n"] += 1
-    (b / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (b / "params.yaml").write_text(yaml_dump(params))
     # `dvc status` names the stage whose own dependency changed; those below it follow once
     # its outputs do.
     assert dvcrepo.stale_stages(b, STAGE_ORDER) == ["rank"]
@@ -496,7 +496,7 @@ def test_width_experiment_recipe(width_experiment):
     root, log, seconds = (width_experiment[k] for k in ("root", "log", "seconds"))
     ran = [s for s in STAGE_ORDER if f"Running stage '{s}'" in log]
     assert ran == DOWNSTREAM_OF_SAE, log
-    assert yaml.safe_load((root / "params.yaml").read_text())["sae"]["width"] == 128
+    assert yaml_load((root / "params.yaml").read_text())["sae"]["width"] == 128
 
     exps, diff, page = (width_experiment[k] for k in ("exps", "diff", "compare"))
     assert exps.returncode == 0, exps.stderr

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from ruamel.yaml import YAML
 
 from salve.config import (
@@ -21,6 +20,7 @@ from salve.config import (
     parse_override,
     section_fields,
     sections,
+    yaml_load,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_apply_overrides_writes_typed_values_and_keeps_comments(params_copy: Pat
     assert (cfg.sae.width, cfg.sae.l1, cfg.sae.kind) == (128, 0.01, "topk")
     assert type(cfg.sae.width) is int and type(cfg.sae.l1) is float
     # the file now holds the values, YAML-typed, and loads to the same config
-    raw = yaml.safe_load(params_copy.read_text())
+    raw = yaml_load(params_copy.read_text())
     assert raw["sae"]["width"] == 128 and type(raw["sae"]["width"]) is int
     assert load(params_copy) == cfg
     assert load(params_copy).rank.min_mean_fraction == 1e-10

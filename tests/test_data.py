@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-import salve.data
+import salve.data.decode
 from salve.config import from_dict
 from salve.data import (
     IMAGE_EXTENSIONS,
@@ -573,7 +573,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(path: Path, size: int) -> np.ndarray:
         raise AssertionError("decoded an image before the split was checked")
 
-    monkeypatch.setattr(salve.data, "load_image", refuse)
+    monkeypatch.setattr(salve.data.decode, "load_image", refuse)
 
 
 def test_too_few_val_images_stratified(tmp_path: Path, no_decoding: None) -> None:

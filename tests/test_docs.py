@@ -26,12 +26,10 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_registry():
 
 
 def test_repository_params_yaml_is_valid_and_complete():
-    import yaml
-
-    from salve.config import Config
+    from salve.config import Config, yaml_load
 
     load(REPO / "params.yaml")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml_load((REPO / "params.yaml").read_text())
     for section, values in Config().to_dict().items():
         assert set(raw[section]) == set(values), f"params.yaml section {section} is incomplete"
 

@@ -405,9 +405,11 @@ def test_imagenette_url_override_checks_official_md5(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A mirror base URL keeps the official file name and MD5: our fake archive must fail it.
-    import salve.data
+    import salve.data.folders
 
-    monkeypatch.setattr(salve.data, "download_file", functools.partial(download_file, backoff=0))
+    monkeypatch.setattr(
+        salve.data.folders, "download_file", functools.partial(download_file, backoff=0)
+    )
     base = server.url.rsplit("/", 1)[0]
     with pytest.raises(DownloadError, match="e793b78cc4c9e9a4ccc0c1155377a412"):
         prepare_dataset(

@@ -522,10 +522,12 @@ def _imagenette_tgz() -> bytes:
 @pytest.fixture
 def archive_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bytes, str], Server]]:
     """serve(payload, md5): the Imagenette 160px archive comes from a local server."""
-    import salve.data
+    import salve.data.folders
     from salve.download import download_file
 
-    monkeypatch.setattr(salve.data, "download_file", functools.partial(download_file, backoff=0))
+    monkeypatch.setattr(
+        salve.data.folders, "download_file", functools.partial(download_file, backoff=0)
+    )
     servers = []
 
     def serve(payload: bytes, md5: str) -> Server:

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def dvc_yaml_stages(root: Path) -> dict:
-    import yaml
+    from salve.config import yaml_load
 
-    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return yaml_load((root / "dvc.yaml").read_text())["stages"]
 
 
 def project_modules_found_by_modulefinder(stage: str) -> set[str]:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from salve.config import yaml_load
 from tests.conftest import REPO, copy_project, dvc, git
 
 pytest_plugins = ["tests.prefect_server"]
@@ -27,7 +27,7 @@ CHECKPOINTS = ("results/finetune/model.safetensors", "results/fit_sae/sae.safete
 
 
 def stage_names(root: Path) -> list[str]:
-    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    return list(yaml_load((root / "dvc.yaml").read_text())["stages"])
 
 
 def tree_bytes(root: Path, folder: str) -> dict[str, bytes]:
@@ -107,10 +107,10 @@ def test_push_clone_pull_then_nothing_to_do(built_project_template: Path, tmp_pa
 
 def test_every_params_section_feeds_a_stage() -> None:
     """`dvc exp run -S section.key=value` only reruns something if a stage declares the param."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml_load((REPO / "params.yaml").read_text())
     declared = {
         p.split(".")[0]
-        for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+        for stage in yaml_load((REPO / "dvc.yaml").read_text())["stages"].values()
         for entry in stage.get("params", [])
         for p in (entry if isinstance(entry, dict) else {entry: None})
     }

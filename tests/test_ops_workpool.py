@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from salve.config import yaml_load
 from tests.conftest import REPO, copy_project, dvc
 from tests.prefect_server import PREFECT, log_tail, stage_rows, start_process, stop_process
 
@@ -25,7 +25,7 @@ RUN_TIMEOUT_S = 240
 
 
 def test_prefect_yaml_declares_both_deployments() -> None:
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec = yaml_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"salve-pipeline", "salve-nightly"}
     for d in deployments.values():

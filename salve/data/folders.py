@@ -1,0 +1,573 @@
+"""Folder sources (any image folder, Imagenette): scanned into a checked file plan, nothing
+decoded; what the scan skipped or relabelled is reported, never silent."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from salve.data.base import (
+    FOLDER_SOURCES,
+    DatasetError,
+    PreparedData,
+    check_args,
+    check_split_counts,
+    common_info,
+    override_url,
+    some,
+    stratified_split,
+    subsample_per_class,
+)
+from salve.data.decode import decode_images, iter_decoded_images
+from salve.download import download_file, safe_extract
+from salve.io import read_json, write_json
+
+logger = logging.getLogger("salve")
+
+# fast.ai's Imagenette archives (same URLs and MD5s as torchvision.datasets.Imagenette).
+IMAGENETTE_ARCHIVES: dict[str, tuple[str, str]] = {
+    "full": (
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
+        "fe2fc210e6bb7c5664d602c3cd71e612",
+    ),
+    "320px": (
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
+        "3df6f0d01a2c9592104656642f5e78a3",
+    ),
+    "160px": (
+        "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+        "e793b78cc4c9e9a4ccc0c1155377a412",
+    ),
+}
+IMAGENETTE_CLASSES: dict[str, str] = {
+    "n01440764": "tench",
+    "n02102040": "English springer",
+    "n02979186": "cassette player",
+    "n03000684": "chain saw",
+    "n03028079": "church",
+    "n03394916": "French horn",
+    "n03417042": "garbage truck",
+    "n03425413": "gas pump",
+    "n03445777": "golf ball",
+    "n03888257": "parachute",
+}
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_EXTRACT_MARKER = ".salve_extracted.json"
+# What the folder scan reports (info keys; fetch copies them into its metrics).
+SCAN_KEYS = ("skipped_hidden", "nested_images", "non_image_files", "images_outside_classes")
+
+
+@dataclass
+class ImageFilePlan:
+    """A folder dataset split into file lists with labels, checked, nothing decoded yet.
+
+    The order of `train_files`/`val_files` is the order of the decoded rows: the same files
+    give the same bytes, whether decoded at once (`decode`) or streamed (`chunks`).
+    """
+
+    image_size: int
+    classes: list[str]
+    train_files: list[Path]
+    train_labels: np.ndarray  # int64 [N]
+    val_files: list[Path]
+    val_labels: np.ndarray
+    info: dict[str, Any]  # JSON-able; the same dict `decode` puts in PreparedData.info
+
+    def split(self, split: str) -> tuple[list[Path], np.ndarray]:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return getattr(self, f"{split}_files"), getattr(self, f"{split}_labels")
+
+    def tensor_specs(self, split: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The split's tensors as `salve.io.TensorFileWriter` specs: images and labels."""
+        n, s = len(self.split(split)[0]), self.image_size
+        return {"images": (torch.uint8, (n, 3, s, s)), "labels": (torch.int64, (n,))}
+
+    def chunks(
+        self, split: str, *, chunk_size: int = 256, progress: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images [c,3,S,S], int64 labels [c]) in file order, `chunk_size` at once."""
+        files, labels = self.split(split)
+        y = torch.as_tensor(labels, dtype=torch.int64)
+        start = 0
+        for images in iter_decoded_images(
+            files, self.image_size, chunk_size=chunk_size, progress=progress, desc=f"decode {split}"
+        ):
+            yield images, y[start : start + len(images)]
+            start += len(images)
+
+    def decode(self, *, progress: bool = True) -> PreparedData:
+        """Every image decoded into memory (small datasets, tests)."""
+        size = self.image_size
+        return PreparedData(
+            train_images=decode_images(
+                self.train_files, size, progress=progress, desc="decode train"
+            ),
+            train_labels=torch.as_tensor(self.train_labels, dtype=torch.int64),
+            val_images=decode_images(self.val_files, size, progress=progress, desc="decode val"),
+            val_labels=torch.as_tensor(self.val_labels, dtype=torch.int64),
+            classes=list(self.classes),
+            info=copy.deepcopy(self.info),  # PreparedData.info may be edited; the plan stays
+        )
+
+
+def plan_image_files(
+    source: str,
+    *,
+    image_size: int,
+    raw_dir: Path,
+    variant: str = "160px",
+    path: str = "",
+    val_fraction: float = 0.2,
+    max_per_class: int = 0,
+    min_val_per_class: int = 1,
+    seed: int = 0,
+    url_override: str = "",
+    archive: tuple[str, str] | None = None,
+    progress: bool = True,
+) -> ImageFilePlan:
+    """Scan (and, for imagenette, download) a folder source into a checked `ImageFilePlan`.
+
+    Same arguments and rules as `prepare_dataset`. What the scan skipped (hidden entries,
+    non-image files, images outside class folders) or relabelled (images in nested sub-folders
+    take their top class folder's label) is logged once at WARNING on the "salve" logger and
+    recorded in `info` (`SCAN_KEYS` and `data_notes`).
+    """
+    check_args(source, image_size, val_fraction, max_per_class, min_val_per_class)
+    if source not in FOLDER_SOURCES:
+        raise DatasetError(
+            f"source {source!r} is not a folder of image files; use prepare_dataset for it"
+        )
+    opts = {
+        "image_size": image_size,
+        "val_fraction": val_fraction,
+        "max_per_class": max_per_class,
+        "min_val_per_class": min_val_per_class,
+        "seed": seed,
+    }
+    if source == "imagefolder":
+        plan = _plan_imagefolder(path=path, **opts)
+    else:
+        plan = _plan_imagenette(
+            raw_dir=Path(raw_dir),
+            variant=variant,
+            url_override=url_override,
+            archive=archive,
+            progress=progress,
+            **opts,
+        )
+    plan.info.update(
+        common_info(
+            source,
+            image_size,
+            seed,
+            max_per_class,
+            plan.classes,
+            plan.train_labels,
+            plan.val_labels,
+        )
+    )
+    if plan.info["data_notes"]:
+        logger.warning("%s", plan.info["data_notes"])
+    return plan
+
+
+@dataclass
+class _ScanNotes:
+    """What a folder scan skipped or relabelled, for one warning line and the info dict."""
+
+    base: Path
+    hidden_folders: list[str] = field(default_factory=list)
+    hidden_files: int = 0
+    nested_images: int = 0
+    non_image_files: int = 0
+    outside_classes: list[str] = field(default_factory=list)  # images in no class folder
+    ignored_folders: list[str] = field(default_factory=list)  # beside train/ and val/
+    symlinked_folders: list[str] = field(default_factory=list)  # inside class folders
+
+    def rel(self, p: Path | str) -> str:
+        try:
+            return str(Path(p).relative_to(self.base))
+        except ValueError:
+            return str(p)
+
+    def summary(self, what: str) -> str:
+        parts = []
+        hidden = []
+        if self.hidden_folders:
+            hidden.append(_count(len(self.hidden_folders), "hidden folder", self.hidden_folders))
+        if self.hidden_files:
+            hidden.append(_count(self.hidden_files, "hidden file"))
+        if hidden:
+            parts.append("skipped " + ", ".join(hidden))
+        if self.nested_images:
+            parts.append(
+                _count(self.nested_images, "image")
+                + " in nested sub-folders were labelled with their top class folder"
+            )
+        if self.non_image_files:
+            parts.append(
+                f"ignored {_count(self.non_image_files, 'non-image file')} in class folders "
+                "(an image needs one of the extensions " + " ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+            )
+        if self.outside_classes:
+            n = len(self.outside_classes)
+            parts.append(
+                f"ignored {_count(n, 'image')} outside any class folder "
+                f"({some(self.outside_classes, 5)})"
+            )
+        if self.ignored_folders:
+            n = len(self.ignored_folders)
+            parts.append(
+                f"ignored {_count(n, 'folder')} beside train/ and val/ "
+                f"({some(self.ignored_folders, 5)})"
+            )
+        if self.symlinked_folders:
+            links = self.symlinked_folders
+            parts.append("did not follow " + _count(len(links), "symlinked sub-folder", links))
+        return f"{what}: " + "; ".join(parts) if parts else ""
+
+    def info(self, what: str) -> dict[str, Any]:
+        return {
+            "skipped_hidden": len(self.hidden_folders) + self.hidden_files,
+            "hidden_folders": self.hidden_folders[:20],
+            "nested_images": self.nested_images,
+            "non_image_files": self.non_image_files,
+            "images_outside_classes": len(self.outside_classes),
+            "data_notes": self.summary(what),
+        }
+
+
+def _count(n: int, noun: str, names: Sequence[str] = ()) -> str:
+    text = f"{n} {noun}{'' if n == 1 else 's'}"
+    if names:
+        text += f" ({some(list(names), 5)})"
+    return text
+
+
+def _permission_error(what: str, kind: str, path: Path, exc: OSError) -> DatasetError:
+    return DatasetError(
+        f"{what}: permission denied reading the {kind} {path} ({exc.strerror}); it is under "
+        f"data.path. Make it readable by this user (e.g. `chmod -R a+rX '{path}'`) or set "
+        "data.path to a folder you can read."
+    )
+
+
+def _list_dir(folder: Path, *, what: str, kind: str = "folder") -> list[os.DirEntry[str]]:
+    """The entries of `folder` sorted by name; unreadable folders are a clear DatasetError."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError as exc:
+        raise _permission_error(what, kind, folder, exc) from exc
+    except OSError as exc:
+        raise DatasetError(
+            f"{what}: cannot list the {kind} {folder} ({exc}). Check the disk or mount, or set "
+            "data.path to another folder."
+        ) from exc
+
+
+def _is_dir(entry: os.DirEntry[str], *, follow: bool = True) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_dirs(root: Path, *, what: str, notes: _ScanNotes) -> list[Path]:
+    """Non-hidden sub-folders of `root` (symlinks to folders count), sorted by name.
+
+    Hidden folders are noted; image files lying directly in `root` are noted (they belong to no
+    class); other plain files there (README, .gitignore, DVC files) are not data and pass quietly.
+    """
+    out = []
+    for e in _list_dir(root, what=what):
+        if _is_dir(e):
+            if e.name.startswith("."):
+                notes.hidden_folders.append(notes.rel(e.path))
+            else:
+                out.append(Path(e.path))
+        elif not e.name.startswith(".") and _is_file(e) and _is_image_name(e.name):
+            notes.outside_classes.append(notes.rel(e.path))
+    return out
+
+
+def _class_images(class_dir: Path, *, what: str, notes: _ScanNotes) -> list[Path]:
+    """Every image under `class_dir` (any depth), sorted; hidden entries are skipped.
+
+    Symlinked sub-folders are not followed (no cycles), files behind symlinks are read.
+    """
+    files: list[Path] = []
+    stack = [(class_dir, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        kind = "class folder" if depth == 0 else "folder"
+        for e in _list_dir(folder, what=what, kind=kind):
+            if _is_dir(e, follow=False):
+                if e.name.startswith("."):
+                    notes.hidden_folders.append(notes.rel(e.path))
+                else:
+                    stack.append((Path(e.path), depth + 1))
+            elif _is_dir(e):
+                notes.symlinked_folders.append(notes.rel(e.path))
+            elif e.name.startswith("."):
+                notes.hidden_files += 1
+            elif not _is_file(e):
+                continue  # a broken link, a socket: not data
+            elif _is_image_name(e.name):
+                files.append(Path(e.path))
+                notes.nested_images += depth > 0
+            else:
+                notes.non_image_files += 1
+    return sorted(files)
+
+
+def _scan(
+    class_dirs: list[Path], *, what: str, notes: _ScanNotes, allow_empty: bool = False
+) -> dict[str, list[Path]]:
+    """{class folder name: sorted image files}; empty class folders are an error."""
+    out = {}
+    for d in class_dirs:
+        files = _class_images(d, what=what, notes=notes)
+        if not files and not allow_empty:
+            raise DatasetError(
+                f"{what}: class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+                " Add images or remove the folder (it is under data.path)."
+            )
+        out[d.name] = files
+    return out
+
+
+def _need_two(folders: list[str], root: Path, what: str) -> list[str]:
+    if len(folders) < 2:
+        raise DatasetError(
+            f"{what}: {root} has {len(folders)} class folder(s) {folders}; need at least 2 "
+            "(one sub-folder per class, each holding that class's images). Set data.path to "
+            "such a folder."
+        )
+    return folders
+
+
+def _folder_plan(
+    root: Path,
+    *,
+    what: str,
+    image_size: int,
+    val_fraction: float,
+    max_per_class: int,
+    min_val_per_class: int,
+    seed: int,
+    names: dict[str, str] | None = None,
+    require_split: bool = False,
+) -> ImageFilePlan:
+    """Shared planner for image-folder layouts (given train/val, or one folder to split)."""
+    notes = _ScanNotes(base=root)
+    train_dir, val_dir = root / "train", root / "val"
+    top = _class_dirs(root, what=what, notes=notes)
+    has_train, has_val = train_dir in top, val_dir in top
+    if has_train and has_val:
+        notes.ignored_folders = [d.name for d in top if d not in (train_dir, val_dir)]
+        train_map = _scan(_class_dirs(train_dir, what=what, notes=notes), what=what, notes=notes)
+        val_map = _scan(
+            _class_dirs(val_dir, what=what, notes=notes), what=what, notes=notes, allow_empty=True
+        )
+        extra = sorted(set(val_map) - set(train_map))
+        if extra:
+            raise DatasetError(
+                f"{what}: {val_dir} has class folders {extra} that {train_dir} lacks; "
+                "train/ and val/ must hold the same class folders (fix them in data.path)."
+            )
+        folders = _need_two(sorted(train_map), train_dir, what)
+        index = {f: i for i, f in enumerate(folders)}
+        tr_files = [p for f in folders for p in train_map[f]]
+        tr_y = np.array([index[f] for f in folders for _ in train_map[f]], dtype=np.int64)
+        va_files = [p for f in folders for p in val_map.get(f, [])]
+        va_y = np.array([index[f] for f in folders for _ in val_map.get(f, [])], dtype=np.int64)
+        split = "given (train/ and val/ folders)"
+    elif require_split:
+        raise DatasetError(
+            f"{what}: {root} has no train/ and val/ folders. The archive is not laid out as "
+            "expected: delete the extracted folder and the archive (in data.path), then prepare "
+            "again."
+        )
+    elif has_train or has_val:
+        raise DatasetError(
+            f"{what}: {root} has only one of train/ and val/; provide both, or put the class "
+            "folders directly in it (a split is then made with data.val_fraction)."
+        )
+    else:
+        all_map = _scan(top, what=what, notes=notes)
+        folders = _need_two(sorted(all_map), root, what)
+        files = [p for f in folders for p in all_map[f]]
+        labels = np.array([i for i, f in enumerate(folders) for _ in all_map[f]], dtype=np.int64)
+        tr, va = stratified_split(labels, val_fraction, seed)
+        tr_files, tr_y = [files[i] for i in tr], labels[tr]
+        va_files, va_y = [files[i] for i in va], labels[va]
+        split = f"stratified (val_fraction={val_fraction})"
+    keep = subsample_per_class(tr_y, max_per_class, seed)
+    tr_files, tr_y = [tr_files[i] for i in keep], tr_y[keep]
+    names = names or {}
+    classes = [names.get(f, f) for f in folders]
+    check_split_counts(
+        what,
+        classes,
+        tr_y,
+        va_y,
+        min_val_per_class=min_val_per_class,
+        given_split=split.startswith("given"),
+        val_fraction=val_fraction,
+    )
+    return ImageFilePlan(
+        image_size=image_size,
+        classes=classes,
+        train_files=tr_files,
+        train_labels=tr_y,
+        val_files=va_files,
+        val_labels=va_y,
+        info={
+            "root": str(root),
+            "folders": folders,
+            "split": split,
+            "val_fraction": val_fraction,
+            "resize": "shorter side bilinear (PIL, JPEG draft) + center crop",
+            **notes.info(what),
+        },
+    )
+
+
+def _plan_imagefolder(
+    *,
+    path: str,
+    image_size: int,
+    val_fraction: float,
+    max_per_class: int,
+    min_val_per_class: int,
+    seed: int,
+) -> ImageFilePlan:
+    if not path:
+        raise DatasetError(
+            "source 'imagefolder' needs data.path: a folder with one sub-folder per class "
+            "(or train/ and val/ sub-folders each holding class folders)."
+        )
+    root = Path(path).expanduser()
+    try:
+        is_dir = stat.S_ISDIR(root.stat().st_mode)
+    except PermissionError as exc:  # a parent folder cannot be traversed
+        raise _permission_error("imagefolder", "data folder", root, exc) from exc
+    except OSError:  # missing, a dangling link, a file on the way
+        is_dir = False
+    if not is_dir:
+        raise DatasetError(
+            f"imagefolder: {root} does not exist or is not a folder; set data.path to a folder "
+            "with one sub-folder per class."
+        )
+    plan = _folder_plan(
+        root,
+        what="imagefolder",
+        image_size=image_size,
+        val_fraction=val_fraction,
+        max_per_class=max_per_class,
+        min_val_per_class=min_val_per_class,
+        seed=seed,
+    )
+    plan.info["variant"] = ""
+    return plan
+
+
+def _archive_stem(name: str) -> str:
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name + ".d"
+
+
+def _find_split_root(target: Path, what: str) -> Path:
+    """The folder holding train/ and val/: the extraction folder or its single top folder."""
+    candidates = [target, *_class_dirs(target, what=what, notes=_ScanNotes(base=target))]
+    for c in candidates:
+        if (c / "train").is_dir() and (c / "val").is_dir():
+            return c
+    return target
+
+
+def _plan_imagenette(
+    *,
+    raw_dir: Path,
+    variant: str,
+    url_override: str,
+    archive: tuple[str, str] | None,
+    image_size: int,
+    val_fraction: float,
+    max_per_class: int,
+    min_val_per_class: int,
+    seed: int,
+    progress: bool,
+) -> ImageFilePlan:
+    if archive is None and variant not in IMAGENETTE_ARCHIVES:
+        raise DatasetError(
+            f"unknown imagenette variant {variant!r}; set data.variant to one of "
+            f"{sorted(IMAGENETTE_ARCHIVES)}"
+        )
+    if archive is not None:
+        url, md5 = archive
+    else:
+        default_url, md5 = IMAGENETTE_ARCHIVES[variant]
+        url = override_url(default_url, url_override)
+    filename = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or f"imagenette-{variant}.tgz"
+    tgz = raw_dir / filename
+    target = raw_dir / _archive_stem(filename)
+    marker = target / _EXTRACT_MARKER
+    done = False
+    if marker.is_file():
+        try:
+            done = read_json(marker).get("md5") == md5
+        except Exception:  # noqa: BLE001 - a bad marker just means "extract again"
+            done = False
+    if not done:
+        download_file(url, tgz, md5=md5, progress=progress)
+        safe_extract(tgz, target)
+        write_json(marker, {"archive": filename, "md5": md5, "url": url})
+    what = f"imagenette ({filename})"
+    plan = _folder_plan(
+        _find_split_root(target, what),
+        what=what,
+        image_size=image_size,
+        val_fraction=val_fraction,
+        max_per_class=max_per_class,
+        min_val_per_class=min_val_per_class,
+        seed=seed,
+        names=IMAGENETTE_CLASSES,
+        require_split=True,
+    )
+    plan.info.update(
+        {
+            "variant": variant,
+            "url": url,
+            "md5": md5,
+            "archive": str(tgz),
+            "wnids": plan.info.pop("folders"),
+        }
+    )
+    return plan
