@@ -60,8 +60,8 @@ class CommonConfig:
     num_threads: int = setting(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
     reproducible: bool = setting(
         True,
-        help="pin CPU kernels to AVX2 code paths so results match across x86-64 CPUs "
-        "(about 1.5x slower CPU training; see README)",
+        help="pin CPU kernels to CPU-independent code paths (MKL COMPATIBLE, oneDNN and ATen "
+        "at AVX2) so results repeat across CPU models; slower on CPU (see README)",
     )
 
 

@@ -14,11 +14,18 @@ process, and each reads an environment variable then:
 - ATen's vectorised kernels (batch norm, reductions, optimisers): ``ATEN_CPU_CAPABILITY``.
 
 ``pin_cpu_kernels`` sets these before any of them has run. Always ``MKL_CBWR=AUTO``: the same
-bytes from run to run on one machine. With ``common.reproducible`` (the default) all three are
-pinned to the AVX2 code paths that every x86-64 CPU of the last decade runs the same way (Intel
-and AMD, with or without AVX-512), so results are meant to match across such CPUs, at a measured
-cost of about 1.5x on CPU training. Thread counts must match too (``common.num_threads``): float
-reductions are split by thread. See README, "Reproducibility", for what was verified where.
+bytes from run to run on one machine. With ``common.reproducible`` (the default) the aim is the
+same bytes on every x86-64 CPU, so each library gets a path that does not depend on the CPU:
+
+- MKL: ``MKL_CBWR=COMPATIBLE`` (SSE2 code, Intel's documented branch for identical results on
+  Intel and non-Intel CPUs). An ISA branch such as ``AVX2`` is honoured on Intel only: on AMD,
+  MKL_VERBOSE reports ``CNR:AUTO`` for it, so Intel and AMD would run different GEMM code.
+- oneDNN and ATen: capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``).
+
+With the ``AVX2`` MKL branch an AMD Zen 3 (no AVX-512) and a Zen 4 (AVX-512) gave identical
+results (both fell back to ``CNR:AUTO``); the ``COMPATIBLE`` pin repeats byte for byte on one
+machine and is not yet compared across CPUs (README, "Reproducibility"). Thread counts must
+match too (``common.num_threads``): float reductions are split by thread.
 
 The variables must be set before the first tensor operation of the process: the entry points
 (``salve``, ``python -m tasks``, the test suite) call ``pin_cpu_kernels`` first thing, and
@@ -37,8 +44,12 @@ BASE_ENV = {"MKL_CBWR": "AUTO"}
 # flow's concurrent stages, Dask workers, another job), spinning threads starve the ones doing
 # work: 10 training steps took 27.1 s instead of 7.0 s with this (load 6 on 2 cores).
 THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-# common.reproducible: the same code paths on every x86-64 CPU with AVX2.
-PINNED_ENV = {"MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# common.reproducible: code paths that every x86-64 CPU with AVX2 runs the same way.
+PINNED_ENV = {
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 
 _MODE: bool | None = None  # the mode this process pinned, once chosen
 
