@@ -89,6 +89,9 @@ def test_changed_parameter_reruns_that_stage_and_dependents_only(project, first_
     apply_overrides(project / "params.yaml", ["alpha_crit.grid_steps=7"])
     statuses = run_all(project)
     assert [s for s, v in statuses.items() if v != "skipped"] == ["alpha_crit", "report"]
+    apply_overrides(project / "params.yaml", ["evaluate.seeds=3"])
+    statuses = run_all(project)
+    assert [s for s, v in statuses.items() if v != "skipped"] == ["evaluate", "report"]
     assert dvc_clean(project)
 
 
