@@ -2,7 +2,7 @@
 
 `dvc.lock` cannot answer that alone: stage outputs that are folders include each artifact's
 provenance sidecar (git revision, times), which differs between any two runs. This hashes what
-must not differ: every tensor file under results/ and every metrics file.
+must not differ: every stage's tensor files and metrics file (tasks.STAGES).
 
     .venv/bin/python benchmarks/fingerprint.py --write   # record this machine's run
     .venv/bin/python benchmarks/fingerprint.py --check   # compare this run with the record
@@ -15,29 +15,29 @@ Exit status of --check: 0 identical, 1 some file differs or is missing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
 from pathlib import Path
 
+from salve.download import file_checksums
+from tasks import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "fingerprint.json"
-PATTERNS = ("results/**/*.safetensors", "metrics/*.json")
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of the run's tensors and metrics, sorted by path."""
-    files = sorted({p for pattern in PATTERNS for p in root.glob(pattern) if p.is_file()})
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in files}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """{relative path: sha256} of every stage's tensors and metrics file, sorted by path."""
+    files: set[Path] = set()
+    for spec in STAGES.values():
+        files.update((root / spec.out_dir).glob("**/*.safetensors"))
+        files.add(root / spec.metrics_file)
+    return {
+        p.relative_to(root).as_posix(): file_checksums(p, sha256=True)["sha256"]
+        for p in sorted(files)
+        if p.is_file()
+    }
 
 
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
