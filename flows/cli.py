@@ -35,7 +35,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
     pin_cpu_kernels(cfg.common.reproducible)
     from salve.runtime import cpu_contention
 
-    busy = cpu_contention(threads=cfg.common.num_threads or None)
+    check = os.environ.get("SALVE_CPU_CHECK", "1") != "0"  # 0: the tests, which run side by side
+    busy = check and cpu_contention(threads=cfg.common.num_threads or None)
     if busy:  # torch's threads then compete with other work: say so (README, "Side by side")
         logging.getLogger("salve").warning(busy)
     return root, cfg

@@ -19,6 +19,8 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "storage")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# No busy-CPU warning from `salve run`: tests run processes side by side (and pytest -n).
+os.environ["SALVE_CPU_CHECK"] = "0"
 os.environ.setdefault("GIT_AUTHOR_NAME", "salve-tests")
 os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@salve.invalid")
 os.environ.setdefault("GIT_COMMITTER_NAME", "salve-tests")
