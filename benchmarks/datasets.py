@@ -1,6 +1,6 @@
 """Synthetic image folders for measuring salve on data it was not tuned on.
 
-Two families, each six classes a person tells apart at a glance, drawn with PIL from a seed:
+Three families, each six classes a person tells apart at a glance, drawn with PIL from a seed:
 
 - ``shapes`` (development): a filled shape (circle, square, triangle, cross, ring, star) of a
   random colour, size and position on a noisy background. The fine-tuning defaults were checked
@@ -8,6 +8,9 @@ Two families, each six classes a person tells apart at a glance, drawn with PIL 
 - ``patterns`` (held out): textures (horizontal, vertical and diagonal stripes, checkerboard,
   dot grid, concentric rings) with random frequency, phase and colours plus noise. Never used to
   choose a default; the README and closing notes report results on it.
+- ``marks`` (held out, added after ``patterns`` had been looked at many times): pen strokes
+  (a straight line, a sine wave, a zigzag, a spiral, a hash sign, an arc) of a random colour,
+  width, size, position and rotation on a noisy background. Never used to choose a default.
 
 `python benchmarks/datasets.py patterns data/patterns` writes ``<out>/<class>/<i>.png``.
 """
@@ -23,6 +26,7 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 PATTERNS = ("hstripes", "vstripes", "diagonal", "checker", "dots", "rings")
+MARKS = ("line", "wave", "zigzag", "spiral", "hash", "arc")
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -92,11 +96,61 @@ def draw_pattern(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def _mark_points(kind: str, rng: np.random.Generator) -> list[list[tuple[float, float]]]:
+    """Polylines of one mark in a unit frame centred on 0 (x, y in about [-1, 1])."""
+    t = np.linspace(-1, 1, 60)
+    if kind == "line":
+        return [[(-1.0, 0.0), (1.0, 0.0)]]
+    if kind == "wave":
+        cycles = rng.uniform(1.0, 2.0)
+        return [list(zip(t, 0.4 * np.sin(math.pi * cycles * t + rng.uniform(0, 6)), strict=True))]
+    if kind == "zigzag":
+        teeth = int(rng.integers(3, 6))
+        xs = np.linspace(-1, 1, 2 * teeth + 1)
+        return [[(x, 0.4 * (1 if i % 2 else -1)) for i, x in enumerate(xs)]]
+    if kind == "spiral":
+        a = np.linspace(0, rng.uniform(3.0, 4.0) * math.pi, 120)
+        r = a / a[-1]
+        return [list(zip(r * np.cos(a), r * np.sin(a), strict=True))]
+    if kind == "hash":
+        o = rng.uniform(0.25, 0.4)
+        return [
+            [(-o, -1.0), (-o, 1.0)],
+            [(o, -1.0), (o, 1.0)],
+            [(-1.0, -o), (1.0, -o)],
+            [(-1.0, o), (1.0, o)],
+        ]
+    a = np.linspace(0, math.pi, 60)  # arc: a half circle
+    return [list(zip(np.cos(a), 0.5 - np.sin(a), strict=True))]
+
+
+def draw_mark(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
+    img = _noisy_background(rng, size)
+    draw = ImageDraw.Draw(img)
+    scale = rng.uniform(0.25, 0.38) * size
+    cx, cy = rng.uniform(scale + 2, size - scale - 2, 2)
+    turn = rng.uniform(0, 2 * math.pi)
+    cos, sin = math.cos(turn), math.sin(turn)
+    width = max(2, int(round(rng.uniform(0.05, 0.09) * size)))
+    colour = _colour(rng)
+    for line in _mark_points(kind, rng):
+        pts = [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in line]
+        draw.line(pts, fill=colour, width=width, joint="curve")
+    return img
+
+
+FAMILIES = {
+    "shapes": (SHAPES, draw_shape),
+    "patterns": (PATTERNS, draw_pattern),
+    "marks": (MARKS, draw_mark),
+}
+
+
 def make_folder(family: str, out: Path, *, per_class: int = 160, size: int = 64, seed: int = 0):
     """Write ``per_class`` PNGs per class under ``out/<class>/``; returns the class names."""
-    classes, draw = (SHAPES, draw_shape) if family == "shapes" else (PATTERNS, draw_pattern)
-    if family not in ("shapes", "patterns"):
-        raise ValueError(f"unknown family {family!r}; choose shapes or patterns")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    classes, draw = FAMILIES[family]
     rng = np.random.default_rng([seed, 0x5A17E])
     for name in classes:
         folder = Path(out) / name
@@ -108,13 +162,15 @@ def make_folder(family: str, out: Path, *, per_class: int = 160, size: int = 64,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("family", choices=("shapes", "patterns"))
+    p.add_argument("family", choices=tuple(FAMILIES))
     p.add_argument("out", type=Path)
     p.add_argument("--per-class", type=int, default=160)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    classes = make_folder(args.family, args.out, per_class=args.per_class, size=args.size)
+    classes = make_folder(
+        args.family, args.out, per_class=args.per_class, size=args.size, seed=args.seed
+    )
     print(f"wrote {len(classes) * args.per_class} images in {len(classes)} classes to {args.out}")
 
 
