@@ -104,7 +104,17 @@ class FinetuneConfig:
         help="none | imagenet | a .safetensors state dict under weights/ (a DVC input)",
     )
     epochs: int = setting(
-        4, min=0, max=1000, help="epoch budget; 0 explains finetune.weights as is"
+        4,
+        min=0,
+        max=1000,
+        help="epoch budget (raised to reach finetune.min_steps); 0 explains finetune.weights as is",
+    )
+    min_steps: int = setting(
+        360,
+        min=0,
+        max=10_000_000,
+        help="at least this many optimiser steps: a small dataset gets more epochs than "
+        "finetune.epochs (0: the epoch budget alone)",
     )
     batch_size: int = setting(
         16, min=2, max=4096, help="small batches give more disentangled features (min 2: BatchNorm)"

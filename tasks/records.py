@@ -42,6 +42,7 @@ class FinetuneMetrics(TypedDict):
     val_accuracy: float
     best_epoch: int
     epochs_run: int
+    epoch_budget: int
     last_val_accuracy: float
     stopped_early: bool
     train_accuracy: float

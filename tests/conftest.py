@@ -43,6 +43,7 @@ TINY_PARAMS = {
     "finetune": {
         "arch": "resnet18",
         "epochs": 2,
+        "min_steps": 0,  # the epoch budget alone
         "batch_size": 16,
         "lr": 0.002,
         "min_val_accuracy": 0.0,  # a 2-epoch toy model: the gate is tested on its own

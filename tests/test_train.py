@@ -20,6 +20,7 @@ from salve.train import (
     TrainState,
     augment_batch,
     batches,
+    epoch_budget,
     learning_rate,
     load_optimizer_tensors,
     make_optimizer,
@@ -62,7 +63,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _settings(**kw) -> FinetuneConfig:
-    base = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "patience": 0}
+    base = {"epochs": 2, "min_steps": 0, "batch_size": 8, "lr": 1e-3, "patience": 0}
     return dataclasses.replace(FinetuneConfig(), **(base | kw))
 
 
@@ -280,6 +281,29 @@ def test_a_final_batch_of_one_joins_the_previous_batch(n, size, expected) -> Non
     assert torch.equal(torch.cat(parts), torch.arange(n))  # every sample once, in order
     with pytest.raises(ValueError, match="at least 2 training images"):
         batches(1, 4, torch.arange(1))
+
+
+@pytest.mark.parametrize(
+    ("n", "epochs", "min_steps", "expected"),
+    [
+        (1437, 4, 360, 4),  # digits: 90 steps an epoch, 4 x 90 = 360 already
+        (768, 4, 360, 8),  # a 960-image folder: 48 steps an epoch, ceil(360 / 48) = 8
+        (768, 10, 360, 10),  # the epoch budget when it is the larger
+        (17, 4, 360, 360),  # 17 images at batch 16: one batch (the last 1 joins it)
+        (768, 4, 0, 4),  # 0: the epoch budget alone
+        (768, 0, 360, 0),  # epochs 0 never trains
+    ],
+)
+def test_epoch_budget_reaches_min_steps(n, epochs, min_steps, expected) -> None:
+    cfg = dataclasses.replace(FinetuneConfig(), epochs=epochs, min_steps=min_steps, batch_size=16)
+    assert epoch_budget(n, cfg) == expected
+
+
+def test_min_steps_raises_the_epochs_trained(data) -> None:
+    # 12 samples at batch 8: 2 steps an epoch (8, then 4); 5 steps need 3 epochs
+    state = _train(_tiny(), data, _settings(epochs=1, min_steps=5))
+    assert [r.epoch for r in state.history] == [1, 2, 3]
+    assert state.history[-1].lr == pytest.approx(learning_rate(5, 6, _settings(min_steps=5)))
 
 
 def test_batch_size_one_and_a_batch_larger_than_the_data_train(data) -> None:
