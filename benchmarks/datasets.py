@@ -13,6 +13,8 @@ Three families, each six classes a person tells apart at a glance, drawn with PI
   width, size, position and rotation on a noisy background. Never used to choose a default.
 
 `python benchmarks/datasets.py patterns data/patterns` writes ``<out>/<class>/<i>.png``.
+`fill_folder` draws the same kinds of image, each from its own seed, so a large folder (the
+memory benchmark's) is drawn once and grows by the missing files only.
 """
 
 from __future__ import annotations
@@ -158,6 +160,41 @@ def make_folder(family: str, out: Path, *, per_class: int = 160, size: int = 64,
         for i in range(per_class):
             draw(name, rng, size).save(folder / f"{i:04d}.png")
     return list(classes)
+
+
+def fill_folder(
+    family: str,
+    out: Path,
+    counts: dict[str, int] | int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    ext: str = ".jpg",
+) -> int:
+    """Make sure ``out/<class>/<i:06d><ext>`` exists for i < counts[class] (an int: every
+    class); returns how many files were drawn. Image i of a class depends only on (seed, class,
+    i), so files already there are kept and the folder is a cache. Each file is written under a
+    hidden temporary name (which folder scans skip) and renamed: an interrupted run leaves no
+    half-written image. JPEG (quality 90) by default: small files, decoded as photos are."""
+    classes, draw = (SHAPES, draw_shape) if family == "shapes" else (PATTERNS, draw_pattern)
+    if family not in ("shapes", "patterns"):
+        raise ValueError(f"unknown family {family!r}; choose shapes or patterns")
+    if isinstance(counts, int):
+        counts = dict.fromkeys(classes, counts)
+    drawn = 0
+    for k, name in enumerate(classes):
+        folder = Path(out) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(counts.get(name, 0)):
+            path = folder / f"{i:06d}{ext}"
+            if path.exists():
+                continue
+            rng = np.random.default_rng([seed, 0x5A17E, k, i])
+            tmp = folder / f".{path.name}.tmp{ext}"
+            draw(name, rng, size).save(tmp, quality=90)
+            tmp.replace(path)
+            drawn += 1
+    return drawn
 
 
 def main() -> None:

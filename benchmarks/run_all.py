@@ -24,10 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks import bench_memory as bm  # noqa: E402
 from benchmarks import bench_peers as bpe  # noqa: E402
 from benchmarks import bench_pipeline as bp  # noqa: E402
 
 BENCHMARKS = ("stages", "extract", "sae", "control", "gradfam", "prefect", "finetune", "peers")
+# Sections written by their own script and merged in (bench_memory.py --write), rendered here too.
+MERGED_ONLY = ("memory",)
 
 # Sizes per mode. "full" measures the real thing (the default params, the real shapes).
 SIZES: dict[str, dict[str, Any]] = {
@@ -167,7 +170,7 @@ def markdown(doc: dict[str, Any]) -> str:
           m["torch_threads"], m["torch"], m["python"],
           " / ".join(str(x) for x in m["load_average_at_start"])]],
     )  # fmt: skip
-    for name in BENCHMARKS:
+    for name in (*BENCHMARKS, *MERGED_ONLY):
         if name not in r:
             continue
         res = r[name]
@@ -446,6 +449,7 @@ RENDER = {
     "prefect": _render_prefect,
     "finetune": _render_finetune,
     "peers": _render_peers,
+    "memory": bm.render,
 }
 
 

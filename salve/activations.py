@@ -1,5 +1,9 @@
 """Batched eval-mode passes over uint8 images: penultimate activations (the exact head input)
-and anything else computed per batch."""
+and anything else computed per batch.
+
+The images are a tensor, or a `salve.io.TensorRows` (a file's tensor read by row slices), so a
+split of any size passes through with one batch of images in memory at a time.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from salve.data import normalise
+from salve.io import TensorRows
 from salve.models import penultimate
 
 
@@ -17,7 +22,7 @@ from salve.models import penultimate
 def batched_forward(
     model: nn.Module,
     fn: Callable[[torch.Tensor], torch.Tensor],
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | TensorRows,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     *,
@@ -26,7 +31,11 @@ def batched_forward(
     progress: bool = False,
     desc: str = "forward",
 ) -> torch.Tensor:
-    """`fn(normalised batch)` per batch in eval mode (restored after), concatenated on CPU."""
+    """`fn(normalised batch)` per batch in eval mode (restored after), concatenated on CPU.
+
+    Only `images_u8[start : start + batch_size]` is taken from the images, batch by batch: a
+    `TensorRows` reads each batch from its file when it is needed.
+    """
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval().to(device)
@@ -44,7 +53,7 @@ def batched_forward(
 
 def extract_activations(
     model: nn.Module,
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | TensorRows,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     *,

@@ -3,7 +3,7 @@
 Every artifact is written to a temporary file in the destination folder and renamed into place,
 so an interrupted run never leaves a half-written file under its final name. Tensors too large
 to hold in memory are written row chunk by row chunk (`TensorFileWriter`) and read back by row
-range (`read_rows`), in the same safetensors format as `save_tensors`.
+range (`read_rows`, `TensorRows`), in the same safetensors format as `save_tensors`.
 """
 
 from __future__ import annotations
@@ -431,30 +431,76 @@ def tensor_info(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[i
     return {name: (dtype, shape) for name, (dtype, shape, _, _) in layout.items()}
 
 
+def _missing_tensor(p: Path, name: str, found: Iterable[str]) -> ArtifactError:
+    return ArtifactError(
+        f"{p}: missing tensors {[name]}; found {sorted(found)}. "
+        "It was written by another version: rerun the stage that produces it."
+    )
+
+
+class TensorRows:
+    """One tensor of a safetensors file, read by row range on demand with plain file reads.
+
+    It answers `len`, `shape`, `dtype` and row slices `rows[a:b]` (Python slice rules) as a
+    tensor would, so code that walks a tensor's row slices (`salve.activations.batched_forward`)
+    reads a file of any size with memory bounded by one slice: no memory map, only the requested
+    rows' bytes are read. The header is read once; a file replaced or resized since then is an
+    ArtifactError, never rows of another layout.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str) -> None:
+        p, data_start, layout = _read_layout(path)
+        if name not in layout:
+            raise _missing_tensor(p, name, layout)
+        dtype, shape, begin, _ = layout[name]
+        if not shape:
+            raise ValueError(f"{p}: {name} is 0-dim and has no rows; use load_tensors")
+        self.path, self.name, self.dtype, self.shape = p, name, dtype, shape
+        self._offset = data_start + begin
+        self._row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self._stamp = _file_stamp(p)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TensorRows({str(self.path)!r}, {self.name!r}, {self.dtype}, {list(self.shape)})"
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"TensorRows reads row slices rows[a:b] only, got {index!r}")
+        lo, hi, _ = index.indices(self.shape[0])
+        n = max(0, hi - lo)
+        out_shape = (n, *self.shape[1:])
+        nbytes = n * self._row_bytes
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=self.dtype)
+        buf = bytearray(nbytes)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset + lo * self._row_bytes)
+                got = fh.readinto(buf)
+            changed = _file_stamp(self.path) != self._stamp  # after the read: nothing slips by
+        except FileNotFoundError:
+            changed = True
+        if changed:
+            raise ArtifactError(
+                f"{self.path}: the file was replaced, changed or removed while it was being read "
+                "(by another run?). Rerun this stage once that run has finished."
+            )
+        if got != nbytes:
+            raise _corrupt(self.path, f"{self.name}: rows {lo}:{hi} end past the end of the file")
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(out_shape)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_rows(path: str | os.PathLike, name: str, start: int, stop: int) -> torch.Tensor:
     """Rows `[start:stop]` (Python slice rules) of tensor `name`, read with plain file reads.
 
     Only those rows' bytes are read (no memory map), so memory stays bounded by the request.
     """
-    p, data_start, layout = _read_layout(path)
-    if name not in layout:
-        raise ArtifactError(
-            f"{p}: missing tensors {[name]}; found {sorted(layout)}. "
-            "It was written by another version: rerun the stage that produces it."
-        )
-    dtype, shape, begin, _ = layout[name]
-    if not shape:
-        raise ValueError(f"{p}: {name} is 0-dim and has no rows; use load_tensors")
-    lo, hi, _ = slice(operator.index(start), operator.index(stop)).indices(shape[0])
-    n = max(0, hi - lo)
-    out_shape = (n, *shape[1:])
-    nbytes = n * math.prod(shape[1:]) * dtype.itemsize
-    if nbytes == 0:
-        return torch.empty(out_shape, dtype=dtype)
-    buf = bytearray(nbytes)
-    with open(p, "rb") as fh:
-        fh.seek(data_start + begin + lo * (nbytes // n))
-        got = fh.readinto(buf)
-    if got != nbytes:
-        raise _corrupt(p, f"{name}: rows {lo}:{hi} end past the end of the file")
-    return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
+    return TensorRows(path, name)[operator.index(start) : operator.index(stop)]

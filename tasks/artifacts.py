@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from salve.io import ArtifactError, load_tensors, read_json
+from salve.io import ArtifactError, TensorRows, load_tensors, read_json
 from tasks import STAGES
 from tasks.records import DatasetMeta, Ranking, read_record
 
@@ -28,6 +28,13 @@ def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N,3,S,S] and int64 labels of the prepared train or val split."""
     t = load_tensors(require(root, "fetch", split), ("images", "labels"))
     return t["images"], t["labels"]
+
+
+def open_split(root: Path, split: str) -> tuple[TensorRows, torch.Tensor]:
+    """The prepared split's uint8 images [N,3,S,S] as `TensorRows` (read by row slices when
+    needed: a split of any size, one batch in memory) and its int64 labels, loaded."""
+    path = require(root, "fetch", split)
+    return TensorRows(path, "images"), TensorRows(path, "labels")[:]
 
 
 def load_dataset_meta(root: Path) -> DatasetMeta:

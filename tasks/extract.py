@@ -1,4 +1,8 @@
-"""extract: the exact head input for train and val, with labels."""
+"""extract: the exact head input for train and val, with labels.
+
+The images are read from fetch's files one batch at a time (`tasks.artifacts.open_split`), so
+memory holds one batch of images and the activation matrix, whatever the dataset's size.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from salve.io import save_tensors
 from salve.runtime import resolve_device, seed_everything
 from salve.train import QualityGateError, quality_gate
 from tasks import STAGES
-from tasks.artifacts import load_model, load_split
+from tasks.artifacts import load_model, open_split
 from tasks.common import write_metrics
 from tasks.records import ExtractMetrics
 
@@ -48,7 +52,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     norm = sidecar["normalisation"]
     summary = {}
     for split in ("train", "val"):
-        images, labels = load_split(root, split)
+        images, labels = open_split(root, split)
         acts = extract_activations(
             model,
             images,

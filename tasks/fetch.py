@@ -1,11 +1,22 @@
-"""fetch: prepare a decoded train/val split (uint8 images at data.image_size) once."""
+"""fetch: prepare a decoded train/val split (uint8 images at data.image_size) once.
+
+Folder sources (imagefolder, imagenette) are planned and checked first, then decoded chunk by
+chunk straight into the split files, so memory stays bounded whatever the dataset's size. The
+array sources (digits, CIFAR-100) are small and prepared in memory. Both give the same files.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from salve.config import Config
-from salve.data import SCAN_KEYS, check_prepared, prepare_dataset
+from salve.data import (
+    FOLDER_SOURCES,
+    SCAN_KEYS,
+    check_prepared,
+    plan_image_files,
+    prepare_dataset,
+)
 from salve.io import save_tensors
 from tasks import STAGES
 from tasks.common import resolve_user_path, write_metrics
@@ -15,39 +26,50 @@ from tasks.records import DatasetMeta, FetchMetrics, write_record
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     d = cfg.data
     folder = resolve_user_path(root, d.path)
-    prepared = prepare_dataset(
-        d.source,
-        image_size=d.image_size,
-        raw_dir=folder,
-        variant=d.variant,
-        path=str(folder),
-        val_fraction=d.val_fraction,
-        max_per_class=d.max_per_class,
-        min_val_per_class=d.min_val_per_class,
-        seed=cfg.common.seed,
-        progress=progress,
-    )
-    if d.source == "imagefolder":
-        prepared.info["root"] = d.path  # as configured: meta.json is the same on every clone
-    check_prepared(prepared)
+    opts = {
+        "image_size": d.image_size,
+        "raw_dir": folder,
+        "variant": d.variant,
+        "path": str(folder),
+        "val_fraction": d.val_fraction,
+        "max_per_class": d.max_per_class,
+        "min_val_per_class": d.min_val_per_class,
+        "seed": cfg.common.seed,
+        "progress": progress,
+    }
     spec = STAGES["fetch"]
-    save_tensors(
-        spec.path(root, "train"),
-        {"images": prepared.train_images, "labels": prepared.train_labels},
-    )
-    save_tensors(
-        spec.path(root, "val"), {"images": prepared.val_images, "labels": prepared.val_labels}
-    )
-    meta: DatasetMeta = {"classes": prepared.classes, "info": prepared.info}
+    paths = {split: spec.path(root, split) for split in ("train", "val")}
+    if d.source in FOLDER_SOURCES:
+        plan = plan_image_files(d.source, **opts)
+        if d.source == "imagefolder":
+            plan.info["root"] = d.path  # as configured: meta.json is the same on every clone
+        plan.check()  # what check_prepared checks, before anything is decoded
+        plan.write_splits(paths, progress=progress)
+        classes, info = plan.classes, plan.info
+        counts = {"train": len(plan.train_labels), "val": len(plan.val_labels)}
+    else:
+        prepared = prepare_dataset(d.source, **opts)
+        check_prepared(prepared)
+        for split, path in paths.items():
+            save_tensors(
+                path,
+                {
+                    "images": getattr(prepared, f"{split}_images"),
+                    "labels": getattr(prepared, f"{split}_labels"),
+                },
+            )
+        classes, info = prepared.classes, prepared.info
+        counts = {split: int(getattr(prepared, f"{split}_labels").numel()) for split in paths}
+    meta: DatasetMeta = {"classes": classes, "info": info}
     write_record(spec.path(root, "meta"), DatasetMeta, meta)
     summary = {
         "source": d.source,
-        "num_classes": len(prepared.classes),
-        "train_samples": int(prepared.train_labels.numel()),
-        "val_samples": int(prepared.val_labels.numel()),
+        "num_classes": len(classes),
+        "train_samples": counts["train"],
+        "val_samples": counts["val"],
         "image_size": d.image_size,
     }
     # Folder sources: what the scan skipped or relabelled, as counts and one line ("" if none).
-    summary |= {k: prepared.info[k] for k in (*SCAN_KEYS, "data_notes") if k in prepared.info}
+    summary |= {k: info[k] for k in (*SCAN_KEYS, "data_notes") if k in info}
     write_metrics(root, "fetch", FetchMetrics, summary)
     return summary

@@ -778,3 +778,109 @@ def test_fetch_metrics_for_digits_keep_their_keys(tmp_path: Path) -> None:
         "train_samples",
         "val_samples",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# fetch streams folder sources: the same files as decoding in memory, never a whole split
+# --------------------------------------------------------------------------------------------
+
+
+def _random_folder(root: Path, n: int = 9, seed: int = 5) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls in ("ant", "bee", "cow"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            w, h = (int(v) for v in rng.integers(6, 24, 2))
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    return root
+
+
+def _fetch_before_streaming(cfg, repo: Path, out: Path) -> None:
+    """What fetch wrote before it streamed: prepare_dataset in memory, then save_tensors."""
+    d = cfg.data
+    prepared = prepare_dataset(
+        d.source,
+        image_size=d.image_size,
+        raw_dir=repo / d.path,
+        path=str(repo / d.path),
+        val_fraction=d.val_fraction,
+        max_per_class=d.max_per_class,
+        min_val_per_class=d.min_val_per_class,
+        seed=cfg.common.seed,
+        progress=False,
+    )
+    prepared.info["root"] = d.path
+    check_prepared(prepared)
+    for split in ("train", "val"):
+        x, y = getattr(prepared, f"{split}_images"), getattr(prepared, f"{split}_labels")
+        save_tensors(out / f"{split}.safetensors", {"images": x, "labels": y})
+    meta = {"classes": prepared.classes, "info": prepared.info}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("given_split", [False, True])
+def test_streamed_fetch_writes_the_bytes_of_the_in_memory_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given_split: bool
+) -> None:
+    from tasks import fetch
+
+    repo = tmp_path / "repo"
+    if given_split:
+        _random_folder(repo / "data" / "ds" / "train", n=11, seed=1)
+        _random_folder(repo / "data" / "ds" / "val", n=3, seed=2)
+    else:
+        _random_folder(repo / "data" / "ds", n=13)
+    data = {"source": "imagefolder", "path": "data/ds", "image_size": 16, "max_per_class": 9}
+    cfg = from_dict({"data": data | {"min_val_per_class": 2}, "common": {"seed": 3}})
+    old = tmp_path / "old"
+    old.mkdir()
+    _fetch_before_streaming(cfg, repo, old)
+
+    def whole_split(*a, **k):
+        raise AssertionError("fetch decoded a whole split into memory")
+
+    monkeypatch.setattr(salve.data.folders, "decode_images", whole_split)
+    summary = fetch.run(cfg, repo, progress=False)
+    new = repo / "results" / "fetch"
+    for name in ("train.safetensors", "val.safetensors"):
+        assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    assert json.loads((new / "meta.json").read_text()) == json.loads(
+        (old / "meta.json").read_text()
+    )
+    assert summary["val_samples"] == 9 and summary["train_samples"] == 27  # both layouts
+    assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in old.iterdir())
+
+
+def test_streamed_fetch_checks_before_decoding_and_keeps_old_files_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import fetch
+
+    repo = tmp_path / "repo"
+    _folder(repo / "data" / "pets" / "train", n=4)
+    _folder(repo / "data" / "pets" / "val", n=2)
+    data = {"source": "imagefolder", "path": "data/pets", "image_size": 16, "min_val_per_class": 1}
+    cfg = from_dict({"data": data})
+    fetch.run(cfg, repo, progress=False)
+    out = repo / "results" / "fetch"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # check_prepared's rules hold on the plan, before any image is decoded: a repeated class name
+    real_plan = fetch.plan_image_files
+
+    def duplicate_class(*a, **k):
+        plan = real_plan(*a, **k)
+        plan.classes[1] = plan.classes[0]
+        return plan
+
+    monkeypatch.setattr(fetch, "plan_image_files", duplicate_class)
+    monkeypatch.setattr(salve.data.decode, "load_image", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(DatasetError, match=r"prepared data is inconsistent: duplicate class"):
+        fetch.run(cfg, repo, progress=False)
+    monkeypatch.undo()
+    # An unreadable val image fails after train is streamed: neither file is replaced.
+    (repo / "data" / "pets" / "val" / "fox" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"val/fox/1.png: cannot read this image"):
+        fetch.run(cfg, repo, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no temp file

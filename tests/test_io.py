@@ -17,6 +17,7 @@ import salve.io as sio
 from salve.io import (
     ArtifactError,
     TensorFileWriter,
+    TensorRows,
     atomic_path,
     load_tensors,
     read_json,
@@ -434,3 +435,39 @@ def test_read_rows_missing_file_garbage_and_unknown_name(tmp_path: Path) -> None
         read_rows(p, "labels", 0, 1)
     msg = str(info.value)
     assert "labels" in msg and str(p) in msg and "'acts'" in msg and "rerun the stage" in msg
+
+
+def test_tensor_rows_slice_like_the_tensor(tmp_path: Path) -> None:
+    p = tmp_path / "t.safetensors"
+    t = _fetch_like(11, 6)
+    save_file(t, str(p))
+    rows = TensorRows(p, "images")
+    assert (len(rows), rows.shape, rows.dtype) == (11, (11, 3, 5, 5), torch.uint8)
+    for index in (slice(None), slice(3, 7), slice(-2, None), slice(8, 30), slice(5, 2)):
+        assert torch.equal(rows[index], t["images"][index]), index
+    assert torch.equal(TensorRows(p, "labels")[:], t["labels"])
+    for bad in (3, slice(0, 4, 2), [1, 2]):
+        with pytest.raises(TypeError, match="row slices"):
+            rows[bad]
+    # (read_rows is TensorRows(...)[a:b]: its byte-count test above covers what is read)
+
+
+def test_tensor_rows_refuse_a_file_replaced_under_them(tmp_path: Path) -> None:
+    p = tmp_path / "t.safetensors"
+    save_tensors(p, _fetch_like(6, 1))
+    rows = TensorRows(p, "images")
+    save_tensors(p, _fetch_like(9, 2))  # another run rewrote it: other shapes, other offsets
+    with pytest.raises(ArtifactError, match="replaced, changed or removed while it was being read"):
+        rows[0:2]
+    p.unlink()
+    with pytest.raises(ArtifactError, match="replaced, changed or removed"):
+        rows[0:2]
+    with pytest.raises(ArtifactError, match="not found"):
+        TensorRows(p, "images")
+    save_tensors(p, {"acts": torch.zeros(2, 3), "scalar": torch.tensor(1.0)})
+    with pytest.raises(
+        ArtifactError, match=r"missing tensors \['images'\]; found \['acts', 'scalar'\]"
+    ):
+        TensorRows(p, "images")
+    with pytest.raises(ValueError, match="0-dim"):
+        TensorRows(p, "scalar")

@@ -43,6 +43,7 @@ from salve.data.folders import (
 )
 
 __all__ = [
+    "FOLDER_SOURCES",
     "IMAGE_EXTENSIONS",
     "IMAGENETTE_ARCHIVES",
     "IMAGENETTE_CLASSES",

@@ -7,7 +7,7 @@ import copy
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from salve.data.base import (
     DatasetError,
     PreparedData,
     check_args,
+    check_prepared,
     check_split_counts,
     common_info,
     override_url,
@@ -29,7 +30,7 @@ from salve.data.base import (
 )
 from salve.data.decode import decode_images, iter_decoded_images
 from salve.download import download_file, safe_extract
-from salve.io import read_json, write_json
+from salve.io import TensorFileWriter, read_json, write_json
 
 logger = logging.getLogger("salve")
 
@@ -109,13 +110,50 @@ class ImageFilePlan:
 
     def decode(self, *, progress: bool = True) -> PreparedData:
         """Every image decoded into memory (small datasets, tests)."""
-        size = self.image_size
+        return self._prepared(
+            lambda split: decode_images(
+                self.split(split)[0], self.image_size, progress=progress, desc=f"decode {split}"
+            )
+        )
+
+    def check(self) -> None:
+        """`check_prepared` on what `decode` would give, decoding nothing: the images are
+        zero-stride stand-ins of the decoded dtype and shape (no pixel memory)."""
+        s = self.image_size
+        check_prepared(
+            self._prepared(
+                lambda split: torch.zeros((), dtype=torch.uint8).expand(
+                    len(self.split(split)[0]), 3, s, s
+                )
+            )
+        )
+
+    def write_splits(
+        self, paths: Mapping[str, Path], *, chunk_size: int = 64, progress: bool = True
+    ) -> None:
+        """Decode each split in `paths` ({"train": file, "val": file}) chunk by chunk straight
+        into its safetensors file (images, labels): memory stays bounded by a few chunks however
+        many images. The bytes equal `save_tensors` of `decode()`'s tensors. No file appears
+        under its name until every split is written (a failure leaves the old files)."""
+        writers: list[TensorFileWriter] = []
+        try:
+            for split, path in paths.items():
+                writer = TensorFileWriter(path, self.tensor_specs(split))
+                writers.append(writer)
+                for images, labels in self.chunks(split, chunk_size=chunk_size, progress=progress):
+                    writer.write("images", images)
+                    writer.write("labels", labels)
+            for writer in writers:
+                writer.close()
+        finally:
+            for writer in writers:
+                writer.abort()  # after close: nothing left to discard
+
+    def _prepared(self, images: Callable[[str], torch.Tensor]) -> PreparedData:
         return PreparedData(
-            train_images=decode_images(
-                self.train_files, size, progress=progress, desc="decode train"
-            ),
+            train_images=images("train"),
             train_labels=torch.as_tensor(self.train_labels, dtype=torch.int64),
-            val_images=decode_images(self.val_files, size, progress=progress, desc="decode val"),
+            val_images=images("val"),
             val_labels=torch.as_tensor(self.val_labels, dtype=torch.int64),
             classes=list(self.classes),
             info=copy.deepcopy(self.info),  # PreparedData.info may be edited; the plan stays

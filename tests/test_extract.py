@@ -1,0 +1,96 @@
+"""extract reads fetch's images one batch at a time: the same bytes as extracting from the whole
+split in memory, and no split is ever loaded whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import salve.io
+from salve.activations import extract_activations
+from salve.config import from_dict
+from salve.data import IMAGENET_MEAN, IMAGENET_STD
+from salve.io import ArtifactError, TensorRows, load_tensors, save_tensors
+from salve.models import build_model, load_checkpoint, save_checkpoint
+from tasks import STAGES
+
+CLASSES = ["a", "b", "c"]
+SIZE = 16
+
+
+def _project(root: Path, counts: dict[str, int]) -> Path:
+    """fetch's split files (random images) and a seeded, untrained finetune checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in counts.items():
+        images = torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+        labels = torch.arange(n) % len(CLASSES)
+        save_tensors(STAGES["fetch"].path(root, split), {"images": images, "labels": labels})
+    torch.manual_seed(0)
+    sidecar = {
+        "classes": CLASSES,
+        "image_size": SIZE,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "val_accuracy": 1.0,
+        "val_class_accuracy": dict.fromkeys(CLASSES, 1.0),
+    }
+    model = build_model("resnet18", len(CLASSES), image_size=SIZE)
+    save_checkpoint(STAGES["finetune"].path(root, "model"), model, sidecar)
+    return root
+
+
+def _cfg(batch_size: int):
+    return from_dict({"common": {"num_threads": 1}, "extract": {"batch_size": batch_size}})
+
+
+def test_extract_streams_batches_and_writes_the_bytes_of_the_in_memory_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import extract
+
+    root = _project(tmp_path / "repo", {"train": 11, "val": 6})
+    loaded: list[Path] = []  # every safetensors file loaded whole
+    real_load = salve.io.load_file
+    monkeypatch.setattr(salve.io, "load_file", lambda p: loaded.append(Path(p)) or real_load(p))
+    reads: list[tuple[str, int]] = []
+    real_rows = TensorRows.__getitem__
+
+    def rows_read(self: TensorRows, index: slice) -> torch.Tensor:
+        out = real_rows(self, index)
+        reads.append((self.name, len(out)))
+        return out
+
+    monkeypatch.setattr(TensorRows, "__getitem__", rows_read)
+    summary = extract.run(_cfg(batch_size=4), root, progress=False)
+    monkeypatch.undo()
+
+    fetch_dir = root / "results" / "fetch"
+    assert not [p for p in loaded if p.is_relative_to(fetch_dir)], loaded
+    image_reads = [n for name, n in reads if name == "images"]
+    assert image_reads == [4, 4, 3, 4, 2]  # train in batches of 4, then val
+    assert summary["train_samples"] == 11 and summary["val_samples"] == 6
+
+    model, _ = load_checkpoint(STAGES["finetune"].path(root, "model"))
+    for split in ("train", "val"):
+        t = load_tensors(STAGES["fetch"].path(root, split))
+        acts = extract_activations(
+            model, t["images"], IMAGENET_MEAN, IMAGENET_STD, batch_size=4, progress=False
+        )
+        want = tmp_path / f"{split}.safetensors"
+        save_tensors(want, {"acts": acts, "labels": t["labels"]})
+        got = STAGES["extract"].path(root, split)
+        assert got.read_bytes() == want.read_bytes(), split
+
+
+def test_extract_names_fetch_when_its_split_is_missing_or_corrupt(tmp_path: Path) -> None:
+    from tasks import extract
+
+    root = _project(tmp_path / "repo", {"train": 3, "val": 3})
+    val = STAGES["fetch"].path(root, "val")
+    val.write_bytes(val.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="val.safetensors: not a readable safetensors file"):
+        extract.run(_cfg(batch_size=4), root, progress=False)
+    val.unlink()
+    with pytest.raises(ArtifactError, match="val.safetensors is missing: .* stage fetch"):
+        extract.run(_cfg(batch_size=4), root, progress=False)
