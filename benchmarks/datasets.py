@@ -136,7 +136,9 @@ def draw_mark(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     width = max(2, int(round(rng.uniform(0.05, 0.09) * size)))
     colour = _colour(rng)
     for line in _mark_points(kind, rng):
-        pts = [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in line]
+        pts = [
+            (cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in line
+        ]
         draw.line(pts, fill=colour, width=width, joint="curve")
     return img
 
@@ -148,11 +150,16 @@ FAMILIES = {
 }
 
 
-def make_folder(family: str, out: Path, *, per_class: int = 160, size: int = 64, seed: int = 0):
-    """Write ``per_class`` PNGs per class under ``out/<class>/``; returns the class names."""
+def family_of(family: str):
+    """(class names, draw function) of a family; ValueError naming the choices."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    classes, draw = FAMILIES[family]
+    return FAMILIES[family]
+
+
+def make_folder(family: str, out: Path, *, per_class: int = 160, size: int = 64, seed: int = 0):
+    """Write ``per_class`` PNGs per class under ``out/<class>/``; returns the class names."""
+    classes, draw = family_of(family)
     rng = np.random.default_rng([seed, 0x5A17E])
     for name in classes:
         folder = Path(out) / name
@@ -176,9 +183,7 @@ def fill_folder(
     i), so files already there are kept and the folder is a cache. Each file is written under a
     hidden temporary name (which folder scans skip) and renamed: an interrupted run leaves no
     half-written image. JPEG (quality 90) by default: small files, decoded as photos are."""
-    classes, draw = (SHAPES, draw_shape) if family == "shapes" else (PATTERNS, draw_pattern)
-    if family not in ("shapes", "patterns"):
-        raise ValueError(f"unknown family {family!r}; choose shapes or patterns")
+    classes, draw = family_of(family)
     if isinstance(counts, int):
         counts = dict.fromkeys(classes, counts)
     drawn = 0
