@@ -164,3 +164,28 @@ def test_forget_partial_import_removes_only_torchvision_modules(monkeypatch) -> 
     monkeypatch.setattr(tvmod, "sys", SimpleNamespace(modules=fake_modules))
     tvmod._forget_partial_import()
     assert fake_modules == {"torchvision_extra": 4, "foo.torchvision": 5, "torch": 6}
+
+
+def test_loading_a_checkpoint_does_not_import_the_compiler_stack(tmp_path) -> None:
+    """torch._dynamo (6.5 s of every process here) stays unloaded through torchvision's import,
+    an architecture check and a checkpoint load; roi_align's deferred name and a later real
+    import of torch._dynamo still work."""
+    script = f"""
+import sys
+from salve.models import arch_spec, build_model, load_checkpoint, save_checkpoint
+arch_spec("resnet18", 64)
+path = {str(tmp_path / "m.safetensors")!r}
+save_checkpoint(path, build_model("resnet18", 3), {{"classes": list("abc"), "image_size": 64}})
+load_checkpoint(path)
+loaded = [m for m in sys.modules if m.startswith("torch._dynamo")]
+from torchvision.ops import roi_align as module_of_roi_align
+import importlib
+ops = importlib.import_module("torchvision.ops.roi_align")
+supported = ops.is_compile_supported("cpu")
+import torch._dynamo.utils as real
+print(loaded, type(supported).__name__, real.is_compile_supported is not ops.is_compile_supported)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
+    assert out == ["[]", "bool", "True"]
