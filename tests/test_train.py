@@ -338,12 +338,12 @@ def test_early_stopping_keeps_the_best_epoch(data, monkeypatch) -> None:
     assert state.stopped_early(2) and not TrainState().stopped_early(2)
 
 
-def test_early_stopping_waits_for_half_the_budget(data, monkeypatch) -> None:
+def test_early_stopping_waits_for_three_quarters_of_the_budget(data, monkeypatch) -> None:
     import salve.train as train_mod
 
-    # best at epoch 2, no better at 3 and 4: patience 2 would stop after 4, but of 10 epochs
-    # the first 5 never stop; epoch 5 improves, 6 and 7 do not: stopped after 7
-    scripted = iter([0.25, 0.75, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5])
+    # best at epoch 2, no better at 3 and 4: patience 2 would stop after 4, but of 8 epochs
+    # the first 6 never stop; epoch 5 improves, 6 and 7 do not: stopped after 7
+    scripted = iter([0.25, 0.75, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5])
 
     def fake_predict(model, images, *a, **k):
         hits = round(next(scripted) * len(data["val_y"]))
@@ -352,7 +352,7 @@ def test_early_stopping_waits_for_half_the_budget(data, monkeypatch) -> None:
         return pred
 
     monkeypatch.setattr(train_mod, "predict", fake_predict)
-    state = _train(_tiny(), data, _settings(epochs=10, patience=2))
+    state = _train(_tiny(), data, _settings(epochs=8, patience=2))
     assert [h.val_accuracy for h in state.history] == [0.25, 0.75, 0.5, 0.5, 1.0, 0.5, 0.5]
     assert state.best_epoch == 5
     assert not state.stopped_early(2, not_before=8) and state.stopped_early(2, not_before=7)
