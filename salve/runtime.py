@@ -124,8 +124,23 @@ def seed_everything(seed: int, *, num_threads: int = 0) -> None:
     torch.manual_seed(seed)
     if num_threads:
         torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _deterministic_kernels(torch)
     torch.backends.cudnn.benchmark = False
+
+
+def _deterministic_kernels(torch) -> None:
+    """`torch.use_deterministic_algorithms(True, warn_only=True)` without its import of the
+    compiler: the public function also sets `torch._inductor.config.deterministic`, and importing
+    that loads inductor and dynamo (6.7 s of every stage process on a 2-core machine). SALVE
+    compiles nothing, so the eager flag is what matters; once inductor is loaded (someone
+    compiles), the public function is used."""
+    import sys
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if "torch._inductor.config" in sys.modules or setter is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 # A process counts as CPU-heavy when it used at least this share of one core while sampled.

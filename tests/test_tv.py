@@ -167,12 +167,17 @@ def test_forget_partial_import_removes_only_torchvision_modules(monkeypatch) -> 
 
 
 def test_loading_a_checkpoint_does_not_import_the_compiler_stack(tmp_path) -> None:
-    """torch._dynamo (6.5 s of every process here) stays unloaded through torchvision's import,
-    an architecture check and a checkpoint load; roi_align's deferred name and a later real
-    import of torch._dynamo still work."""
+    """torch._dynamo (6.5 s of every process here) stays unloaded through seeding with
+    deterministic kernels, torchvision's import, an architecture check and a checkpoint load;
+    roi_align's deferred name and a later real import of torch._dynamo still work."""
     script = f"""
 import sys
+import torch
 from salve.models import arch_spec, build_model, load_checkpoint, save_checkpoint
+from salve.runtime import seed_everything
+seed_everything(0, num_threads=1)
+assert torch.are_deterministic_algorithms_enabled()
+assert torch.is_deterministic_algorithms_warn_only_enabled()
 arch_spec("resnet18", 64)
 path = {str(tmp_path / "m.safetensors")!r}
 save_checkpoint(path, build_model("resnet18", 3), {{"classes": list("abc"), "image_size": 64}})
