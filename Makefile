@@ -89,8 +89,10 @@ $(BENCH_STAMP): $(DEV_STAMP)
 run: $(STAMP)
 	$(VENV)/bin/salve run
 
+# One pytest worker per core (pytest-xdist), each test module on one worker so that its module
+# fixtures (a built project, an experiment) are made once.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
