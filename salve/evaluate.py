@@ -397,6 +397,7 @@ def evaluate_seed(
     methods: Sequence[str] = METHODS,
     probe: bool = True,
     probe_max_iter: int = 500,
+    known_probes: Mapping[str, float] | None = None,
 ) -> dict:
     """Every method x metric for one SAE seed; feed a list of its ``["methods"]`` to
     :func:`summarise_methods`.
@@ -405,9 +406,11 @@ def evaluate_seed(
     cannot be suppressed). ``shifted_val_acts`` maps a shift kind to the activations of the
     shifted val images (same order and labels as ``val_acts_nm``); with it, ``generalisation``
     (mean over kinds) and ``generalisation_<kind>`` are the efficacy on those. ``probe=False``
-    skips ``probe_recovery`` (the costly part). Returns a JSON-able dict: ``methods`` (metric
-    means over the evaluated classes), ``per_class``, ``evaluated_classes``,
-    ``left_out_classes``, ``base_accuracy``, ``latents`` (dominant and random latent per class).
+    skips ``probe_recovery`` (the costly part); ``known_probes`` (from :func:`seed_free_probes`
+    on the same inputs) supplies the values that do not depend on the SAE. Returns a JSON-able
+    dict: ``methods`` (metric means over the evaluated classes), ``per_class``,
+    ``evaluated_classes``, ``left_out_classes``, ``base_accuracy``, ``latents`` (dominant and
+    random latent per class).
     """
     w, b = _head64(weight_km, bias_k)
     k, m = w.shape
@@ -439,8 +442,8 @@ def evaluate_seed(
 
     per_class: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     latents: dict[str, dict[str, int]] = {}
+    probes = dict(known_probes or {})
     for target in evaluated:
-        base_probe = None
         latents[str(target)] = {"dominant": dominant[target]}
         for name in methods:
             edit = build_edit(
@@ -473,12 +476,9 @@ def evaluate_seed(
                 out["generalisation"] = float(np.mean(list(per_kind.values())))
                 out |= {f"generalisation_{kind}": v for kind, v in per_kind.items()}
             if probe:
-                if edit.representation.is_identity:
-                    if base_probe is None:
-                        base_probe = probe_recovery(
-                            x_train, y_train, x_val, y_val, target, max_iter=probe_max_iter
-                        )
-                    out["probe_recovery"] = base_probe
+                key = _probe_key(name, edit, target)
+                if key is not None and key in probes:
+                    out["probe_recovery"] = probes[key]
                 else:
                     out["probe_recovery"] = probe_recovery(
                         edit.represent(x_train),
@@ -488,6 +488,8 @@ def evaluate_seed(
                         target,
                         max_iter=probe_max_iter,
                     )
+                    if key is not None:
+                        probes[key] = out["probe_recovery"]
             per_class[name][str(target)] = out
 
     means = {name: _mean_over_classes(list(per_class[name].values())) for name in methods}
@@ -508,6 +510,59 @@ def evaluate_seed(
             "seed": seed,
         },
     }
+
+
+# Methods whose representation does not depend on the SAE (nor on the seed): their probe
+# recovery is the same for every SAE seed of one evaluation.
+SEED_FREE_REPRESENTATIONS = ("mean_difference", "leace")
+
+
+def _probe_key(method: str, edit: MethodEdit, target: int) -> str | None:
+    """The cache key of a probe value shared across SAE seeds, None for one that is not."""
+    if edit.representation.is_identity:
+        return f"identity/{target}"
+    return f"{method}/{target}" if method in SEED_FREE_REPRESENTATIONS else None
+
+
+def seed_free_probes(
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    train_acts_nm: torch.Tensor,
+    train_labels_n: torch.Tensor,
+    val_acts_nm: torch.Tensor,
+    val_labels_n: torch.Tensor,
+    *,
+    projection_alpha: float,
+    min_base_accuracy: float,
+    probe_max_iter: int = 500,
+) -> dict[str, float]:
+    """The probe recoveries that every SAE seed shares (the unedited representation, and the
+    mean-difference and LEACE edits of each evaluated class), computed once for
+    ``evaluate_seed(known_probes=...)``: a third of the logistic fits of a 5-seed evaluation.
+    Same inputs, same numbers as evaluate_seed computes them itself."""
+    w, b = _head64(weight_km, bias_k)
+    k, m = w.shape
+    x_train, x_val = _acts64(train_acts_nm, m, "train"), _acts64(val_acts_nm, m, "val")
+    y_train, y_val = _labels(train_labels_n, x_train, k), _labels(val_labels_n, x_val, k)
+    base = per_class_accuracy((x_val @ w.T + b).argmax(1), y_val, k)
+    no_sae = torch.zeros(m, 1, dtype=F64)  # the SAE-free methods do not read it
+    out: dict[str, float] = {}
+    for target in [c for c in range(k) if bool(base[c] >= min_base_accuracy)]:
+        for name in ("zero_row", *SEED_FREE_REPRESENTATIONS):
+            edit = build_edit(
+                name, w, b, target, 0, no_sae, torch.zeros(m, dtype=F64), x_train, y_train,
+                projection_alpha=projection_alpha, paper_alpha=0.0, seed=0,
+            )  # fmt: skip
+            key = _probe_key(name, edit, target)
+            out[key] = probe_recovery(
+                edit.represent(x_train),
+                y_train,
+                edit.represent(x_val),
+                y_val,
+                target,
+                max_iter=probe_max_iter,
+            )
+    return out
 
 
 def _acts64(acts_nm: torch.Tensor, m: int, what: str) -> torch.Tensor:

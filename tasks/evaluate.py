@@ -9,9 +9,11 @@ colour jitter: backbone passes on the shifted val images, cached here) and probe
 common.seed, common.seed + 1, ...: every metric is a mean with a 95 % interval over seeds, and
 decoder columns are matched across seeds (Hungarian on |cosine|) for feature stability.
 
-The per-seed work (fit + evaluation) is independent: `run` maps it with ``map_fn``, serially by
-default, and the flow passes a Dask-backed map (flows/fanout.py). Each fit uses one torch thread
-wherever it runs, so the results do not depend on how it was scheduled.
+The probe recoveries that do not depend on the SAE (unedited, mean difference, LEACE) are fitted
+once here and handed to every seed. The per-seed work (fit + evaluation) is independent: `run`
+maps it with ``map_fn``, serially by default, and the flow passes a Dask-backed map
+(flows/fanout.py). Each fit uses one torch thread wherever it runs, so the results do not depend
+on how it was scheduled.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from salve.evaluate import (
     cross_class_accuracy_change,
     evaluate_seed,
     feature_stability,
+    seed_free_probes,
     shift_images,
     summarise_methods,
 )
@@ -86,6 +89,7 @@ def fit_and_evaluate(job: dict) -> dict:
             min_base_accuracy=job["min_base_accuracy"],
             seed=job["seed"],
             shifted_val_acts=job["shifted"],
+            known_probes=job["known_probes"],
         )
     finally:
         torch.set_num_threads(threads)
@@ -130,9 +134,25 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
     spec = STAGES["evaluate"]
     save_tensors(spec.path(root, "shifted"), {f"acts.{k}": v for k, v in shifted.items()})
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every job: the same numbers wherever a probe is fitted
+    try:
+        known_probes = seed_free_probes(
+            weight,
+            bias,
+            train_acts,
+            train_labels,
+            val_acts,
+            val_labels,
+            projection_alpha=ev.projection_alpha,
+            min_base_accuracy=cfg.edit.min_base_accuracy,
+        )
+    finally:
+        torch.set_num_threads(threads)
     jobs = [
         {
             "seed": cfg.common.seed + i,
+            "known_probes": known_probes,
             "reproducible": cfg.common.reproducible,
             "sae": cfg.sae,
             "train_acts": train_acts,

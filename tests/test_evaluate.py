@@ -22,6 +22,7 @@ from salve.evaluate import (
     probe_recovery,
     random_other_latent,
     random_unit_direction,
+    seed_free_probes,
     shift_images,
     summarise_methods,
     zero_row_edit,
@@ -351,3 +352,30 @@ def test_bad_inputs_are_named() -> None:
             projection_alpha=1.0, paper_alpha=1.0, seed=0,
         )  # fmt: skip
     assert np.isfinite(mean_ci95([1.0, 1.0])["ci95"]).all()
+
+
+def test_seed_free_probes_are_what_evaluate_seed_computes_itself() -> None:
+    k, m = 3, 5
+    x_train, y_train = _blobs(150, m, k, seed=16)
+    x_val, y_val = _blobs(90, m, k, seed=17)
+    weight = torch.zeros(k, m, dtype=F64)
+    weight[torch.arange(k), torch.arange(k)] = 1.0
+    bias = torch.zeros(k, dtype=F64)
+    w_dec = torch.cat([torch.eye(m, dtype=F64), _rand(m, 3, seed=18)], dim=1)
+    opts = {"projection_alpha": 1.0, "min_base_accuracy": 0.5}
+    known = seed_free_probes(weight, bias, x_train, y_train, x_val, y_val, **opts)
+    # one unedited, one mean-difference and one LEACE probe per evaluated class
+    assert sorted(known) == sorted(
+        f"{kind}/{c}" for kind in ("identity", "mean_difference", "leace") for c in range(k)
+    )
+    args = (weight, bias, x_train, y_train, x_val, y_val, w_dec, x_train.mean(0), [0, 1, 2])
+    for seed in (3, 4):
+        kwargs = opts | {"paper_alpha": 8.0, "seed": seed}
+        assert evaluate_seed(*args, **kwargs, known_probes=known) == evaluate_seed(*args, **kwargs)
+    # and the known values are the ones used: a marked value shows up where it belongs
+    marked = known | {"leace/1": 0.123, "identity/2": 0.456}
+    res = evaluate_seed(*args, **opts, paper_alpha=8.0, seed=3, known_probes=marked)
+    assert res["per_class"]["leace"]["1"]["probe_recovery"] == 0.123
+    assert res["per_class"]["zero_row"]["2"]["probe_recovery"] == 0.456  # head-only edit
+    for name in ("salve_paper", "salve_projection"):  # they rescale or project the input
+        assert res["per_class"][name]["2"]["probe_recovery"] != 0.456
