@@ -435,7 +435,7 @@ def evaluate_seed(
 
     preds_val = (x_val @ w.T + b).argmax(1)
     base = per_class_accuracy(preds_val, y_val, k)
-    evaluated = [c for c in range(k) if bool(base[c] >= min_base_accuracy)]
+    evaluated = _evaluated_classes(base, min_base_accuracy)
     left_out = [c for c in range(k) if c not in evaluated]
     preds_shift = {kind: (xs @ w.T + b).argmax(1) for kind, xs in shifted.items()}
     base_shift = {kind: per_class_accuracy(p, y_val, k) for kind, p in preds_shift.items()}
@@ -480,13 +480,8 @@ def evaluate_seed(
                 if key is not None and key in probes:
                     out["probe_recovery"] = probes[key]
                 else:
-                    out["probe_recovery"] = probe_recovery(
-                        edit.represent(x_train),
-                        y_train,
-                        edit.represent(x_val),
-                        y_val,
-                        target,
-                        max_iter=probe_max_iter,
+                    out["probe_recovery"] = _edit_probe(
+                        edit, x_train, y_train, x_val, y_val, target, probe_max_iter
                     )
                     if key is not None:
                         probes[key] = out["probe_recovery"]
@@ -547,22 +542,28 @@ def seed_free_probes(
     base = per_class_accuracy((x_val @ w.T + b).argmax(1), y_val, k)
     no_sae = torch.zeros(m, 1, dtype=F64)  # the SAE-free methods do not read it
     out: dict[str, float] = {}
-    for target in [c for c in range(k) if bool(base[c] >= min_base_accuracy)]:
+    for target in _evaluated_classes(base, min_base_accuracy):
         for name in ("zero_row", *SEED_FREE_REPRESENTATIONS):
             edit = build_edit(
                 name, w, b, target, 0, no_sae, torch.zeros(m, dtype=F64), x_train, y_train,
                 projection_alpha=projection_alpha, paper_alpha=0.0, seed=0,
             )  # fmt: skip
             key = _probe_key(name, edit, target)
-            out[key] = probe_recovery(
-                edit.represent(x_train),
-                y_train,
-                edit.represent(x_val),
-                y_val,
-                target,
-                max_iter=probe_max_iter,
-            )
+            out[key] = _edit_probe(edit, x_train, y_train, x_val, y_val, target, probe_max_iter)
     return out
+
+
+def _edit_probe(edit: MethodEdit, x_train, y_train, x_val, y_val, target: int, max_iter: int):
+    """probe_recovery on the representation ``edit`` makes of the train and val activations."""
+    return probe_recovery(
+        edit.represent(x_train), y_train, edit.represent(x_val), y_val, target, max_iter=max_iter
+    )
+
+
+def _evaluated_classes(base_accuracy_k: torch.Tensor, min_base_accuracy: float) -> list[int]:
+    """Classes at or above ``min_base_accuracy`` before any edit (a failing class cannot be
+    suppressed)."""
+    return [c for c, acc in enumerate(base_accuracy_k.tolist()) if acc >= min_base_accuracy]
 
 
 def _acts64(acts_nm: torch.Tensor, m: int, what: str) -> torch.Tensor:

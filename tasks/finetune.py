@@ -156,14 +156,15 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     resume_path.unlink(missing_ok=True)
     rows = [{k: r.as_dict()[k] for k in PLOT_COLUMNS} for r in state.history]
     write_plot(root, "finetune", "epochs", rows)
+    budget = epoch_budget(len(train_y), f)
     summary = {
         "arch": f.arch,
         "val_accuracy": best.val_accuracy,
         "best_epoch": state.best_epoch,
         "epochs_run": last.epoch,
         "last_val_accuracy": last.val_accuracy,
-        "epoch_budget": epoch_budget(len(train_y), f),
-        "stopped_early": last.epoch < epoch_budget(len(train_y), f),
+        "epoch_budget": budget,
+        "stopped_early": last.epoch < budget,
         "train_accuracy": best.train_accuracy,
         "train_loss": best.train_loss,
         "min_class_val_accuracy": min(best.val_class_accuracy),
