@@ -19,20 +19,24 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
     """Validate params.yaml with the --set overrides and the user's files, then write them.
 
     Nothing is written unless everything validated: a failed start leaves params.yaml as it was.
-    The CPU kernels are then pinned (salve/runtime.py), before any tensor operation.
+    The CPU kernels are pinned (salve/runtime.py) first, before any tensor operation.
     """
     from salve.runtime import pin_cpu_kernels
     from tasks.preflight import preflight
 
     root = Path(args.root).resolve()
     params = root / "params.yaml"
-    cfg = apply_overrides(params, args.set, check=lambda c: preflight(c, root))
+
+    def validate(c: Config) -> None:
+        pin_cpu_kernels(c.common.reproducible)  # before any tensor operation (preflight's too)
+        preflight(c, root)
+
+    cfg = apply_overrides(params, args.set, check=validate)
     if args.set:
         print(f"params.yaml updated: {', '.join(args.set)}")
     added = fill_missing(params)
     if added:
         print(f"params.yaml: added missing keys with their defaults: {', '.join(added)}")
-    pin_cpu_kernels(cfg.common.reproducible)
     from salve.runtime import cpu_contention
 
     check = os.environ.get("SALVE_CPU_CHECK", "1") != "0"  # 0: the tests, which run side by side

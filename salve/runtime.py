@@ -1,6 +1,6 @@
 """Device choice, seeding and every determinism setting, in one place.
 
-CPU kernels. Three libraries choose their code path from the CPU, lazily, at their first use in a
+CPU kernels. Four libraries choose their code path from the CPU, lazily, at their first use in a
 process, and each reads an environment variable then:
 
 - MKL (matrix products, and the convolutions PyTorch runs as im2col + GEMM): without conditional
@@ -12,10 +12,20 @@ process, and each reads an environment variable then:
   path, alignment-independent order) makes every call identical, for about 4 % of speed.
 - oneDNN (most convolutions): ``ONEDNN_MAX_CPU_ISA`` caps the instruction set of its JIT kernels.
 - ATen's vectorised kernels (batch norm, reductions, optimisers): ``ATEN_CPU_CAPABILITY``.
+- OpenBLAS (numpy and scipy's BLAS: the logistic probes of ``evaluate``, a few dot products in
+  ``alpha_crit``): chooses its kernels per CPU at load (SkylakeX on a Zen 4, Zen on a Zen 3), so
+  ``OPENBLAS_CORETYPE=Haswell`` (AVX2) is always set on x86-64 CPUs with AVX2, in both modes: its
+  work here is small. It runs on one thread (``OPENBLAS_NUM_THREADS=1``): with two, a probe fit
+  took 0.26 s instead of 0.02 s here, its threads competing with torch's.
 
-``pin_cpu_kernels`` sets these before any of them has run. Always ``MKL_CBWR=AUTO``: the same
-bytes from run to run on one machine. With ``common.reproducible`` (the default) the aim is the
-same bytes on every x86-64 CPU, so each library gets a path that does not depend on the CPU:
+``pin_cpu_kernels`` sets these before any of them has run. ATen fixes its choice at its first
+vectorised operation, which must come after the pin: a check that builds a model on the CPU
+before it (the start-up checks once did) leaves the process on AVX-512 kernels; the pin raises
+KernelModeError when it finds that.
+
+Always ``MKL_CBWR=AUTO``: the same bytes from run to run on one machine. With
+``common.reproducible`` (the default) the aim is the same bytes on every x86-64 CPU, so each
+library gets a path that does not depend on the CPU:
 
 - MKL: ``MKL_CBWR=COMPATIBLE`` (SSE2 code, Intel's documented branch for identical results on
   Intel and non-Intel CPUs). An ISA branch such as ``AVX2`` is honoured on Intel only: on AMD,
@@ -35,7 +45,9 @@ The variables must be set before the first tensor operation of the process: the 
 from __future__ import annotations
 
 import os
+import platform
 import random
+import sys
 
 # Always set: run-to-run identical MKL results on this CPU (its fastest path otherwise).
 BASE_ENV = {"MKL_CBWR": "AUTO"}
@@ -43,7 +55,9 @@ BASE_ENV = {"MKL_CBWR": "AUTO"}
 # idle OpenMP threads sleep instead of spinning. With more runnable threads than cores (the
 # flow's concurrent stages, Dask workers, another job), spinning threads starve the ones doing
 # work: 10 training steps took 27.1 s instead of 7.0 s with this (load 6 on 2 cores).
-THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+# numpy's and scipy's OpenBLAS on its AVX2 kernels, read when numpy loads (docstring above).
+OPENBLAS_ENV = {"OPENBLAS_CORETYPE": "Haswell"}
 # common.reproducible: code paths that every x86-64 CPU with AVX2 runs the same way.
 PINNED_ENV = {
     "MKL_CBWR": "COMPATIBLE",
@@ -78,19 +92,45 @@ def pin_cpu_kernels(reproducible: bool) -> dict[str, str]:
         for key in PINNED_ENV.keys() - BASE_ENV.keys():
             os.environ.pop(key, None)
     _MODE = reproducible
+    if reproducible and "torch" in sys.modules:
+        capability = aten_capability()
+        if capability.startswith("AVX512"):
+            raise KernelModeError(
+                f"ATen already runs its {capability} kernels in this process: a tensor operation "
+                "ran before pin_cpu_kernels, so common.reproducible cannot take effect. Call "
+                "pin_cpu_kernels before any tensor operation (salve's entry points do)."
+            )
     return kernel_settings()
+
+
+def aten_capability() -> str:
+    """The instruction set ATen's vectorised kernels run with in this process (fixes it)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:  # not Linux: leave OpenBLAS to choose
+        return False
 
 
 def apply_base_settings() -> None:
     """The always-on part (run-to-run identical MKL, sleeping OpenMP threads), unless the
     environment already says; `import salve` runs it, before torch is imported."""
-    for key, value in (BASE_ENV | THREAD_ENV).items():
+    env = BASE_ENV | THREAD_ENV
+    if platform.machine().lower() in ("x86_64", "amd64") and _has_avx2():
+        env = env | OPENBLAS_ENV
+    for key, value in env.items():
         os.environ.setdefault(key, value)
 
 
 def kernel_settings() -> dict[str, str]:
     """The kernel settings in force, for provenance records."""
-    keys = sorted(PINNED_ENV.keys() | BASE_ENV.keys() | THREAD_ENV.keys())
+    keys = sorted(PINNED_ENV.keys() | BASE_ENV.keys() | THREAD_ENV.keys() | OPENBLAS_ENV.keys())
     return {k: os.environ.get(k, "") for k in keys} | {
         "reproducible": "unset" if _MODE is None else str(_MODE).lower()
     }

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         root = Path(args.params).resolve().parent
         cfg = load(args.params)
+        pin_cpu_kernels(cfg.common.reproducible)  # before any tensor operation (preflight's too)
         preflight(cfg, root)
-        pin_cpu_kernels(cfg.common.reproducible)  # before any tensor operation
         module = importlib.import_module(f"tasks.{args.stage}")
         summary = module.run(cfg, root, progress=not args.no_progress)
         print(json.dumps(summary, indent=1, default=str))

@@ -13,6 +13,7 @@ import torch
 from salve import __version__
 from salve.config import Config
 from salve.io import write_csv
+from salve.runtime import aten_capability, kernel_settings
 from tasks import STAGES
 from tasks.records import write_record
 
@@ -65,6 +66,7 @@ def run_metadata(root: Path, cfg: Config, device: torch.device, sections: tuple[
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": kernel_settings() | {"aten_capability": aten_capability()},
         "params": {s: params[s] for s in sections},
     }
 

@@ -87,3 +87,41 @@ def test_sidecar_records_provenance(two_runs, sidecar: str) -> None:
         assert libs["salve"] and libs["python"]
         assert meta["device"] == "cpu"
         assert meta["schema_version"] >= 1
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def test_dvc_stage_command_matches_the_in_process_run(
+    built_project_template: Path, tmp_path: Path
+) -> None:
+    """`python -m tasks fit_sae` (what dvc.yaml runs), started from a shell that sets none of the
+    kernel variables, pins the kernels before its start-up checks and refits the SAE byte for byte.
+    Its start-up checks once ran first, leaving ATen on AVX-512 kernels on such CPUs."""
+    import os
+    import subprocess
+    import sys
+
+    from salve.runtime import OPENBLAS_ENV, PINNED_ENV
+    from tests.conftest import copy_project
+
+    root = copy_project(built_project_template, tmp_path / "project")
+    sae = root / "results/fit_sae/sae.safetensors"
+    before = sae.read_bytes()
+    sae.unlink()
+    env = {k: v for k, v in os.environ.items() if k not in PINNED_ENV.keys() | OPENBLAS_ENV.keys()}
+    subprocess.run(
+        [sys.executable, "-m", "tasks", "fit_sae", "--no-progress"],
+        cwd=root, env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    kernels = json.loads((root / "results/fit_sae/sae.json").read_text())["cpu_kernels"]
+    assert kernels["reproducible"] == "true"
+    assert kernels["ATEN_CPU_CAPABILITY"] == "avx2"
+    if _has_avx2():
+        assert kernels["aten_capability"] == "AVX2"
+        assert kernels["OPENBLAS_CORETYPE"] == "Haswell"
+    assert sae.read_bytes() == before

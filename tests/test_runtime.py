@@ -1,0 +1,61 @@
+"""The CPU kernel settings (salve/runtime.py), checked in fresh processes started from a shell
+that sets none of them, as a user's would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from salve.runtime import OPENBLAS_ENV, PINNED_ENV, THREAD_ENV
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    strip = PINNED_ENV.keys() | OPENBLAS_ENV.keys() | THREAD_ENV.keys()
+    env = {k: v for k, v in os.environ.items() if k not in strip}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="needs a CPU with AVX-512")
+def test_pin_after_a_tensor_operation_is_refused() -> None:
+    """ATen fixed its AVX-512 choice at the first operation: the pin cannot take effect."""
+    done = _run(
+        "import torch; torch.ones(64).sum()\n"
+        "from salve.runtime import KernelModeError, pin_cpu_kernels\n"
+        "try:\n    pin_cpu_kernels(True)\nexcept KernelModeError as e:\n    print('refused', e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused ATen already runs its AVX512"), done.stdout
+
+
+@pytest.mark.skipif("avx2" not in _cpu_flags(), reason="needs an x86-64 CPU with AVX2")
+def test_pin_first_gives_avx2_kernels_and_one_openblas_path() -> None:
+    done = _run(
+        "from salve.runtime import pin_cpu_kernels\n"
+        "pin_cpu_kernels(True)\n"
+        "import numpy, scipy.linalg, torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "torch.ones(64).sum()\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n"
+        "for i in threadpool_info():\n"
+        "    if i['internal_api'] == 'openblas':\n"
+        "        print(i['architecture'], i['num_threads'])\n"
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "AVX2"
+    openblas = [line for line in lines[1:] if line]
+    assert openblas and set(openblas) == {"Haswell 1"}, done.stdout
