@@ -26,6 +26,7 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
 from salve.editing import edit_head, paper_factors
+from salve.io import TensorRows
 
 F64 = torch.float64
 METHODS = (
@@ -678,29 +679,55 @@ def _unit_columns(w_dec_ml: torch.Tensor) -> torch.Tensor:
 def shift_images(images_u8: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     """A held-out "style" of uint8 images [N, 3, S, S], for the generalisation metric.
 
-    ``noise``: additive Gaussian, sigma = 0.1 of the range (25.5 grey levels). ``blur``:
-    Gaussian, sigma 1 px, radius 3, edges replicated (no randomness: the seed is unused).
-    ``jitter``: per image, brightness, contrast and saturation factors drawn from [0.7, 1.3],
-    applied in that order with clamping after each (contrast blends with the image's mean grey,
-    saturation with each pixel's grey). Deterministic for a seed; pure torch; returns uint8.
+    ``noise``: additive Gaussian, sigma = 0.1 of the range (25.5 grey levels), each image from
+    its own seeded stream. ``blur``: Gaussian, sigma 1 px, radius 3, edges replicated (no
+    randomness: the seed is unused). ``jitter``: per image, brightness, contrast and saturation
+    factors drawn from [0.7, 1.3], applied in that order with clamping after each (contrast
+    blends with the image's mean grey, saturation with each pixel's grey). Deterministic for a
+    seed; pure torch; returns uint8. :class:`ShiftedRows` makes the same images batch by batch.
     """
-    if kind not in SHIFTS:
-        raise ValueError(f"unknown shift {kind!r}; choose from {SHIFTS}")
-    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[1] != 3:
-        raise ValueError(
-            f"images_u8 must be uint8 [N, 3, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
-        )
-    x = images_u8.to(torch.float32)
-    if kind == "noise":
-        g = torch.Generator().manual_seed(_seed_int(seed, "noise"))
-        out = x + 25.5 * torch.randn(x.shape, generator=g, dtype=torch.float32)
-    elif kind == "blur":
-        out = _gaussian_blur(x, sigma=1.0, radius=3)
-    else:
-        g = torch.Generator().manual_seed(_seed_int(seed, "jitter"))
-        factors = 0.7 + 0.6 * torch.rand(x.shape[0], 3, generator=g, dtype=torch.float32)
-        out = _colour_jitter(x / 255.0, factors) * 255.0
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return ShiftedRows(images_u8, kind, seed)[:]
+
+
+class ShiftedRows:
+    """``shift_images`` of a split, made one row slice at a time: ``rows[a:b]`` is exactly
+    ``shift_images(images)[a:b]`` (per-image noise streams; the jitter factors of every image
+    drawn up front), so the images may be ``TensorRows`` and a split of any size is shifted
+    with one batch in memory (``salve.activations.extract_activations`` walks row slices)."""
+
+    def __init__(self, images_u8: torch.Tensor | TensorRows, kind: str, seed: int) -> None:
+        if kind not in SHIFTS:
+            raise ValueError(f"unknown shift {kind!r}; choose from {SHIFTS}")
+        shape = tuple(images_u8.shape)
+        if images_u8.dtype != torch.uint8 or len(shape) != 4 or shape[1] != 3:
+            raise ValueError(f"images_u8 must be uint8 [N, 3, H, W], got {images_u8.dtype} {shape}")
+        self.images, self.kind, self.shape, self.dtype = images_u8, kind, shape, torch.uint8
+        self._noise_seed = _seed_int(seed, "noise")
+        self._factors_n3 = None
+        if kind == "jitter":
+            g = torch.Generator().manual_seed(_seed_int(seed, "jitter"))
+            self._factors_n3 = 0.7 + 0.6 * torch.rand(shape[0], 3, generator=g, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"ShiftedRows reads row slices rows[a:b] only, got {index!r}")
+        lo, hi, _ = index.indices(self.shape[0])
+        hi = max(lo, hi)
+        x = self.images[lo:hi].to(torch.float32)
+        if self.kind == "noise":
+            noise = torch.empty_like(x)
+            for j in range(hi - lo):
+                g = torch.Generator().manual_seed(self._noise_seed + lo + j)
+                noise[j] = torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+            out = x + 25.5 * noise
+        elif self.kind == "blur":
+            out = _gaussian_blur(x, sigma=1.0, radius=3)
+        else:
+            out = _colour_jitter(x / 255.0, self._factors_n3[lo:hi]) * 255.0
+        return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def _seed_int(seed: int, what: str) -> int:

@@ -441,11 +441,13 @@ def _missing_tensor(p: Path, name: str, found: Iterable[str]) -> ArtifactError:
 class TensorRows:
     """One tensor of a safetensors file, read by row range on demand with plain file reads.
 
-    It answers `len`, `shape`, `dtype` and row slices `rows[a:b]` (Python slice rules) as a
+    It answers `len`, `shape`, `dtype`, row slices `rows[a:b]` (Python slice rules) and row
+    gathers `rows[idx]` (a 1-D integer tensor or sequence, in its order, repeats allowed) as a
     tensor would, so code that walks a tensor's row slices (`salve.activations.batched_forward`)
-    reads a file of any size with memory bounded by one slice: no memory map, only the requested
-    rows' bytes are read. The header is read once; a file replaced or resized since then is an
-    ArtifactError, never rows of another layout.
+    or draws shuffled batches (`salve.train.train_classifier`) reads a file of any size with
+    memory bounded by one batch: no memory map, only the requested rows' bytes are read. The
+    header is read once; a file replaced or resized since then is an ArtifactError, never rows
+    of another layout.
     """
 
     def __init__(self, path: str | os.PathLike, name: str) -> None:
@@ -466,20 +468,29 @@ class TensorRows:
     def __repr__(self) -> str:
         return f"TensorRows({str(self.path)!r}, {self.name!r}, {self.dtype}, {list(self.shape)})"
 
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError(f"TensorRows reads row slices rows[a:b] only, got {index!r}")
-        lo, hi, _ = index.indices(self.shape[0])
-        n = max(0, hi - lo)
+    def __getitem__(self, index: slice | torch.Tensor | Sequence[int]) -> torch.Tensor:
+        if isinstance(index, slice):
+            if index.step not in (None, 1):
+                raise TypeError(f"TensorRows reads row slices rows[a:b] with step 1, got {index!r}")
+            lo, hi, _ = index.indices(self.shape[0])
+            runs = [(lo, max(0, hi - lo))]
+        else:
+            runs = [(int(i), 1) for i in self._row_indices(index)]
+        n = sum(count for _, count in runs)
         out_shape = (n, *self.shape[1:])
-        nbytes = n * self._row_bytes
-        if nbytes == 0:
+        if n * self._row_bytes == 0:
             return torch.empty(out_shape, dtype=self.dtype)
-        buf = bytearray(nbytes)
+        buf = bytearray(n * self._row_bytes)
+        view, at = memoryview(buf), 0
+        short = None
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(self._offset + lo * self._row_bytes)
-                got = fh.readinto(buf)
+                for row, count in runs:
+                    size = count * self._row_bytes
+                    fh.seek(self._offset + row * self._row_bytes)
+                    if fh.readinto(view[at : at + size]) != size and short is None:
+                        short = (row, row + count)
+                    at += size
             changed = _file_stamp(self.path) != self._stamp  # after the read: nothing slips by
         except FileNotFoundError:
             changed = True
@@ -488,9 +499,26 @@ class TensorRows:
                 f"{self.path}: the file was replaced, changed or removed while it was being read "
                 "(by another run?). Rerun this stage once that run has finished."
             )
-        if got != nbytes:
-            raise _corrupt(self.path, f"{self.name}: rows {lo}:{hi} end past the end of the file")
+        if short is not None:
+            raise _corrupt(
+                self.path, f"{self.name}: rows {short[0]}:{short[1]} end past the end of the file"
+            )
         return torch.frombuffer(buf, dtype=self.dtype).reshape(out_shape)
+
+    def _row_indices(self, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """A 1-D int64 tensor of rows in [0, N), negative indices counted from the end."""
+        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
+            raise TypeError(
+                f"TensorRows reads slices rows[a:b] or 1-D index lists rows[idx], got {index!r}"
+            )
+        idx = torch.as_tensor(index)
+        if idx.dim() != 1 or (idx.numel() and (idx.is_floating_point() or idx.is_complex())):
+            raise TypeError(f"TensorRows gathers with a 1-D integer index, got {index!r}")
+        idx = idx.to(torch.long)
+        n = self.shape[0]
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(f"{self.path}: {self.name} has {n} rows; index out of range")
+        return torch.where(idx < 0, idx + n, idx)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from salve.config import FinetuneConfig
 from salve.data import normalise
+from salve.io import TensorRows
 
 
 class DivergenceError(RuntimeError):
@@ -141,7 +142,7 @@ def augment_batch(images_u8: torch.Tensor, mode: str, gen: torch.Generator) -> t
 
 def predict(
     model: nn.Module,
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | TensorRows,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     *,
@@ -195,9 +196,9 @@ class TrainState:
 
 def train_classifier(
     model: nn.Module,
-    train_images: torch.Tensor,
+    train_images: torch.Tensor | TensorRows,
     train_labels: torch.Tensor,
-    val_images: torch.Tensor,
+    val_images: torch.Tensor | TensorRows,
     val_labels: torch.Tensor,
     cfg: FinetuneConfig,
     *,
@@ -214,7 +215,8 @@ def train_classifier(
 ) -> TrainState:
     """Train with cross-entropy for at most ``epoch_budget`` epochs; returns the history and the
     best epoch's weights (the model itself holds the last epoch's). ``augment`` is resolved
-    (see resolve_augment). Continues from ``state`` when resuming."""
+    (see resolve_augment). Continues from ``state`` when resuming. The images may be
+    ``TensorRows`` (read batch by batch from the file, any dataset size)."""
     model.to(device)
     optimizer = optimizer or make_optimizer(model, cfg)
     state = state or TrainState()

@@ -31,7 +31,7 @@ from tasks.artifacts import (
     load_model,
     load_ranking,
     load_sae,
-    load_split,
+    open_split,
 )
 from tasks.common import write_metrics, write_plot
 from tasks.records import AlphaCritMetrics
@@ -61,7 +61,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     }
     grid = empirical_grid(a_cfg)
     verify = {"checked": 0, "agree": 0}
-    images, image_labels = load_split(root, "val")
+    images, image_labels = open_split(root, "val")  # a few rows are read
     if not torch.equal(image_labels, labels):
         raise ArtifactError(
             "results/extract and results/fetch disagree on the val labels: they come from "

@@ -28,14 +28,14 @@ from salve.config import Config
 from salve.evaluate import (
     METHODS,
     SHIFTS,
+    ShiftedRows,
     cross_class_accuracy_change,
     evaluate_seed,
     feature_stability,
     seed_free_probes,
-    shift_images,
     summarise_methods,
 )
-from salve.io import save_tensors, write_json
+from salve.io import TensorRows, save_tensors, write_json
 from salve.models import head_of
 from salve.ranking import class_mean_codes, dominant_features
 from salve.runtime import pin_cpu_kernels, resolve_device, seed_everything
@@ -47,7 +47,7 @@ from tasks.artifacts import (
     load_model,
     load_ranking,
     load_sae,
-    load_split,
+    open_split,
 )
 from tasks.common import write_metrics, write_plot
 from tasks.records import EvaluateMetrics
@@ -102,13 +102,14 @@ def fit_and_evaluate(job: dict) -> dict:
 
 
 def shifted_activations(
-    model: torch.nn.Module, images_u8: torch.Tensor, norm: dict, cfg: Config, device
+    model: torch.nn.Module, images_u8: torch.Tensor | TensorRows, norm: dict, cfg: Config, device
 ) -> dict[str, torch.Tensor]:
-    """Head inputs of the val images under each held-out style (one backbone pass each)."""
+    """Head inputs of the val images under each held-out style (one backbone pass each, the
+    images read and shifted batch by batch)."""
     return {
         kind: extract_activations(
             model,
-            shift_images(images_u8, kind, cfg.common.seed),
+            ShiftedRows(images_u8, kind, cfg.common.seed),
             tuple(norm["mean"]),
             tuple(norm["std"]),
             batch_size=cfg.extract.batch_size,
@@ -129,7 +130,7 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
     weight, bias = head.weight.detach().clone(), head.bias.detach().clone()
     train_acts, train_labels = load_activations(root, "train")
     val_acts, val_labels = load_activations(root, "val")
-    val_images, _ = load_split(root, "val")
+    val_images, _ = open_split(root, "val")
     shifted = shifted_activations(model, val_images, sidecar["normalisation"], cfg, device)
     spec = STAGES["evaluate"]
     save_tensors(spec.path(root, "shifted"), {f"acts.{k}": v for k, v in shifted.items()})

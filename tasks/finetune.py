@@ -25,7 +25,7 @@ from salve.train import (
     train_classifier,
 )
 from tasks import STAGES
-from tasks.artifacts import load_dataset_meta, load_split, require
+from tasks.artifacts import load_dataset_meta, open_split, require
 from tasks.common import resolve_user_path, run_metadata, write_metrics, write_plot
 from tasks.records import FinetuneMetrics
 
@@ -84,8 +84,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     f = cfg.finetune
     device = resolve_device(cfg.common.device)
     seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
-    train_x, train_y = load_split(root, "train")
-    val_x, val_y = load_split(root, "val")
+    train_x, train_y = open_split(root, "train")  # read batch by batch
+    val_x, val_y = open_split(root, "val")
     meta = load_dataset_meta(root)
     classes = meta["classes"]
     num_classes = len(classes)

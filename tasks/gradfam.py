@@ -42,7 +42,7 @@ from tasks.artifacts import (
     load_model,
     load_ranking,
     load_sae,
-    load_split,
+    open_split,
 )
 from tasks.common import write_metrics
 from tasks.records import GradfamIndex, GradfamLatents, GradfamMetrics, write_record
@@ -66,7 +66,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     sae, _ = load_sae(root)
     norm = sidecar["normalisation"]
     mean, std = tuple(norm["mean"]), tuple(norm["std"])
-    images, _ = load_split(root, "val")
+    images, _ = open_split(root, "val")  # each latent's top rows are read
     acts, labels = load_activations(root, "val")
     codes = sae.encode_batched(acts)
     size = int(images.shape[-1])

@@ -12,6 +12,8 @@ import torch
 from salve.evaluate import (
     METHODS,
     METRICS,
+    SHIFTS,
+    ShiftedRows,
     build_edit,
     cross_class_accuracy_change,
     evaluate_seed,
@@ -315,6 +317,27 @@ def test_shift_images_deterministic_uint8(kind: str) -> None:
     assert a.dtype == torch.uint8 and a.shape == images.shape
     assert torch.equal(a, b) and not torch.equal(a, images)
     assert torch.equal(a, other) == (kind == "blur")  # blur has no randomness
+
+
+@pytest.mark.parametrize("size", [(13, 11), (64, 64)])
+def test_shifted_rows_batch_by_batch_equal_the_whole_split(size, tmp_path) -> None:
+    """evaluate shifts the val split one batch at a time from its file: the same bytes as
+    shifting it whole, whatever the batching (the noise streams are per image)."""
+    from salve.io import TensorRows, save_tensors
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (11, 3, *size), generator=g, dtype=torch.uint8)
+    save_tensors(tmp_path / "val.safetensors", {"images": images})
+    on_disk = TensorRows(tmp_path / "val.safetensors", "images")
+    for kind in SHIFTS:
+        whole = shift_images(images, kind, 7)
+        for batch in (1, 4, 11):
+            rows = ShiftedRows(on_disk, kind, 7)
+            assert rows.shape == tuple(images.shape) and len(rows) == 11
+            parts = torch.cat([rows[a : a + batch] for a in range(0, 11, batch)])
+            assert torch.equal(parts, whole), (kind, batch)
+    with pytest.raises(TypeError, match="row slices"):
+        ShiftedRows(images, "noise", 0)[[0, 1]]
 
 
 def test_shift_images_oracles() -> None:

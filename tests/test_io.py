@@ -18,6 +18,7 @@ from salve.io import (
     ArtifactError,
     TensorFileWriter,
     TensorRows,
+    _file_stamp,
     atomic_path,
     load_tensors,
     read_json,
@@ -446,10 +447,39 @@ def test_tensor_rows_slice_like_the_tensor(tmp_path: Path) -> None:
     for index in (slice(None), slice(3, 7), slice(-2, None), slice(8, 30), slice(5, 2)):
         assert torch.equal(rows[index], t["images"][index]), index
     assert torch.equal(TensorRows(p, "labels")[:], t["labels"])
-    for bad in (3, slice(0, 4, 2), [1, 2]):
-        with pytest.raises(TypeError, match="row slices"):
+    for bad in (3, torch.tensor(3), slice(0, 4, 2), [[1, 2]], [1.0, 2.0]):
+        with pytest.raises(TypeError, match="TensorRows"):
             rows[bad]
     # (read_rows is TensorRows(...)[a:b]: its byte-count test above covers what is read)
+
+
+def test_tensor_rows_gather_like_the_tensor(tmp_path: Path) -> None:
+    """Shuffled batches (fine-tuning) and top-k rows (gradfam): rows[idx] in idx's order."""
+    p = tmp_path / "t.safetensors"
+    t = _fetch_like(11, 6)
+    save_file(t, str(p))
+    rows = TensorRows(p, "images")
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    for index in (
+        order,
+        order[:4],
+        [10, 0, 10, 3],
+        (-1, -11, 5),
+        torch.tensor([], dtype=torch.long),
+    ):
+        want = t["images"][torch.as_tensor(index, dtype=torch.long)]
+        got = rows[index]
+        assert got.shape == want.shape and torch.equal(got, want), index
+    for bad in ([11], [-12], torch.tensor([0, 99])):
+        with pytest.raises(IndexError, match="11 rows"):
+            rows[bad]
+    truncated = tmp_path / "short.safetensors"
+    save_file(t, str(truncated))
+    short = TensorRows(truncated, "images")  # stored last (safetensors puts int64 first)
+    truncated.write_bytes(p.read_bytes()[:-8])  # the last image's bytes are cut short
+    short._stamp = _file_stamp(truncated)  # as if opened after the damage
+    with pytest.raises(ArtifactError, match="rows 10:11 end past the end of the file"):
+        short[[0, 10]]
 
 
 def test_tensor_rows_refuse_a_file_replaced_under_them(tmp_path: Path) -> None:
