@@ -53,10 +53,30 @@ def start_process(
         fh.close()  # the child holds its own copy of the descriptor
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+def process_tree(pid: int) -> str:
+    """The process and its descendants, one line each (pid, status, command): what a process
+    that will not stop is still waiting for."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return f"(process {pid} is gone)"
+    lines = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:160]}")
+    return "\n".join(lines)
+
+
+def stop_process(
+    proc: subprocess.Popen, timeout: float = 30.0, log: Path | None = None
+) -> int | None:
     """SIGTERM the process, wait up to ``timeout`` s, then SIGKILL its whole process group.
 
-    Returns the exit code of a clean stop, or None when it had to be killed.
+    Returns the exit code of a clean stop, or None when it had to be killed; then the process
+    tree as it was is appended to ``log``, if given.
     """
     rc = None
     try:
@@ -66,6 +86,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 rc = None
+                if log is not None:
+                    with open(log, "a") as fh:
+                        fh.write(f"\n[test] not stopped after {timeout:g} s; process tree:\n")
+                        fh.write(process_tree(proc.pid) + "\n")
         else:
             rc = proc.returncode
     finally:
