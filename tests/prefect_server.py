@@ -40,14 +40,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start_process(
     cmd: list[str], *, log: Path, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.Popen:
-    """Start ``cmd`` in a new session (its own process group), output appended to ``log``."""
+    """Start ``cmd`` in a new session (its own process group), output appended to ``log``.
+
+    SIGINT and SIGTERM start at their defaults in the child: an ignored signal is inherited
+    through exec, and once the test process came to ignore SIGINT (late in a full `pytest -n`
+    run), a Prefect worker, which stops by sending itself SIGINT, could no longer stop."""
     fh = open(log, "ab")  # noqa: SIM115 - handed to the child, closed with the process
     try:
         return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_default_stop_signals,  # noqa: PLW1509 - only signal calls, no locks
         )
     finally:
         fh.close()  # the child holds its own copy of the descriptor

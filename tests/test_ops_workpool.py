@@ -123,7 +123,7 @@ def test_worker_runs_deployment_from_prefect_yaml(
             assert statuses.pop("rank") == "ran"
             assert set(statuses.values()) == {"skipped"}, statuses
     finally:
-        rc = stop_process(worker, timeout=60, log=log)  # over 30 s in two full-suite runs
+        rc = stop_process(worker, timeout=30, log=log)
 
     assert rc is not None, f"worker did not stop on SIGTERM:\n{log_tail(log)}"
     assert dvc(root, "status").stdout.strip() == "Data and pipelines are up to date."
