@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_PARAMS, git, make_project, run_pipeline
+from tests.conftest import TINY_PARAMS, cpu_flags, git, make_project, run_pipeline
 
 pytest_plugins = ["tests.prefect_server"]
 pytestmark = pytest.mark.slow
@@ -89,13 +89,6 @@ def test_sidecar_records_provenance(two_runs, sidecar: str) -> None:
         assert meta["schema_version"] >= 1
 
 
-def _has_avx2() -> bool:
-    try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def test_dvc_stage_command_matches_the_in_process_run(
     built_project_template: Path, tmp_path: Path
 ) -> None:
@@ -121,7 +114,7 @@ def test_dvc_stage_command_matches_the_in_process_run(
     kernels = json.loads((root / "results/fit_sae/sae.json").read_text())["cpu_kernels"]
     assert kernels["reproducible"] == "true"
     assert kernels["ATEN_CPU_CAPABILITY"] == "avx2"
-    if _has_avx2():
+    if "avx2" in cpu_flags():
         assert kernels["aten_capability"] == "AVX2"
         assert kernels["OPENBLAS_CORETYPE"] == "Haswell"
     assert sae.read_bytes() == before

@@ -6,19 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from salve.runtime import OPENBLAS_ENV, PINNED_ENV, THREAD_ENV
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+from tests.conftest import cpu_flags
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -29,7 +21,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif("avx512f" not in _cpu_flags(), reason="needs a CPU with AVX-512")
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="needs a CPU with AVX-512")
 def test_pin_after_a_tensor_operation_is_refused() -> None:
     """ATen fixed its AVX-512 choice at the first operation: the pin cannot take effect."""
     done = _run(
@@ -41,7 +33,7 @@ def test_pin_after_a_tensor_operation_is_refused() -> None:
     assert done.stdout.startswith("refused ATen already runs its AVX512"), done.stdout
 
 
-@pytest.mark.skipif("avx2" not in _cpu_flags(), reason="needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="needs an x86-64 CPU with AVX2")
 def test_pin_first_gives_avx2_kernels_and_one_openblas_path() -> None:
     done = _run(
         "from salve.runtime import pin_cpu_kernels\n"
