@@ -56,19 +56,45 @@ _RNG_SALT = {"random_direction": 1, "random_latent": 2, "noise": 3, "jitter": 4}
 
 @dataclass(frozen=True, eq=False)
 class AffineMap:
-    """``a' = a @ matrix_mm.T + shift_m`` (float64); ``is_identity`` marks the untouched input."""
+    """``a' = a @ matrix_mm.T + shift_m`` (float64); ``is_identity`` marks the untouched input.
+
+    A diagonal map (``diag_m``) or a rank-one update of the identity (``rank_one``: ``(coef,
+    d)`` for ``I - coef d d^T``) is applied in O(N M) instead of a dense [N, M] x [M, M]
+    product: the probes apply these maps to every train and val row, per class and seed.
+    ``matrix_mm`` always holds the dense matrix.
+    """
 
     matrix_mm: torch.Tensor
     shift_m: torch.Tensor
     is_identity: bool = False
+    diag_m: torch.Tensor | None = None
+    rank_one: tuple[float, torch.Tensor] | None = None
 
     @staticmethod
     def identity(m: int) -> AffineMap:
         return AffineMap(torch.eye(m, dtype=F64), torch.zeros(m, dtype=F64), is_identity=True)
 
+    @staticmethod
+    def diagonal(diag_m: torch.Tensor) -> AffineMap:
+        d = diag_m.detach().to(F64)
+        return AffineMap(torch.diag(d), torch.zeros_like(d), diag_m=d)
+
+    @staticmethod
+    def identity_minus_rank_one(coef: float, d_m: torch.Tensor, shift_m: torch.Tensor):
+        d = d_m.detach().to(F64)
+        matrix = torch.eye(d.shape[0], dtype=F64) - coef * torch.outer(d, d)
+        return AffineMap(matrix, shift_m.detach().to(F64), rank_one=(float(coef), d))
+
     def __call__(self, acts_nm: torch.Tensor) -> torch.Tensor:
         x = acts_nm.detach().to(F64)
-        return x if self.is_identity else x @ self.matrix_mm.T + self.shift_m
+        if self.is_identity:
+            return x
+        if self.diag_m is not None:
+            return x * self.diag_m + self.shift_m
+        if self.rank_one is not None:
+            coef, d = self.rank_one
+            return x - torch.outer(coef * (x @ d), d) + self.shift_m
+        return x @ self.matrix_mm.T + self.shift_m
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,10 +155,7 @@ def centred_projection_edit(
         w, direction_m.detach().to(F64), alpha, -1, "projection", bias_k=b, centre_m=c
     )
     d = _unit_direction(direction_m)
-    m = w.shape[1]
-    rep = AffineMap(
-        torch.eye(m, dtype=F64) - alpha * torch.outer(d, d), alpha * d * torch.dot(d, c)
-    )
+    rep = AffineMap.identity_minus_rank_one(alpha, d, alpha * d * torch.dot(d, c))
     return MethodEdit(method, edited.weight, edited.bias, rep, w, b)
 
 
@@ -149,7 +172,7 @@ def paper_rule_edit(
     alpha_abs = alpha_per_feature / peak
     factor_m = paper_factors(col, alpha_abs, -1)
     edited = edit_head(w, col, alpha_abs, -1, "paper")
-    rep = AffineMap(torch.diag(factor_m), torch.zeros_like(factor_m))
+    rep = AffineMap.diagonal(factor_m)
     return MethodEdit("salve_paper", edited, b.clone(), rep, w, b)
 
 
@@ -162,7 +185,39 @@ def zero_row_edit(weight_km: torch.Tensor, bias_k: torch.Tensor, target: int) ->
     return MethodEdit("zero_row", w2, b2, AffineMap.identity(w.shape[1]), w2, b2)
 
 
-def fit_leace(acts_nm: torch.Tensor, concept_n: torch.Tensor) -> AffineMap:
+@dataclass(frozen=True, eq=False)
+class LeaceBasis:
+    """What LEACE needs of the activations alone (mean, whitening and its inverse), shared by
+    every concept erased from the same activations: one eigendecomposition per activation set
+    instead of one per class."""
+
+    acts_nm: torch.Tensor  # float64, centred
+    mean_m: torch.Tensor
+    whiten_mm: torch.Tensor
+    unwhiten_mm: torch.Tensor
+
+    @staticmethod
+    def fit(acts_nm: torch.Tensor) -> LeaceBasis:
+        x = acts_nm.detach().to(F64)
+        if x.dim() != 2 or x.shape[0] < 2:
+            raise ValueError("fit_leace needs acts_nm [N >= 2, M]")
+        mean_m = x.mean(0)
+        xc = x - mean_m
+        n, m = x.shape
+        cov_mm = xc.T @ xc / (n - 1)
+        cov_mm = (cov_mm + cov_mm.T) / 2
+        evals, evecs = torch.linalg.eigh(cov_mm)
+        keep = evals > evals[-1].clamp_min(0) * m * torch.finfo(F64).eps
+        root = evals.clamp_min(0).sqrt()
+        inv_root = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
+        whiten = (evecs * inv_root) @ evecs.T
+        unwhiten = (evecs * torch.where(keep, root, 0.0)) @ evecs.T
+        return LeaceBasis(xc, mean_m, whiten, unwhiten)
+
+
+def fit_leace(
+    acts_nm: torch.Tensor, concept_n: torch.Tensor, basis: LeaceBasis | None = None
+) -> AffineMap:
     """LEACE (least-squares concept erasure, Belrose et al. 2023) fitted on ``acts_nm``.
 
     ``r(a) = a - W^+ U U^T W (a - mean)`` with ``W`` the whitening of the sample covariance
@@ -170,33 +225,26 @@ def fit_leace(acts_nm: torch.Tensor, concept_n: torch.Tensor) -> AffineMap:
     ``Cov(r(a), z) = 0``: for a class indicator the class-conditional means are equal, so no
     linear predictor beats a constant under any convex loss; ``r`` is idempotent. Sample
     covariance without shrinkage, float64, eigenvalues below ``max * M * eps`` treated as 0.
-    ``concept_n`` is [N] (one concept) or [N, C].
+    ``concept_n`` is [N] (one concept) or [N, C]. ``basis``: ``LeaceBasis.fit(acts_nm)``, when
+    several concepts are erased from the same activations.
     """
-    x = acts_nm.detach().to(F64)
-    if x.dim() != 2 or x.shape[0] < 2 or concept_n.shape[0] != x.shape[0]:
-        raise ValueError("fit_leace needs acts_nm [N >= 2, M] and a concept with the same N rows")
-    z = concept_n.detach().to(F64).reshape(x.shape[0], -1)
-    mean_m = x.mean(0)
-    xc = x - mean_m
+    if basis is None:
+        basis = LeaceBasis.fit(acts_nm)
+    xc = basis.acts_nm
+    if concept_n.shape[0] != xc.shape[0]:
+        raise ValueError("fit_leace needs a concept with the same N rows as acts_nm")
+    z = concept_n.detach().to(F64).reshape(xc.shape[0], -1)
     zc = z - z.mean(0)
-    n, m = x.shape
-    cov_mm = xc.T @ xc / (n - 1)
-    cov_mm = (cov_mm + cov_mm.T) / 2
+    n, m = xc.shape
     cross_mc = xc.T @ zc / (n - 1)
-    evals, evecs = torch.linalg.eigh(cov_mm)
-    keep = evals > evals[-1].clamp_min(0) * m * torch.finfo(F64).eps
-    root = evals.clamp_min(0).sqrt()
-    inv_root = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
-    whiten = (evecs * inv_root) @ evecs.T
-    unwhiten = (evecs * torch.where(keep, root, 0.0)) @ evecs.T
-    u, s, _ = torch.linalg.svd(whiten @ cross_mc, full_matrices=False)
+    u, s, _ = torch.linalg.svd(basis.whiten_mm @ cross_mc, full_matrices=False)
     rank = int((s > s.max().clamp_min(0) * max(m, z.shape[1]) * torch.finfo(F64).eps).sum())
     if rank == 0 or not bool(s.max() > 0):
         return AffineMap.identity(m)
     u = u[:, :rank]
-    removed = unwhiten @ u @ u.T @ whiten
+    removed = basis.unwhiten_mm @ u @ u.T @ basis.whiten_mm
     matrix = torch.eye(m, dtype=F64) - removed
-    return AffineMap(matrix, removed @ mean_m)
+    return AffineMap(matrix, removed @ basis.mean_m)
 
 
 def _unit_direction(direction_m: torch.Tensor) -> torch.Tensor:
@@ -251,8 +299,10 @@ def build_edit(
     projection_alpha: float,
     paper_alpha: float,
     seed: int,
+    leace_basis: LeaceBasis | None = None,
 ) -> MethodEdit:
-    """One method's suppression edit of class ``target`` (``latent``: its dominant SAE latent)."""
+    """One method's suppression edit of class ``target`` (``latent``: its dominant SAE latent).
+    ``leace_basis``: ``LeaceBasis.fit(train_acts_nm)``, shared by the classes of one run."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     w_dec = w_dec_ml.detach().to(F64)
@@ -262,7 +312,7 @@ def build_edit(
         return zero_row_edit(weight_km, bias_k, target)
     if method == "leace":
         concept = (torch.as_tensor(train_labels_n).reshape(-1) == target).to(F64)
-        rep = fit_leace(train_acts_nm, concept)
+        rep = fit_leace(train_acts_nm, concept, leace_basis)
         return representation_edit("leace", weight_km, bias_k, rep)
     centre = b_dec_m
     if method == "salve_projection":
@@ -444,6 +494,7 @@ def evaluate_seed(
     per_class: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     latents: dict[str, dict[str, int]] = {}
     probes = dict(known_probes or {})
+    basis = LeaceBasis.fit(x_train) if "leace" in methods and evaluated else None
     for target in evaluated:
         latents[str(target)] = {"dominant": dominant[target]}
         for name in methods:
@@ -460,6 +511,7 @@ def evaluate_seed(
                 projection_alpha=projection_alpha,
                 paper_alpha=paper_alpha,
                 seed=seed,
+                leace_basis=basis,
             )
             if name == "random_latent":
                 latents[str(target)]["random"] = random_other_latent(
@@ -543,11 +595,13 @@ def seed_free_probes(
     base = per_class_accuracy((x_val @ w.T + b).argmax(1), y_val, k)
     no_sae = torch.zeros(m, 1, dtype=F64)  # the SAE-free methods do not read it
     out: dict[str, float] = {}
-    for target in _evaluated_classes(base, min_base_accuracy):
+    evaluated = _evaluated_classes(base, min_base_accuracy)
+    basis = LeaceBasis.fit(x_train) if evaluated else None
+    for target in evaluated:
         for name in ("zero_row", *SEED_FREE_REPRESENTATIONS):
             edit = build_edit(
                 name, w, b, target, 0, no_sae, torch.zeros(m, dtype=F64), x_train, y_train,
-                projection_alpha=projection_alpha, paper_alpha=0.0, seed=0,
+                projection_alpha=projection_alpha, paper_alpha=0.0, seed=0, leace_basis=basis,
             )  # fmt: skip
             key = _probe_key(name, edit, target)
             out[key] = _edit_probe(edit, x_train, y_train, x_val, y_val, target, probe_max_iter)

@@ -13,6 +13,7 @@ from salve.evaluate import (
     METHODS,
     METRICS,
     SHIFTS,
+    LeaceBasis,
     ShiftedRows,
     build_edit,
     cross_class_accuracy_change,
@@ -179,6 +180,37 @@ def test_representation_map_matches_the_folded_head(method: str) -> None:
         assert torch.equal(
             edit.representation.matrix_mm, torch.diag(edit.representation.matrix_mm.diag())
         )
+
+
+PROJECTIONS = ("salve_projection", "random_direction", "random_latent", "mean_difference")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_structured_representation_equals_its_dense_matrix(method: str) -> None:
+    """The O(NM) paths (diagonal, identity minus rank one) are the dense affine map."""
+    k, m = 3, 7
+    acts, labels = _blobs(40, m, k, seed=21)
+    edit = build_edit(
+        method, _rand(k, m, seed=22), _rand(k, seed=23), 2, 1, _rand(m, 5, seed=24),
+        _rand(m, seed=25), acts, labels, projection_alpha=0.7, paper_alpha=3.0, seed=3,
+    )  # fmt: skip
+    rep = edit.representation
+    structured = rep.diag_m is not None or rep.rank_one is not None
+    assert structured == (method in ("salve_paper", *PROJECTIONS))
+    dense = acts @ rep.matrix_mm.T + rep.shift_m
+    torch.testing.assert_close(rep(acts), dense, atol=1e-12, rtol=0)
+
+
+def test_leace_shared_basis_gives_the_same_bytes() -> None:
+    acts, labels = _blobs(90, 6, 3, seed=26)
+    basis = LeaceBasis.fit(acts)
+    for target in range(3):
+        concept = (labels == target).to(F64)
+        alone, shared = fit_leace(acts, concept), fit_leace(acts, concept, basis)
+        assert torch.equal(alone.matrix_mm, shared.matrix_mm)
+        assert torch.equal(alone.shift_m, shared.shift_m)
+    with pytest.raises(ValueError, match="same N rows"):
+        fit_leace(acts, torch.ones(89), basis)
 
 
 def test_random_baselines_are_seeded() -> None:
