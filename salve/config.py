@@ -259,7 +259,11 @@ class GradfamConfig:
         "module name (layer3, layer4, encoder.layers.encoder_layer_10, ...)",
     )
     deletion_steps: int = setting(
-        20, min=2, max=1000, help="faithfulness: pixels deleted in this many equal steps"
+        10,
+        min=2,
+        max=1000,
+        help="faithfulness: pixels deleted in this many equal steps (10 and 20 gave mean "
+        "AUCs 0.380 and 0.378 on the default, at half the forward passes)",
     )
     am_steps: int = setting(64, min=0, max=100_000, help="activation-maximisation steps")
     am_lr: float = setting(
