@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from ruamel.yaml import YAML, YAMLError
 
@@ -38,13 +38,17 @@ def setting(
     max: float | None = None,  # noqa: A002
     choices: tuple | None = None,
     min_exclusive: bool = False,
+    auto: bool = False,
 ) -> Any:
+    """A config field; ``auto``: the string "auto" is accepted besides the field's type (the
+    stage resolves it from the data)."""
     meta = {
         "help": help,
         "min": min,
         "max": max,
         "choices": choices,
         "min_exclusive": min_exclusive,
+        "auto": auto,
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -109,12 +113,13 @@ class FinetuneConfig:
         max=1000,
         help="epoch budget (raised to reach finetune.min_steps); 0 explains finetune.weights as is",
     )
-    min_steps: int = setting(
-        360,
+    min_steps: int | str = setting(
+        "auto",
         min=0,
         max=10_000_000,
+        auto=True,
         help="at least this many optimiser steps: a small dataset gets more epochs than "
-        "finetune.epochs (0: the epoch budget alone)",
+        "finetune.epochs (0: the epoch budget alone); auto: 360 for digits, 960 otherwise",
     )
     batch_size: int = setting(
         16, min=2, max=4096, help="small batches give more disentangled features (min 2: BatchNorm)"
@@ -376,12 +381,21 @@ def sections() -> dict[str, type]:
 
 
 def section_fields(section_cls: type) -> dict[str, tuple[type, dataclasses.Field]]:
+    """Each field's value type (``int`` for an ``int | str`` field that also takes "auto")."""
     hints = get_type_hints(section_cls)
-    return {f.name: (hints[f.name], f) for f in fields(section_cls)}
+    out = {}
+    for f in fields(section_cls):
+        typ = hints[f.name]
+        if f.metadata.get("auto"):
+            typ = next(t for t in get_args(typ) if t is not str)
+        out[f.name] = (typ, f)
+    return out
 
 
 def _check_value(where: str, value: Any, typ: type, fld: dataclasses.Field) -> Any:
     meta = fld.metadata
+    if meta["auto"] and value == "auto":
+        return value
     type_ok = (
         (typ is bool and isinstance(value, bool))
         or (typ is int and isinstance(value, int) and not isinstance(value, bool))
@@ -389,9 +403,9 @@ def _check_value(where: str, value: Any, typ: type, fld: dataclasses.Field) -> A
         or (typ is str and isinstance(value, str))
     )
     if not type_ok:
+        expected = f"{typ.__name__} or 'auto'" if meta["auto"] else typ.__name__
         raise ConfigError(
-            f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}. "
-            f"({meta['help']})"
+            f"{where}: expected {expected}, got {type(value).__name__} {value!r}. ({meta['help']})"
         )
     if typ is float:
         try:
@@ -626,6 +640,8 @@ def params_markdown() -> str:
                 allowed = f"{typ.__name__} " + ", ".join(x for x in (lo, hi) if x)
             else:
                 allowed = typ.__name__
+            if meta["auto"]:
+                allowed = f"`auto` or {allowed}"
             default = fld.default
             lines.append(f"| `{key}` | `{default!r}` | {allowed} | {meta['help']} |")
         lines.append("")

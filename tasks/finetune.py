@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ from salve.train import (
     optimizer_tensors,
     predict,
     resolve_augment,
+    resolve_min_steps,
     train_classifier,
 )
 from tasks import STAGES
@@ -87,6 +89,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     train_x, train_y = open_split(root, "train")  # read batch by batch
     val_x, val_y = open_split(root, "val")
     meta = load_dataset_meta(root)
+    source = meta["info"]["source"]
+    f = dataclasses.replace(f, min_steps=resolve_min_steps(f.min_steps, source))
     classes = meta["classes"]
     num_classes = len(classes)
     image_size = int(train_x.shape[-1])
@@ -126,7 +130,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             val_y,
             f,
             seed=cfg.common.seed,
-            augment=resolve_augment(f.augment, meta["info"]["source"]),
+            augment=resolve_augment(f.augment, source),
             num_classes=num_classes,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,

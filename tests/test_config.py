@@ -117,9 +117,18 @@ def test_every_field_rejects_out_of_range_and_accepts_its_limits(section, key, t
 @pytest.mark.parametrize(("section", "key", "typ", "fld"), FIELDS, ids=FIELD_IDS)
 def test_every_default_satisfies_its_own_constraints(section, key, typ, fld) -> None:
     default = getattr(getattr(Config(), section), key)
-    assert type(default) is typ
+    assert type(default) is typ or (fld.metadata["auto"] and default == "auto")
     cfg = from_dict(_raw(section, key, default))
     assert getattr(getattr(cfg, section), key) == default
+
+
+def test_auto_fields_take_auto_or_their_type_and_nothing_else() -> None:
+    assert from_dict(_raw("finetune", "min_steps", "auto")).finetune.min_steps == "auto"
+    assert from_dict(_raw("finetune", "min_steps", 7)).finetune.min_steps == 7
+    with pytest.raises(ConfigError, match=r"finetune\.min_steps: expected int or 'auto'"):
+        from_dict(_raw("finetune", "min_steps", "Auto"))
+    with pytest.raises(ConfigError, match="auto"):  # only fields marked auto take it
+        from_dict(_raw("finetune", "epochs", "auto"))
 
 
 def test_float_fields_accept_ints_and_store_floats() -> None:

@@ -28,6 +28,7 @@ from salve.train import (
     predict,
     quality_gate,
     resolve_augment,
+    resolve_min_steps,
     train_classifier,
 )
 
@@ -369,6 +370,11 @@ def test_per_class_val_accuracy_is_recorded(data) -> None:
 
 
 def test_resolve_augment() -> None:
+    assert resolve_min_steps("auto", "digits") == 360
+    assert resolve_min_steps("auto", "imagefolder") == resolve_min_steps("auto", "cifar100") == 960
+    assert resolve_min_steps(5, "digits") == 5
+    with pytest.raises(ValueError, match="resolve_min_steps"):
+        epoch_budget(100, FinetuneConfig())  # "auto" must be resolved from the data first
     assert resolve_augment("auto", "digits") == "crop"
     assert resolve_augment("auto", "imagefolder") == "crop_flip"
     assert resolve_augment("none", "imagefolder") == "none"
@@ -384,7 +390,7 @@ def test_quality_gate_names_weak_classes_and_the_fixes() -> None:
         min_class_accuracy=0.5,
     )
     assert "64.0% val accuracy" in msg and "square 0%, star 40%" in msg and "circle" not in msg
-    assert "finetune.epochs" in msg and "finetune.min_val_accuracy=0" in msg
+    assert "finetune.min_steps=" in msg and "finetune.min_val_accuracy=0" in msg
     # a class without val images (NaN) is weak, not silently passing
     nan = quality_gate(0.9, {"a": float("nan")}, min_val_accuracy=0.8, min_class_accuracy=0.5)
     assert nan is not None and "a nan%" in nan
