@@ -80,7 +80,7 @@ class AffineMap:
         return AffineMap(torch.diag(d), torch.zeros_like(d), diag_m=d)
 
     @staticmethod
-    def identity_minus_rank_one(coef: float, d_m: torch.Tensor, shift_m: torch.Tensor):
+    def identity_minus_rank_one(coef: float, d_m: torch.Tensor, shift_m: torch.Tensor) -> AffineMap:
         d = d_m.detach().to(F64)
         matrix = torch.eye(d.shape[0], dtype=F64) - coef * torch.outer(d, d)
         return AffineMap(matrix, shift_m.detach().to(F64), rank_one=(float(coef), d))

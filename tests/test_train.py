@@ -369,12 +369,15 @@ def test_per_class_val_accuracy_is_recorded(data) -> None:
         assert math.isnan(record.val_class_accuracy[k]) == (counts[k] == 0)
 
 
-def test_resolve_augment() -> None:
+def test_resolve_min_steps() -> None:
     assert resolve_min_steps("auto", "digits") == 360
     assert resolve_min_steps("auto", "imagefolder") == resolve_min_steps("auto", "cifar100") == 960
     assert resolve_min_steps(5, "digits") == 5
     with pytest.raises(ValueError, match="resolve_min_steps"):
         epoch_budget(100, FinetuneConfig())  # "auto" must be resolved from the data first
+
+
+def test_resolve_augment() -> None:
     assert resolve_augment("auto", "digits") == "crop"
     assert resolve_augment("auto", "imagefolder") == "crop_flip"
     assert resolve_augment("none", "imagefolder") == "none"
