@@ -107,13 +107,14 @@ def restore_from_run_cache(repo, name: str) -> bool:
         except RunCacheNotFoundError:
             return False
         except ConfirmRemoveError:
-            # An output holds content DVC has no copy of (corrupted, or edited by hand), so it
-            # will not delete it unasked. The stage owns its outputs and running it would replace
-            # them too: delete the cached ones and restore the recorded versions (`dvc repro`
-            # also removes a stage's outputs before it consults the run-cache).
+            # An output holds content DVC has no copy of (corrupted, edited by hand, or rewritten
+            # by the stage's command run outside DVC), so it will not delete it unasked. The
+            # stage owns its outputs and running it would replace them too: delete them all,
+            # cached or not (the run-cache holds copies of both), and restore the recorded
+            # versions (`dvc repro` also removes a stage's outputs before it consults the
+            # run-cache).
             for out in stage.outs:
-                if out.use_cache:
-                    out.remove(ignore_remove=False)
+                out.remove(ignore_remove=False)
             try:
                 repo.stage_cache.restore(stage)
             except RunCacheNotFoundError:

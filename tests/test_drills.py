@@ -480,6 +480,25 @@ def test_corrupted_checkpoint_fails_clearly_and_plain_rerun_restores_it(project,
     }
 
 
+def test_an_edited_uncached_output_is_restored_with_the_rest(project, capsys):
+    """An output DVC keeps out of its cache (a plot) edited by hand, or rewritten by running the
+    stage's command outside DVC: a plain rerun restores the recorded versions of all outputs.
+    Before, only the cached ones were cleared: the restore then refused to replace the plot and
+    left the stage without its checkpoint."""
+    plot = project / "plots" / "finetune" / "epochs.csv"
+    ckpt = project / "results" / "finetune" / "model.safetensors"
+    good_plot, good_ckpt = plot.read_bytes(), ckpt.read_bytes()
+    replace_bytes(plot, good_plot.replace(b"epoch", b"EPOCH", 1))
+
+    rc, out, err = cli_here(project, capsys, "stage", "finetune", "--no-progress")
+    assert rc == 0 and "restored" in out, err
+    assert plot.read_bytes() == good_plot and ckpt.read_bytes() == good_ckpt
+    assert assert_status_truthful(project, "finetune", "extract") == {
+        "finetune": True,
+        "extract": True,
+    }
+
+
 @pytest.mark.parametrize("how", CORRUPTIONS)
 def test_corrupted_activations_fail_next_stage_clearly_then_force_recomputes(project, capsys, how):
     acts = project / "results" / "extract" / "train.safetensors"
