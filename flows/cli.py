@@ -90,25 +90,51 @@ def _start(args: argparse.Namespace) -> Path:
     return root
 
 
+def _fresh_before_checks(root: Path, wanted: list[str]) -> list[StageOutcome] | None:
+    """`_all_fresh` before the input is validated: None (a flow will likely run) when it cannot
+    tell; a broken params.yaml is then reported by the checks, in their words."""
+    try:
+        return _all_fresh(root, wanted)
+    except Exception:  # noqa: BLE001 - the start-up checks name the problem
+        return None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.api import EarlyApi
     from tasks.runner import pipeline_lock
 
     root = _start(args)
     with pipeline_lock(root):  # before params.yaml is touched: runs must not overlap
-        _prepare(args)
-        os.chdir(root)
+        os.chdir(root)  # Prefect reads its settings (prefect.toml) from here
         t0 = time.perf_counter()
         wanted = [s for s in STAGE_ORDER if not args.stages or s in args.stages]
-        if not args.force and not args.always_flow:
-            outcomes = _all_fresh(root, wanted)
-            if outcomes is not None:
-                for outcome in outcomes:
-                    print(outcome.line())
-                _print_total(time.perf_counter() - t0, root)
-                print("every stage is up to date: no flow started (--always-flow to start one)")
-                return 0
+        may_skip = not (args.force or args.always_flow or args.set)
+        fresh = _fresh_before_checks(root, wanted) if may_skip else None
+        params_before = _read_bytes(root / "params.yaml")
+        # A flow will run: its temporary API starts on the other core while the checks run.
+        api = EarlyApi.start_if_needed() if fresh is None else None
+        try:
+            _prepare(args)
+        except BaseException:
+            if api is not None:
+                api.cancel()
+            raise
+        if fresh is not None and _read_bytes(root / "params.yaml") != params_before:
+            fresh = _all_fresh(root, wanted)  # the checks added missing keys: ask again
+        if fresh is not None:
+            for outcome in fresh:
+                print(outcome.line())
+            _print_total(time.perf_counter() - t0, root)
+            print("every stage is up to date: no flow started (--always-flow to start one)")
+            return 0
         from flows.pipeline import pipeline
 
+        if api is not None:
+            api.wait()
         pipeline(
             root=str(root),
             stages=args.stages or None,

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
@@ -521,7 +522,6 @@ def deletion_counts(num_pixels: int, steps: int) -> torch.Tensor:
     return (2 * k * num_pixels + steps) // (2 * steps)
 
 
-@torch.no_grad()
 def deletion_curves(
     model: nn.Module,
     sae: SparseAutoencoder,
@@ -535,6 +535,15 @@ def deletion_curves(
     """Feature code of each image as its pixels are replaced by its mean colour in ``order_np``,
     divided by the unmasked code: [N, steps + 1], float64, first column 1. A row is NaN when the
     unmasked code is not positive (nothing to delete)."""
+    feats = _check_deletion_inputs(images_nchw, features_n, order_np)
+    counts = deletion_counts(images_nchw.shape[2] * images_nchw.shape[3], steps)
+    raw = _deletion_codes(model, sae, images_nchw, feats, order_np, counts, batch_size)
+    return _relative_to_unmasked(raw)
+
+
+def _check_deletion_inputs(
+    images_nchw: torch.Tensor, features_n: Sequence[int] | torch.Tensor, order_np: torch.Tensor
+) -> torch.Tensor:
     _check_images(images_nchw)
     n, _, height, width = images_nchw.shape
     num_pixels = height * width
@@ -544,27 +553,48 @@ def deletion_curves(
             f"need one feature and one order of {num_pixels} pixels per image: got "
             f"{feats.shape[0]} features and orders {tuple(order_np.shape)} for {n} images"
         )
+    return feats
+
+
+@torch.no_grad()
+def _deletion_codes(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    images_nchw: torch.Tensor,
+    feats_n: torch.Tensor,
+    order_np: torch.Tensor,
+    counts_k: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Each image's own feature code after its first counts_k[k] pixels in ``order_np`` are
+    replaced by its mean colour: [N, K], float64."""
+    n, _, height, width = images_nchw.shape
+    num_pixels = height * width
+    steps = len(counts_k)
     device = images_nchw.device
-    feats = feats.to(device)
+    feats = feats_n.to(device)
     ranks = torch.empty_like(order_np)
     ranks.scatter_(1, order_np, torch.arange(num_pixels).expand(n, num_pixels).contiguous())
     ranks = ranks.to(device)
-    counts = deletion_counts(num_pixels, steps).to(device)
+    counts = counts_k.to(device)
     fill = images_nchw.mean(dim=(2, 3), keepdim=True)  # the mean colour, per image
-    total = n * (steps + 1)
+    total = n * steps
     values = torch.empty(total, dtype=torch.float64)
     with eval_mode(model, sae):
         for start in range(0, total, batch_size):
             j = torch.arange(start, min(start + batch_size, total), device=device)
-            i, k = j // (steps + 1), j % (steps + 1)
+            i, k = j // steps, j % steps
             deleted = (ranks[i] < counts[k][:, None]).view(-1, 1, height, width)
             x = torch.where(deleted, fill[i], images_nchw[i])
             codes = sae.encode(penultimate(model, x))
             own = codes[torch.arange(len(j), device=device), feats[i]]
             values[start : start + len(j)] = own.double().cpu()
-    curves = values.view(n, steps + 1)
-    z0 = curves[:, :1]
-    return torch.where(z0 > 0, curves / torch.where(z0 > 0, z0, 1.0), torch.nan)
+    return values.view(n, steps)
+
+
+def _relative_to_unmasked(raw_nk: torch.Tensor) -> torch.Tensor:
+    z0 = raw_nk[:, :1]
+    return torch.where(z0 > 0, raw_nk / torch.where(z0 > 0, z0, 1.0), torch.nan)
 
 
 def deletion_auc(curves_ns: torch.Tensor, num_pixels: int) -> torch.Tensor:
@@ -601,11 +631,16 @@ def deletion_test(
             f"saliency must be [N, H, W] = {(n, height, width)}, got {tuple(saliency_nhw.shape)}"
         )
     num_pixels = height * width
-    orders = (saliency_order(saliency_nhw.cpu()), random_order(n, num_pixels, seed=seed))
-    curves = [
-        deletion_curves(model, sae, images_nchw, features_n, o, steps=steps, batch_size=batch_size)
-        for o in orders
-    ]
+    order = saliency_order(saliency_nhw.cpu())
+    feats = _check_deletion_inputs(images_nchw, features_n, order)
+    counts = deletion_counts(num_pixels, steps)
+    codes = partial(_deletion_codes, model, sae, images_nchw, feats, batch_size=batch_size)
+    raw = codes(order, counts)
+    # Nothing deleted and everything deleted are the same images in any order: only the
+    # steps between are run for the random order (2 of every 2 * (steps + 1) passes saved).
+    inner = codes(random_order(n, num_pixels, seed=seed), counts[1:-1])
+    raw_random = torch.cat([raw[:, :1], inner, raw[:, -1:]], dim=1)
+    curves = [_relative_to_unmasked(raw), _relative_to_unmasked(raw_random)]
     return DeletionResult(
         auc=deletion_auc(curves[0], num_pixels),
         auc_random=deletion_auc(curves[1], num_pixels),

@@ -173,7 +173,12 @@ def _deterministic_kernels(torch) -> None:
     compiler: the public function also sets `torch._inductor.config.deterministic`, and importing
     that loads inductor and dynamo (6.7 s of every stage process on a 2-core machine). SALVE
     compiles nothing, so the eager flag is what matters; once inductor is loaded (someone
-    compiles), the public function is used."""
+    compiles), the public function is used.
+
+    The flag also makes torch fill every new tensor (``torch.empty``) with NaN, a guard against
+    kernels that read memory they never wrote. None of SALVE's does: every stage's outputs are
+    byte-identical without the fill (benchmarks/fingerprint.py), which took 4-6 % of a ResNet-18
+    training step here (413 fills, 8-12 ms per step at batch 16 in torch.profiler)."""
     import sys
 
     setter = getattr(torch._C, "_set_deterministic_algorithms", None)
@@ -181,6 +186,7 @@ def _deterministic_kernels(torch) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         setter(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 # A process counts as CPU-heavy when it used at least this share of one core while sampled.

@@ -5,9 +5,11 @@ SALVE rules (paper, centred projection) and the baselines (zeroing the class's h
 direction, a random latent of the same SAE, the mean-difference direction, LEACE), measured by
 efficacy, flip rate, specificity (mean and worst), generalisation to shifted images (noise, blur,
 colour jitter: backbone passes on the shifted val images, cached here) and probe recovery
-(salve/evaluate.py). `evaluate.seeds` SAEs are fitted from the cached activations with seeds
-common.seed, common.seed + 1, ...: every metric is a mean with a 95 % interval over seeds, and
-decoder columns are matched across seeds (Hungarian on |cosine|) for feature stability.
+(salve/evaluate.py). `evaluate.seeds` SAEs with seeds common.seed, common.seed + 1, ...: the
+first is the pipeline's own SAE (fit_sae's, fitted with common.seed from the same activations),
+the others are fitted here. Every metric is a mean with a 95 % interval over seeds, and decoder
+columns are matched across seeds (Hungarian on |cosine|) for feature stability, against the
+pipeline's SAE. Reusing it saves one fit and, on two cores, one round of two parallel fits.
 
 The probe recoveries that do not depend on the SAE (unedited, mean difference, LEACE) are fitted
 once here and handed to every seed. The per-seed work (fit + evaluation) is independent: `run`
@@ -60,7 +62,8 @@ def serial_map(fn: Callable[[dict], dict], jobs: Sequence[dict]) -> list[dict]:
 
 
 def fit_and_evaluate(job: dict) -> dict:
-    """One seed: fit an SAE, find each class's dominant latent, evaluate every method.
+    """One seed: fit an SAE (unless ``job["fitted"]`` holds one), find each class's dominant
+    latent, evaluate every method.
 
     Module-level and self-contained (its inputs travel in ``job``), so a Dask worker can run it.
     One torch thread: the same bytes wherever it runs.
@@ -70,7 +73,9 @@ def fit_and_evaluate(job: dict) -> dict:
     torch.set_num_threads(1)
     try:
         train_acts, train_labels = job["train_acts"], job["train_labels"]
-        sae, _ = fit_sae(train_acts, job["sae"], seed=job["seed"], progress=False)
+        sae = job.get("fitted")
+        if sae is None:
+            sae, _ = fit_sae(train_acts, job["sae"], seed=job["seed"], progress=False)
         codes = sae.encode_batched(train_acts)
         num_classes = job["weight"].shape[0]
         dominant = dominant_features(class_mean_codes(codes, train_labels, num_classes))
@@ -150,9 +155,11 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
         )
     finally:
         torch.set_num_threads(threads)
+    pipeline_sae, _ = load_sae(root)  # fitted with common.seed: the first seed's SAE
     jobs = [
         {
             "seed": cfg.common.seed + i,
+            "fitted": pipeline_sae if i == 0 else None,
             "known_probes": known_probes,
             "reproducible": cfg.common.reproducible,
             "sae": cfg.sae,
@@ -179,7 +186,7 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
     summary = summarise_methods([r["result"]["methods"] for r in done])
 
     # Cross-class latents of the pipeline's SAE: how each sharing class moves when one goes.
-    sae, _ = load_sae(root)
+    sae = pipeline_sae
     cross = [
         {
             "feature": c["feature"],

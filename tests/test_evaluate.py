@@ -434,3 +434,44 @@ def test_seed_free_probes_are_what_evaluate_seed_computes_itself() -> None:
     assert res["per_class"]["zero_row"]["2"]["probe_recovery"] == 0.456  # head-only edit
     for name in ("salve_paper", "salve_projection"):  # they rescale or project the input
         assert res["per_class"][name]["2"]["probe_recovery"] != 0.456
+
+
+def test_a_job_with_a_fitted_sae_uses_it_and_the_others_fit_their_seed(monkeypatch) -> None:
+    # evaluate's first seed is the pipeline's own SAE (fitted with common.seed by fit_sae): its
+    # job carries that SAE and fits nothing; the other seeds fit one each, with their seed.
+    import tasks.evaluate as stage
+    from salve.config import SaeConfig
+    from salve.sae import fit_sae
+
+    k, m = 3, 5
+    x_train, y_train = _blobs(150, m, k, seed=16)
+    x_val, y_val = _blobs(90, m, k, seed=17)
+    x_train, x_val = x_train.float(), x_val.float()
+    weight = torch.zeros(k, m)
+    weight[torch.arange(k), torch.arange(k)] = 1.0
+    cfg = SaeConfig(kind="relu", width=6, epochs=3, batch_size=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the jobs fit: one thread
+    try:
+        given, _ = fit_sae(x_train, cfg, seed=11, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    fitted_seeds = []
+
+    def recording_fit(acts, sae_cfg, *, seed, progress):
+        fitted_seeds.append(seed)
+        return fit_sae(acts, sae_cfg, seed=seed, progress=progress)
+
+    monkeypatch.setattr(stage, "fit_sae", recording_fit)
+    job = {
+        "known_probes": None, "reproducible": True, "sae": cfg,
+        "train_acts": x_train, "train_labels": y_train, "val_acts": x_val, "val_labels": y_val,
+        "weight": weight, "bias": torch.zeros(k), "shifted": {}, "projection_alpha": 1.0,
+        "paper_alpha": 8.0, "min_base_accuracy": 0.5,
+    }  # fmt: skip
+    reused = stage.fit_and_evaluate(job | {"seed": 0, "fitted": given})
+    assert fitted_seeds == [] and torch.equal(reused["w_dec"], given.W_dec.detach())
+    refit = stage.fit_and_evaluate(job | {"seed": 11, "fitted": None})
+    assert fitted_seeds == [11]
+    assert torch.equal(refit["w_dec"], reused["w_dec"])  # same seed, same data: the same SAE
+    assert refit["dominant"] == reused["dominant"]

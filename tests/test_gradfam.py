@@ -494,6 +494,17 @@ def test_deletion_beats_random_on_average_and_reverse_order_is_worst():
     assert float(deletion_auc(curve, 16)[0]) > float(result.auc_random.max())
 
 
+def test_deletion_in_one_step_is_the_same_for_every_order():
+    # nothing deleted, then everything: the random order shares both points with the saliency
+    # order, and deletion_test runs no pass of its own for it
+    model, sae, images = _threshold_case()
+    saliency = gradfam_pairs(model, sae, images, [0])
+    result = deletion_test(model, sae, images, [0], saliency, steps=1, seed=0)
+    by_hand = _curve_by_hand(list(range(16)), 1)
+    assert result.curves[0].tolist() == pytest.approx(by_hand, abs=1e-12)
+    assert result.curves_random[0].tolist() == pytest.approx(by_hand, abs=1e-12)
+
+
 def test_deletion_counts_and_a_code_that_is_off():
     assert deletion_counts(10, 4).tolist() == [0, 3, 5, 8, 10]  # round half up: 2.5 -> 3
     assert deletion_counts(4096, 20)[[0, 1, -1]].tolist() == [0, 205, 4096]
