@@ -1,66 +1,145 @@
-"""Prefect's temporary API, started in the background while `salve run` checks its input.
+"""Prefect's temporary API for one `salve run`, launched before the start-up checks.
 
-With no Prefect server configured (no PREFECT_API_URL), a flow starts a temporary API in a
-subprocess when it begins: 7.5 s here on an existing database, 12.5 s on a fresh one (its
-migrations), with one core busy and the other idle while `salve run` waited. Started from a
-thread before the start-up checks instead, the server comes up on the other core while they run
-(in a fresh clone they take ~15 s: every first import compiles its bytecode). The flow then
-finds the server running: Prefect keeps one instance per process.
+With no Prefect server configured, a flow starts a temporary API server in a subprocess when it
+begins: 7.5 s here with an existing database, 12.5 s with a fresh one (its migrations), one core
+busy and the other idle while `salve run` waited. Launched first instead, the server comes up on
+the other core while the checks run (in a fresh clone they take ~14 s: every first import
+compiles its bytecode), and the flow is pointed at it (PREFECT_API_URL for the flow's duration).
 
-``cancel`` is for runs that will start no flow (bad input, nothing stale, an interrupt): the
-server is stopped if it was launched, and the thread cannot launch one afterwards.
+The server is the one Prefect would start (its app factory under uvicorn, the same settings and
+environment); it is stopped when the process exits, or by `flows.interrupt` on Ctrl-C with the
+other child processes. Nothing here imports Prefect, whose import alone takes seconds.
 """
 
 from __future__ import annotations
 
-import threading
+import atexit
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+# What Prefect sets for its own temporary server: no UI, ephemeral-mode services only.
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
+PORT_IN_USE_EXIT = 3  # uvicorn's exit code when it cannot bind
+DEFAULT_TIMEOUT_S = 90.0
 
 
-class EarlyApi:
-    """Starts the temporary API server in a daemon thread; ``wait`` before the flow starts."""
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cancelled = False
-        self._server = None
-        self._thread = threading.Thread(target=self._start, name="prefect-api-start", daemon=True)
+
+def _prefect_dir() -> Path:
+    """Prefect's package folder, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("prefect is not installed: run `make run`, which installs it")
+    return Path(spec.origin).parent
+
+
+def server_command(port: int) -> list[str]:
+    """Prefect's own command for its temporary server: its app factory under uvicorn."""
+    return [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(_prefect_dir().parent),
+        "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+
+
+class TemporaryApi:
+    """A Prefect API server subprocess; `serving` points a flow at it once it answers."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self._launch()
+        atexit.register(self.stop)
 
     @classmethod
-    def start_if_needed(cls) -> EarlyApi | None:
-        """Start one unless a Prefect API is configured (the flow then starts none)."""
-        from prefect.settings import PREFECT_API_URL
+    def launch_if_needed(cls, cwd: Path) -> TemporaryApi | None:
+        """Launch one unless PREFECT_API_URL names a server (the flow uses that one)."""
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        return cls(cwd)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            server_command(self.port), cwd=self.cwd, env=os.environ | SERVER_ENV
+        )
+
+    def wait(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Until the server answers its health check; raises RuntimeError when it cannot start."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll() if self.process is not None else -1
+            if code == PORT_IN_USE_EXIT:  # the port was taken meanwhile: another one
+                self._launch()
+                continue
+            if code is not None:
+                raise RuntimeError(
+                    f"Prefect's temporary API server exited with code {code} before it answered "
+                    "(its messages are above). Set PREFECT_API_URL to a running Prefect server "
+                    "to use that one instead."
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"Prefect's temporary API server did not answer within {timeout_s:.0f} s "
+            "(server.ephemeral.startup_timeout_seconds in prefect.toml)."
+        )
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Prefect's settings name this server while the block runs, unless Prefect's own
+        settings (a profile, prefect.toml) name another: then this one is stopped unused."""
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            temporary_settings,
+        )
 
         if PREFECT_API_URL.value():
-            return None
-        api = cls()
-        api._thread.start()
-        return api
+            self.stop()
+            yield
+            return
+        self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        with temporary_settings(updates={PREFECT_API_URL: self.url}):
+            yield
 
-    def _start(self) -> None:
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
         try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            with self._lock:
-                if self._cancelled:
-                    return
-                self._server = SubprocessASGIServer()
-            self._server.start()
-        except Exception:  # noqa: BLE001 - the flow starts it again and reports the error
-            return
-
-    def wait(self) -> None:
-        """Until the server answers (or failed to start: the flow then retries and reports)."""
-        self._thread.join()
-
-    def cancel(self) -> None:
-        """Stop the server if it was launched; after this the thread launches none."""
-        with self._lock:
-            self._cancelled = True
-            server = self._server
-        if server is None:
-            return
-        # start() is launching it: the process exists within milliseconds of the call.
-        while server.server_process is None and self._thread.is_alive():
-            time.sleep(0.01)
-        server.stop()
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -90,9 +91,19 @@ def _start(args: argparse.Namespace) -> Path:
     return root
 
 
+def _surely_stale(root: Path, wanted: list[str]) -> bool:
+    """True when a wanted stage's output is missing (a fresh clone): no need to ask DVC."""
+    return any(
+        not (root / STAGES[s].out_dir).exists() or not (root / STAGES[s].metrics_file).exists()
+        for s in wanted
+    )
+
+
 def _fresh_before_checks(root: Path, wanted: list[str]) -> list[StageOutcome] | None:
     """`_all_fresh` before the input is validated: None (a flow will likely run) when it cannot
     tell; a broken params.yaml is then reported by the checks, in their words."""
+    if _surely_stale(root, wanted):
+        return None
     try:
         return _all_fresh(root, wanted)
     except Exception:  # noqa: BLE001 - the start-up checks name the problem
@@ -104,7 +115,7 @@ def _read_bytes(path: Path) -> bytes | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.api import EarlyApi
+    from flows.api import TemporaryApi
     from tasks.runner import pipeline_lock
 
     root = _start(args)
@@ -115,13 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         may_skip = not (args.force or args.always_flow or args.set)
         fresh = _fresh_before_checks(root, wanted) if may_skip else None
         params_before = _read_bytes(root / "params.yaml")
-        # A flow will run: its temporary API starts on the other core while the checks run.
-        api = EarlyApi.start_if_needed() if fresh is None else None
+        # A flow will run: its temporary API comes up on the other core while the checks run.
+        api = TemporaryApi.launch_if_needed(root) if fresh is None else None
         try:
             _prepare(args)
         except BaseException:
             if api is not None:
-                api.cancel()
+                api.stop()
             raise
         if fresh is not None and _read_bytes(root / "params.yaml") != params_before:
             fresh = _all_fresh(root, wanted)  # the checks added missing keys: ask again
@@ -133,14 +144,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         from flows.pipeline import pipeline
 
-        if api is not None:
-            api.wait()
-        pipeline(
-            root=str(root),
-            stages=args.stages or None,
-            force=args.force or None,
-            progress=_progress(args),
-        )
+        with api.serving() if api is not None else contextlib.nullcontext():
+            pipeline(
+                root=str(root),
+                stages=args.stages or None,
+                force=args.force or None,
+                progress=_progress(args),
+            )
     _print_total(time.perf_counter() - t0, root)
     return 0
 

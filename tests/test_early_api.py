@@ -1,80 +1,93 @@
-"""flows/api.py: the temporary Prefect API starts in the background and is stopped on cancel,
-with a stand-in server whose start blocks like the real one's wait for its health check."""
+"""flows/api.py: the temporary Prefect API launched before the start-up checks, waited for,
+relaunched when its port was taken, stopped. A stand-in server (a few lines of http.server)
+plays Prefect's, which the pipeline tests run for real."""
 
 from __future__ import annotations
 
-import threading
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from flows.api import EarlyApi
+import flows.api as api_module
+from flows.api import TemporaryApi
 
-
-class _FakeServer:
-    instances: list[_FakeServer] = []
-
-    def __init__(self) -> None:
-        self.server_process = None
-        self.started = threading.Event()
-        self.healthy = threading.Event()
-        self.stopped = False
-        _FakeServer.instances.append(self)
-
-    def start(self) -> None:
-        self.server_process = object()  # the subprocess exists from here on
-        self.started.set()
-        self.healthy.wait(timeout=10)  # the real one polls /health
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.server_process = None
-        self.healthy.set()
+# Answers /api/health with 200 after DELAY seconds; exits with EXIT instead while FLAG exists
+# (removing it), as uvicorn does when its port is taken.
+FAKE = """
+import http.server, os, sys, time
+port, delay, flag, exit_code = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if os.path.exists(flag):
+    os.remove(flag)
+    sys.exit(exit_code)
+time.sleep(delay)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
 
 
 @pytest.fixture
-def fake_server(monkeypatch):
-    import prefect.server.api.server as server_module
+def fake(monkeypatch, tmp_path: Path):
+    flag = tmp_path / "fail-once"
+    options = {"delay": 0.3, "exit": 3}
+    ports = []
 
-    _FakeServer.instances.clear()
-    monkeypatch.setattr(server_module, "SubprocessASGIServer", _FakeServer)
-    monkeypatch.setattr("prefect.settings.PREFECT_API_URL.value", lambda: None)
-    return _FakeServer.instances
+    def command(port: int) -> list[str]:
+        ports.append(port)
+        return [sys.executable, "-c", FAKE, str(port), str(options["delay"]), str(flag),
+                str(options["exit"])]  # fmt: skip
 
-
-def test_wait_returns_once_the_server_answers(fake_server) -> None:
-    api = EarlyApi.start_if_needed()
-    assert api is not None
-    api._thread.join(timeout=0.2)
-    assert api._thread.is_alive()  # still waiting for the health check
-    fake_server[0].healthy.set()
-    api.wait()
-    assert not api._thread.is_alive() and not fake_server[0].stopped
+    monkeypatch.setattr(api_module, "server_command", command)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return {"flag": flag, "options": options, "ports": ports, "cwd": tmp_path}
 
 
-def test_cancel_while_starting_stops_the_launched_server(fake_server) -> None:
-    api = EarlyApi.start_if_needed()
-    assert fake_server_started(fake_server)
-    api.cancel()
-    assert fake_server[0].stopped and fake_server[0].server_process is None
-    api.wait()  # the thread ends once its server is gone
+def test_wait_returns_once_the_server_answers_and_stop_ends_it(fake) -> None:
+    started = time.monotonic()
+    api = TemporaryApi.launch_if_needed(fake["cwd"])
+    assert api is not None and time.monotonic() - started < 0.3  # launching does not wait
+    api.wait(timeout_s=30)
+    assert api.url == f"http://127.0.0.1:{fake['ports'][0]}/api"
+    process = api.process
+    api.stop()
+    assert process.poll() is not None and api.process is None
+    api.stop()  # twice is harmless
 
 
-def test_cancel_before_the_launch_launches_nothing(fake_server) -> None:
-    api = EarlyApi()
-    api.cancel()
-    api._thread.start()
-    api.wait()
-    assert fake_server == []
+def test_a_taken_port_is_replaced_by_another(fake) -> None:
+    fake["flag"].write_text("")
+    api = TemporaryApi(fake["cwd"])
+    try:
+        api.wait(timeout_s=30)
+    finally:
+        api.stop()
+    assert len(fake["ports"]) == 2
 
 
-def test_nothing_starts_when_a_prefect_api_is_configured(monkeypatch) -> None:
-    monkeypatch.setattr("prefect.settings.PREFECT_API_URL.value", lambda: "http://x:4200/api")
-    assert EarlyApi.start_if_needed() is None
+def test_a_server_that_exits_is_an_error_naming_its_code(fake) -> None:
+    fake["flag"].write_text("")
+    fake["options"]["exit"] = 5
+    api = TemporaryApi(fake["cwd"])
+    with pytest.raises(RuntimeError, match="exited with code 5.*PREFECT_API_URL"):
+        api.wait(timeout_s=30)
 
 
-def fake_server_started(instances: list[_FakeServer], timeout: float = 10.0) -> bool:
-    for _ in range(int(timeout / 0.01)):
-        if instances and instances[0].started.is_set():
-            return True
-        threading.Event().wait(0.01)
-    return False
+def test_a_server_that_never_answers_times_out_and_is_stopped(fake) -> None:
+    fake["options"]["delay"] = 60
+    api = TemporaryApi(fake["cwd"])
+    process = api.process
+    with pytest.raises(RuntimeError, match="did not answer within 1 s"):
+        api.wait(timeout_s=1)
+    assert process.poll() is not None
+
+
+def test_nothing_is_launched_when_prefect_api_url_is_set(fake, monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert TemporaryApi.launch_if_needed(fake["cwd"]) is None
+    assert fake["ports"] == []
