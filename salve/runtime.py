@@ -232,6 +232,12 @@ def _other_heavy_processes(
     return sorted(heavy, key=lambda item: -item[1])
 
 
+def _own_child_processes() -> int:
+    import psutil
+
+    return len(psutil.Process().children(recursive=True))
+
+
 def _process_label(proc) -> str:
     """``name`` plus the first non-option argument (the script or module): "python tune.py"."""
     name = proc.info.get("name") or str(proc.pid)
@@ -281,6 +287,9 @@ def cpu_contention(*, interval: float = 0.25, threads: int | None = None) -> str
         load_1min = 0.0
     try:
         heavy = _other_heavy_processes(interval)
+        # The load counts this run's own child processes too (`salve run` launches Prefect's
+        # temporary API before this check): they are not the other work this warns about.
+        load_1min = max(0.0, load_1min - _own_child_processes())
     except ImportError:  # psutil missing: the load average alone
         heavy = []
     if threads is None:

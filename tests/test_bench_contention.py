@@ -65,3 +65,21 @@ def test_busy_processes_are_found_except_our_own_children(tmp_path):
         child.wait()
         with contextlib.suppress(ProcessLookupError):
             os.kill(stranger, 9)
+
+
+def test_the_load_of_our_own_children_is_not_counted(monkeypatch):
+    # salve run launches Prefect's API server before the check: load 2.6 on 2 cores is this
+    # process and its server, not other work
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    monkeypatch.setattr(runtime, "_other_heavy_processes", lambda interval: [])
+    monkeypatch.setattr(runtime, "_own_child_processes", lambda: 1)
+    assert runtime.cpu_contention(threads=2) is None
+    monkeypatch.setattr(runtime, "_own_child_processes", lambda: 0)
+    assert "load average 2.60" in runtime.cpu_contention(threads=2)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        monkeypatch.undo()
+        assert runtime._own_child_processes() >= 1
+    finally:
+        child.kill()
+        child.wait()
