@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/bench_memory.py --sizes 200 --threads 1   # smoke run
     .venv/bin/python benchmarks/bench_memory.py --compare-in-memory --write
 
-For every N, a folder of N images (the `shapes` family of benchmarks/datasets.py, six classes,
-JPEG at --image-size px) is drawn once under --work and kept there as a cache (each N's folder
-hard-links the first files of one shared pool). A bare project (params.yaml, data.source
+For every N, a folder of N images (the `shapes` family of benchmarks/synthetic_images.py, six
+classes, JPEG at --image-size px) is drawn once under --work and kept there as a cache (each
+N's folder hard-links the first files of one shared pool). A bare project (params.yaml, data.source
 imagefolder, data.path that folder, data.image_size the same size) then runs:
 
 - **fetch**: `tasks.fetch.run` in a fresh process (folder sources stream into the split files);
@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks import bench_pipeline as bp  # noqa: E402
-from benchmarks.datasets import SHAPES, fill_folder  # noqa: E402
+from benchmarks.synthetic_images import SHAPES, fill_folder  # noqa: E402
 
 DEFAULT_SIZES = (2000, 8000, 32000)
 FAMILY = "shapes"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks import bench_memory as bm
 from benchmarks import run_all
-from benchmarks.datasets import SHAPES
+from benchmarks.synthetic_images import SHAPES
 
 
 def test_class_counts_add_up_to_n() -> None:

@@ -138,3 +138,18 @@ def test_merge_replaces_only_the_sections_run_and_says_where_they_come_from():
     assert "Measured in a separate run on new-run: CPU B" in section and "**1.014**" not in section
     assert "**2.500**" in section
     assert "separate run" not in text[text.index("## SAE fitting") :]
+
+
+def test_no_benchmark_script_shadows_an_installed_package():
+    # `python benchmarks/run_all.py` puts benchmarks/ first on sys.path: a script named like a
+    # package (datasets.py did) hides it from the peers, and SAELens failed to import
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    shadows = [
+        p.stem
+        for p in folder.glob("*.py")
+        if p.stem != "__init__" and importlib.util.find_spec(p.stem) is not None
+    ]
+    assert shadows == [], f"rename these benchmark scripts: {shadows}"

@@ -12,7 +12,7 @@ Three families, each six classes a person tells apart at a glance, drawn with PI
   (a straight line, a sine wave, a zigzag, a spiral, a hash sign, an arc) of a random colour,
   width, size, position and rotation on a noisy background. Never used to choose a default.
 
-`python benchmarks/datasets.py patterns data/patterns` writes ``<out>/<class>/<i>.png``.
+`python benchmarks/synthetic_images.py patterns data/patterns` writes ``<out>/<class>/<i>.png``.
 `fill_folder` draws the same kinds of image, each from its own seed, so a large folder (the
 memory benchmark's) is drawn once and grows by the missing files only.
 """
