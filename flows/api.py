@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger("salve")
 
 # What Prefect sets for its own temporary server: no UI, ephemeral-mode services only.
 SERVER_ENV = {
@@ -61,6 +65,14 @@ def server_command(port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _quietly(fn: Callable[[], None] | None) -> None:
+    try:
+        if fn is not None:
+            fn()
+    except Exception:  # noqa: BLE001 - a head start only: the real call reports errors
+        log.debug("work done while the API started failed", exc_info=True)
+
+
 class TemporaryApi:
     """A Prefect API server subprocess; `serving` points a flow at it once it answers."""
 
@@ -84,13 +96,15 @@ class TemporaryApi:
 
     def _launch(self) -> None:
         self.port = _free_port()
+        self.launched = time.monotonic()
         self.process = subprocess.Popen(
             server_command(self.port), cwd=self.cwd, env=os.environ | SERVER_ENV
         )
 
     def wait(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Until the server answers its health check; raises RuntimeError when it cannot start."""
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll() if self.process is not None else -1
             if code == PORT_IN_USE_EXIT:  # the port was taken meanwhile: another one
@@ -105,6 +119,13 @@ class TemporaryApi:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as response:
                     if response.status == 200:
+                        log.info(
+                            "temporary Prefect API at %s answered %.1f s after its launch "
+                            "(%.1f s of waiting for it)",
+                            self.url,
+                            time.monotonic() - self.launched,
+                            time.monotonic() - started,
+                        )
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -116,9 +137,12 @@ class TemporaryApi:
         )
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
+    def serving(self, meanwhile: Callable[[], None] | None = None) -> Iterator[None]:
         """Prefect's settings name this server while the block runs, unless Prefect's own
-        settings (a profile, prefect.toml) name another: then this one is stopped unused."""
+        settings (a profile, prefect.toml) name another: then this one is stopped unused.
+
+        ``meanwhile`` runs in a thread while the server starts (this process has a core free
+        then) and is finished before the block; its errors are ignored."""
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
@@ -129,7 +153,14 @@ class TemporaryApi:
             self.stop()
             yield
             return
-        self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        helper = threading.Thread(target=_quietly, args=(meanwhile,), daemon=True)
+        if meanwhile is not None:
+            helper.start()
+        try:
+            self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        finally:
+            if meanwhile is not None:
+                helper.join()
         with temporary_settings(updates={PREFECT_API_URL: self.url}):
             yield
 

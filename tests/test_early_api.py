@@ -91,3 +91,37 @@ def test_nothing_is_launched_when_prefect_api_url_is_set(fake, monkeypatch) -> N
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert TemporaryApi.launch_if_needed(fake["cwd"]) is None
     assert fake["ports"] == []
+
+
+def test_serving_runs_the_meanwhile_work_during_the_wait_and_names_the_server(fake, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setattr(PREFECT_API_URL, "value", lambda: None)  # no server configured
+    fake["options"]["delay"] = 0.5
+    done = []
+
+    def meanwhile() -> None:
+        time.sleep(1.0)  # longer than the server's start: serving still waits for it
+        done.append(True)
+
+    api = TemporaryApi(fake["cwd"])
+    try:
+        with api.serving(meanwhile):
+            assert done == [True]
+            monkeypatch.undo()
+            assert PREFECT_API_URL.value() == api.url
+        with api.serving(lambda: 1 / 0):  # a failed head start is not the run's error
+            pass
+    finally:
+        api.stop()
+
+
+def test_a_configured_server_wins_and_ours_is_stopped(fake, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setattr(PREFECT_API_URL, "value", lambda: "http://127.0.0.1:4200/api")
+    api = TemporaryApi(fake["cwd"])
+    process = api.process
+    with api.serving():
+        pass
+    assert process.wait(timeout=10) is not None and api.process is None
