@@ -33,6 +33,7 @@ def test_high_load_without_a_heavy_process_still_warns_and_long_lists_are_cut():
 
 
 def test_cpu_contention_uses_the_load_and_the_sampled_processes(monkeypatch):
+    monkeypatch.setattr(runtime, "_own_child_processes", lambda: 0)  # a test worker may have some
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 1.0, 1.0))
     monkeypatch.setattr(runtime, "_other_heavy_processes", lambda interval: [("x", 2.0)])
     msg = runtime.cpu_contention(threads=3)
