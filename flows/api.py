@@ -8,7 +8,8 @@ compiles its bytecode), and the flow is pointed at it (PREFECT_API_URL for the f
 
 The server is the one Prefect would start (its app factory under uvicorn, the same settings and
 environment); it is stopped when the process exits, or by `flows.interrupt` on Ctrl-C with the
-other child processes. Nothing here imports Prefect, whose import alone takes seconds.
+other child processes. Prefect, whose import alone takes seconds, is imported only once the
+flow is about to start (`serving`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ def server_command(port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _quietly(fn: Callable[[], None] | None) -> None:
+def _quietly(fn: Callable[[], None]) -> None:
     try:
-        if fn is not None:
-            fn()
+        fn()
     except Exception:  # noqa: BLE001 - a head start only: the real call reports errors
         log.debug("work done while the API started failed", exc_info=True)
 
@@ -153,13 +153,14 @@ class TemporaryApi:
             self.stop()
             yield
             return
-        helper = threading.Thread(target=_quietly, args=(meanwhile,), daemon=True)
+        helper = None
         if meanwhile is not None:
+            helper = threading.Thread(target=_quietly, args=(meanwhile,), daemon=True)
             helper.start()
         try:
             self.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
         finally:
-            if meanwhile is not None:
+            if helper is not None:
                 helper.join()
         with temporary_settings(updates={PREFECT_API_URL: self.url}):
             yield

@@ -176,9 +176,6 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
         }
         for i in range(ev.seeds)
     ]
-    # Jobs that fit first, the pipeline SAE's (no fit, a few seconds) last: on two workers the
-    # four fits take two rounds and it fills the first gap, instead of a third round of one fit.
-    jobs = jobs[1:] + jobs[:1]
     done = sorted((map_fn or serial_map)(fit_and_evaluate, jobs), key=lambda r: r["seed"])
     reference = done[0]
     stability = [
