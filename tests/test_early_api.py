@@ -49,9 +49,8 @@ def fake(monkeypatch, tmp_path: Path):
 
 
 def test_wait_returns_once_the_server_answers_and_stop_ends_it(fake) -> None:
-    started = time.monotonic()
     api = TemporaryApi.launch_if_needed(fake["cwd"])
-    assert api is not None and time.monotonic() - started < 0.3  # launching does not wait
+    assert api is not None
     api.wait(timeout_s=30)
     assert api.url == f"http://127.0.0.1:{fake['ports'][0]}/api"
     process = api.process
@@ -80,7 +79,7 @@ def test_a_server_that_exits_is_an_error_naming_its_code(fake) -> None:
 
 def test_a_server_that_never_answers_times_out_and_is_stopped(fake) -> None:
     fake["options"]["delay"] = 60
-    api = TemporaryApi(fake["cwd"])
+    api = TemporaryApi(fake["cwd"])  # returns at once: launching does not wait for the server
     process = api.process
     with pytest.raises(RuntimeError, match="did not answer within 1 s"):
         api.wait(timeout_s=1)
