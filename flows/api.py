@@ -57,9 +57,11 @@ def _prefect_dir() -> Path:
 
 
 def server_command(port: int) -> list[str]:
-    """Prefect's own command for its temporary server: its app factory under uvicorn."""
+    """Prefect's own command for its temporary server (its app factory under uvicorn), run by
+    this module so that the server ends with the process that launched it."""
     return [
-        sys.executable, "-m", "uvicorn", "--app-dir", str(_prefect_dir().parent),
+        sys.executable, "-m", "flows.api", str(os.getpid()),
+        "--app-dir", str(_prefect_dir().parent),
         "--factory", "prefect.server.api.server:create_app",
         "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "error", "--lifespan", "on",
@@ -175,3 +177,34 @@ class TemporaryApi:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def serve_while_parent_lives(parent: int, uvicorn_args: list[str]) -> None:
+    """Run uvicorn with ``uvicorn_args`` until the process ``parent`` ends.
+
+    A `kill -9` of `salve run` runs none of its cleanup, and the server it launched lived on
+    with parent 1. On Linux the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG);
+    a watcher thread also polls the parent once a second, for other systems.
+    """
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above took effect
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+    from uvicorn.main import main
+
+    main(args=uvicorn_args, prog_name="uvicorn")
+
+
+if __name__ == "__main__":
+    serve_while_parent_lives(int(sys.argv[1]), sys.argv[2:])

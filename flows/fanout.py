@@ -44,7 +44,14 @@ def local_cluster(**kwargs: Any):
 
     ctx = FlowRunContext.get()
     env = {"PREFECT_API_URL": str(ctx.client.api_url)} if ctx is not None else {}
-    return LocalCluster(env=env, **kwargs)
+    # No statistical profiler in the workers (nannies hand their config to the worker
+    # processes): its sampling thread printed a tornado traceback ('bool' object has no
+    # attribute 'f_code') on the terminal of a successful run, and the dashboard that shows
+    # its profiles is off anyway.
+    import dask
+
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        return LocalCluster(env=env, **kwargs)
 
 
 def task_runner(

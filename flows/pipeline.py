@@ -5,9 +5,9 @@ not depend on each other (edit, alpha_crit and gradfam, after rank) run concurre
 submitted with `wait_for` its upstream stages, so the UI shows the DAG; their DVC bookkeeping
 still happens one operation at a time (tasks.runner). A stage that was skipped or restored ends
 in a Completed state named "Skipped" or "Restored", so the UI tells them from a real run ("Ran").
-Stages are idempotent, so an unexpected failure is retried once; a user error (bad data, a
-quality gate) is not. Task results are not persisted (summaries are small dicts, and no tensors
-ever enter Prefect's result store).
+A stage is retried once only after a lost connection; anything else would fail the same way
+again (bad data, a quality gate, a full disk, a bug) and is reported at once. Task results are
+not persisted (summaries are small dicts, and no tensors ever enter Prefect's result store).
 """
 
 from __future__ import annotations
@@ -24,23 +24,23 @@ from flows import interrupt
 from flows.fanout import dask_map
 from salve.config import load
 from tasks import STAGE_ORDER, STAGES
-from tasks.runner import pipeline_lock, run_stage, user_errors
+from tasks.runner import pipeline_lock, run_stage
 
 STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
 # Stages whose independent fits run as concurrent tasks on Dask (flows/fanout.py).
 FANOUT_STAGES = ("evaluate",)
 
 
-def _retry_unexpected(task, task_run, state) -> bool:
-    """Retry only failures that are not the user's input: those would fail the same way."""
-    from salve.config import ConfigError
-
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only what can succeed on a second try: a lost connection (Prefect's API, a Dask
+    worker). A stage is deterministic, so bad input, a full or read-only disk, a missing device
+    or a bug fails the same way again; retrying it only hides the error for a while."""
     try:
         state.result()
-    except (ConfigError, *user_errors()):
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
+    except (ConnectionError, TimeoutError):
         return True
+    except Exception:  # noqa: BLE001 - everything else fails the same way again
+        return False
     return False
 
 
@@ -49,7 +49,7 @@ def _retry_unexpected(task, task_run, state) -> bool:
     persist_result=False,
     retries=1,
     retry_delay_seconds=1,
-    retry_condition_fn=_retry_unexpected,
+    retry_condition_fn=_retry_transient,
 )
 def stage_task(name: str, root: str, params: str, force: bool, progress: bool):
     cfg = load(params)

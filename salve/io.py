@@ -15,6 +15,7 @@ import math
 import operator
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,9 +45,12 @@ def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     base = Path(folder)
     if not base.is_dir():
         return []
-    stale = [p for p in base.rglob(".*.tmp") if p.is_file() and TEMP_NAME.match(p.name)]
+    stale = [p for p in base.rglob(".*.tmp") if TEMP_NAME.match(p.name)]
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():  # a folder being assembled (a restore from DVC's cache)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 
@@ -79,6 +83,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)  # after writing: some writers recreate the file (safetensors: 0o600)
         os.replace(tmp, final)
+    except SafetensorError as exc:  # its I/O failures carry no errno: give them one, and the path
+        code = re.search(r"(?:os error |code: )(\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(final)) from exc
     finally:
         tmp.unlink(missing_ok=True)
 

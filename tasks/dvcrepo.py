@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from salve.compare import ExperimentRow
+
+log = logging.getLogger("salve")
 
 WORKSPACE = "workspace"  # DVC's name for the working tree in diffs
 GIT_TIMEOUT_S = 60
@@ -52,15 +56,126 @@ def _quiet_dvc_console() -> None:
 @contextlib.contextmanager
 def dvc_repo(root: Path) -> Iterator:
     """A DVC Repo for `root`, used from inside it (DVC resolves output paths against the cwd)."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
+    from dvc.utils.serialize import YAMLFileCorruptedError
 
     _quiet_dvc_console()
     with contextlib.chdir(root):
-        repo = Repo(str(root))
         try:
-            yield repo
-        finally:
-            repo.close()
+            repo = Repo(str(root))
+            try:
+                yield repo
+            finally:
+                repo.close()
+        except (YAMLFileCorruptedError, LockError) as exc:  # a file to mend, another DVC running
+            raise DvcError(dvc_failure(exc, Path(root))) from exc
+
+
+def dvc_failure(exc: BaseException, root: Path) -> str:
+    """DVC's error as one line that names the file and what to do: no retry mends these."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for name in ("dvc.lock", "dvc.yaml", "params.yaml"):
+        if f"'{name}'" in text or f"{name}:" in text:
+            mend = {
+                "dvc.lock": "restore it with `git checkout dvc.lock` (or delete it: the next "
+                "run recomputes and records every stage)",
+                "dvc.yaml": "regenerate it with `salve dvc-yaml`",
+                "params.yaml": "restore it with `git checkout params.yaml`",
+            }[name]
+            return f"{root / name}: DVC cannot read it ({text}); {mend}"
+    return dvc_busy(root) if "acquire lock" in text else f"DVC failed in {root}: {text}"
+
+
+def dvc_busy(root: Path) -> str:
+    return (
+        f"another DVC command is running in {root} (dvc repro, dvc exp run, dvc push ...): wait "
+        "for it to finish, then rerun (salve and DVC cannot work in one workspace at once)"
+    )
+
+
+# DVC's repository lock files this process holds for a whole pipeline run (see holding_dvc_lock).
+_HELD_DVC_LOCKS: set[str] = set()
+DVC_LOCK_WAIT_S = 3.0  # as long as DVC itself retries a busy lock
+
+
+class _HeldLock:
+    """DVC's lock interface for a repository whose lock file this process already holds: DVC
+    operations in this process (one at a time, tasks.runner) then pass, re-entrantly."""
+
+    def __init__(self, lockfile: str) -> None:
+        self.lockfile = lockfile
+        self.files = [lockfile]
+        self._depth = 0
+
+    @property
+    def is_locked(self) -> bool:
+        return self._depth > 0
+
+    def lock(self) -> None:
+        self._depth += 1
+
+    def unlock(self) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    def __enter__(self) -> None:
+        self.lock()
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
+
+def _route_held_locks_to_this_process() -> None:
+    """Make every DVC Repo this process opens on a held lock file use `_HeldLock` (Repo asks
+    `dvc.lock.make_lock` for its lock when it is created; other DVC locks are untouched)."""
+    import dvc.lock
+
+    if getattr(dvc.lock.make_lock, "salve_routed", False):
+        return
+    original = dvc.lock.make_lock
+
+    def make_lock(lockfile, *args, **kwargs):
+        if os.path.abspath(lockfile) in _HELD_DVC_LOCKS:
+            return _HeldLock(lockfile)
+        return original(lockfile, *args, **kwargs)
+
+    make_lock.salve_routed = True
+    dvc.lock.make_lock = make_lock
+
+
+@contextlib.contextmanager
+def holding_dvc_lock(root: Path) -> Iterator[None]:
+    """Hold DVC's own repository lock (.dvc/tmp/lock) while a pipeline run owns the workspace.
+
+    A `dvc repro` started meanwhile would delete the outputs of a stage it finds stale before
+    running its command, under a stage salve is writing; holding DVC's lock makes it refuse at
+    once instead ("Unable to acquire lock"). DVC releases that lock while a stage's command runs,
+    so `python -m tasks` under `dvc repro` takes it too, and a `salve run` started then refuses.
+    """
+    dvc_dir = Path(root) / ".dvc"
+    if not dvc_dir.is_dir():
+        yield
+        return
+    import zc.lockfile
+
+    (dvc_dir / "tmp").mkdir(exist_ok=True)
+    path = os.path.abspath(dvc_dir / "tmp" / "lock")
+    deadline = time.monotonic() + DVC_LOCK_WAIT_S
+    while True:
+        try:
+            handle = zc.lockfile.LockFile(path)
+            break
+        except zc.lockfile.LockError:
+            if time.monotonic() >= deadline:
+                raise DvcError(dvc_busy(root)) from None
+            time.sleep(0.25)
+    _route_held_locks_to_this_process()
+    _HELD_DVC_LOCKS.add(path)
+    try:
+        yield
+    finally:
+        _HELD_DVC_LOCKS.discard(path)
+        handle.close()
 
 
 def find_root(start: Path | str = ".") -> Path:
@@ -121,6 +236,60 @@ def restore_from_run_cache(repo, name: str) -> bool:
                 return False
     repo.commit(name, force=True)
     return True
+
+
+def restore_recorded_outputs(root: Path, name: str) -> list[str]:
+    """Put back the outputs of stage ``name`` that dvc.lock records and the workspace lacks.
+
+    `dvc repro` deletes a stage's outputs before it runs the stage's command; when that command
+    then refuses (bad parameters, a busy workspace) or fails, this brings them back from DVC's
+    cache: the cached outputs and the uncached metrics and plots alike (DVC's run-cache keeps a
+    copy of both). Only missing paths are written. Returns the restored paths; one whose
+    recorded content is not in the cache stays missing and is named in the log.
+    """
+    import shutil
+
+    import yaml
+
+    root = Path(root)
+    lock_path = root / "dvc.lock"
+    try:
+        recorded = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+        outs = recorded["stages"][name].get("outs", [])
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return []  # nothing recorded (or unreadable): nothing to restore
+    missing = [o for o in outs if o.get("md5") and not (root / o["path"]).exists()]
+    if not missing:
+        return []
+    with dvc_repo(root) as repo:
+        odb = repo.cache.local
+
+        def copy(md5: str, dest: Path) -> None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{dest.name}.{os.urandom(6).hex()}.tmp"  # salve.io.TEMP_NAME
+            shutil.copyfile(odb.oid_to_path(md5), tmp)
+            os.replace(tmp, dest)
+
+        restored = []
+        for out in missing:
+            dest, md5 = root / out["path"], str(out["md5"])
+            try:
+                if md5.endswith(".dir"):  # a folder: built beside it, then renamed into place
+                    import json
+
+                    entries = json.loads(Path(odb.oid_to_path(md5)).read_text(encoding="utf-8"))
+                    building = dest.parent / f".{dest.name}.{os.urandom(6).hex()}.tmp"
+                    for entry in entries:
+                        copy(entry["md5"], building / entry["relpath"])
+                    building.mkdir(parents=True, exist_ok=True)
+                    os.replace(building, dest)
+                else:
+                    copy(md5, dest)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("could not restore %s from DVC's cache (%s)", out["path"], exc)
+                continue
+            restored.append(out["path"])
+    return restored
 
 
 def stale_stages(root: Path, stages: Sequence[str]) -> list[str]:

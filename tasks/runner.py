@@ -9,6 +9,7 @@ the run-cache. After a pipeline run `dvc status` is clean and `dvc repro` has no
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib
 import logging
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salve.config import Config
-from salve.io import read_json, remove_temp_files, write_json
+from salve.io import TEMP_NAME, read_json, remove_temp_files, write_json
 from tasks import STAGES
-from tasks.dvcrepo import dvc_repo, restore_from_run_cache, stage_is_fresh
+from tasks.dvcrepo import dvc_repo, holding_dvc_lock, restore_from_run_cache, stage_is_fresh
 
 log = logging.getLogger("salve")
 
@@ -76,6 +77,10 @@ def exit_code_reporting_errors(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        described = describe_environment_error(exc)
+        if described is not None and not debug:
+            print(f"error: {described}", file=sys.stderr)
+            return 1
         if debug or root is None:
             raise
         import traceback
@@ -92,6 +97,44 @@ def exit_code_reporting_errors(
             file=sys.stderr,
         )
         return 1
+
+
+# What no rerun mends by itself, and what mends it (the file is named before each).
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "no space left on the device; free space there (`dvc gc --workspace` drops "
+    "cached versions no commit uses) and rerun",
+    errno.EDQUOT: "disk quota exceeded; free space there or raise the quota, and rerun",
+    errno.EROFS: "read-only file system; make the project's folders writable (or work in a "
+    "writable clone) and rerun",
+    errno.EACCES: "permission denied; make it writable (e.g. `chmod -R u+w` on its folder) and "
+    "rerun",
+    errno.EPERM: "operation not permitted; make it writable (e.g. `chmod -R u+w` on its "
+    "folder) and rerun",
+}
+
+
+def _final_name(filename: object) -> str:
+    """The artifact a temp file stands for (salve.io's `.NAME.<hex>.tmp` next to NAME)."""
+    path = Path(str(filename))
+    if TEMP_NAME.match(path.name):
+        return str(path.with_name(path.name[1:].rsplit(".", 2)[0]))
+    return str(path)
+
+
+def describe_environment_error(exc: BaseException) -> str | None:
+    """One line naming the file and the fix for a failure of the machine rather than of salve
+    (disk full, read-only or forbidden folder), found anywhere in the exception's chain; None
+    for anything else. Such failures fail the same way again: they are never retried."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        fix = _OS_ERROR_FIXES.get(getattr(current, "errno", None))
+        if isinstance(current, OSError) and fix is not None:
+            where = current.filename or current.filename2
+            return f"{_final_name(where)}: {fix}" if where else fix
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -154,6 +197,7 @@ def pipeline_lock(root: Path) -> Iterator[None]:
     """One pipeline run per repository: a second one refuses at once with a clear message.
 
     Re-entrant within a process (the CLI holds it across editing params.yaml and the flow).
+    DVC's own lock is held with it, so a `dvc repro` started meanwhile refuses too.
     """
     key = Path(root).resolve()
     if _HELD.get(key):
@@ -168,8 +212,9 @@ def pipeline_lock(root: Path) -> Iterator[None]:
         "another salve run is in progress in {where} ({holder}); wait for it to finish "
         "(runs in one repository cannot overlap: they share the workspace and DVC cache)."
     )
-    with exclusive_lock(path, busy, where=key):
+    with exclusive_lock(path, busy, where=key), holding_dvc_lock(key):
         _HELD[key] = 1
+        remove_left_temp_files(key)
         try:
             yield
         finally:
@@ -196,17 +241,18 @@ def exclusive_lock(path: Path, busy: str, **fmt: object) -> Iterator[None]:
         yield
 
 
-def remove_stale_temp_files(root: Path, name: str) -> list[Path]:
-    """Temp files a killed run left in this stage's outputs (see salve.io.remove_temp_files).
+def remove_left_temp_files(root: Path) -> list[Path]:
+    """Temp files anywhere salve writes, left by a killed run (kill -9, power loss).
 
-    Left there, DVC would see the output folder as modified, refuse to restore it from the
-    run-cache (ConfirmRemoveError) and, on a forced rerun, commit the junk with the outputs.
+    Called when a process takes the pipeline lock: it is then the only writer, so every temp
+    file present belongs to a run that is gone (a killed fine-tuning left 179 MB of them in
+    .salve/resume and beside the checkpoint, which later runs that skipped the stage kept).
     """
-    spec = STAGES[name]
-    folders = [spec.out_dir, str(Path(spec.metrics_file).parent), f"plots/{name}"]
-    removed = [p for f in folders for p in remove_temp_files(root / f)]
+    folders = {root / ".salve", *(root / d for d in ("results", "metrics", "plots", "reports"))}
+    folders |= {STAGES[name].folder(root) for name in STAGES}
+    removed = [p for folder in sorted(folders) for p in remove_temp_files(folder)]
     if removed:
-        log.info("stage %s: removed %d temp file(s) left by an interrupted run", name, len(removed))
+        log.info("removed %d temp file(s) left by an interrupted run", len(removed))
     return removed
 
 
@@ -250,16 +296,22 @@ def run_stage(
     t0 = time.perf_counter()
     root = Path(root).resolve()
     pin_cpu_kernels(cfg.common.reproducible)  # idempotent; entry points call it first
+    with pipeline_lock(root):  # held already by every entry point: re-entrant, free
+        outcome = _run_stage_locked(name, cfg, root, t0, force, progress, stage_kwargs)
+    return outcome
+
+
+def _run_stage_locked(
+    name: str, cfg: Config, root: Path, t0: float, force: bool, progress: bool, stage_kwargs: dict
+) -> StageOutcome:
     INTERRUPT.running[name] = t0
     try:
-        with _DVC_LOCK:
-            remove_stale_temp_files(root, name)
-            with dvc_repo(root) as repo:
-                fresh = not force and stage_is_fresh(repo, name)
-                restored = False
-                if not fresh and not force:
-                    with dvc_bookkeeping():
-                        restored = restore_from_run_cache(repo, name)
+        with _DVC_LOCK, dvc_repo(root) as repo:
+            fresh = not force and stage_is_fresh(repo, name)
+            restored = False
+            if not fresh and not force:
+                with dvc_bookkeeping():
+                    restored = restore_from_run_cache(repo, name)
         if fresh:
             status = "skipped"
         elif restored:

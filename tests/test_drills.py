@@ -647,11 +647,26 @@ def test_second_run_refuses_while_the_first_runs_and_nothing_is_corrupted(tmp_pa
                 ("stage", "fetch", "--force", "--no-progress"),
             )
         ]
+        # What `dvc repro` runs, by hand: it takes the same lock.
+        seconds.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tasks", "fetch", "--no-progress"],
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
         for second in seconds:
             with running(second):
                 _, stderr = second.communicate(timeout=120)
             assert second.returncode == 1, stderr
             assert_one_error(stderr, "another salve run is in progress", f"pid {first.pid}")
+        # Plain `dvc repro` meanwhile: refused by DVC's own lock, which the run holds, before
+        # it can delete the outputs of a stage it finds stale (it did, then ran beside salve).
+        repro = dvc(root, "repro", check=False)
+        assert repro.returncode != 0 and "Unable to acquire lock" in repro.stderr, repro.stderr
         assert first.poll() is None, "the first run ended before the others were refused"
         assert (root / "params.yaml").read_bytes() == params_before  # --set was not applied
         rc = first.wait(timeout=540)
@@ -666,6 +681,107 @@ def test_second_run_refuses_while_the_first_runs_and_nothing_is_corrupted(tmp_pa
 
     load_checkpoint(root / "results" / "finetune" / "model.safetensors")
     assert temp_files(root, "results", "metrics", "plots") == []
+
+
+def test_a_refused_dvc_repro_loses_nothing(project):
+    """`dvc repro` deletes a stage's outputs before it runs the stage's command; when the
+    command refuses (here a negative SAE width), the recorded outputs are put back, the
+    uncached metrics and plot too (before, only `dvc checkout` could bring back the folder)."""
+    before = snapshot(project, *FIT_SAE_OUTS)
+    params = project / "params.yaml"
+    data = YAML().load(params)
+    data["sae"]["width"] = -5
+    YAML().dump(data, params)
+    repro = dvc(project, "repro", "fit_sae", check=False)
+    assert repro.returncode != 0, repro.stdout
+    assert "sae.width" in repro.stderr, repro.stderr
+    assert "Traceback" not in repro.stderr, repro.stderr
+    assert snapshot(project, *FIT_SAE_OUTS) == before
+    assert temp_files(project, *FIT_SAE_OUTS) == []
+
+
+def test_salve_refuses_while_a_dvc_command_holds_the_repository(project, capsys):
+    """A DVC command at work (it holds .dvc/tmp/lock): salve says so in one line, at once,
+    without touching anything."""
+    import zc.lockfile
+
+    before = snapshot(project, *FIT_SAE_OUTS)
+    held = zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))
+    try:
+        rc, _, err = cli_here(project, capsys, "stage", "fit_sae", "--force", "--no-progress")
+    finally:
+        held.close()
+    assert rc == 1
+    assert_one_error(err, "another DVC command is running", "wait for it to finish")
+    assert snapshot(project, *FIT_SAE_OUTS) == before
+
+
+def test_temp_files_of_a_killed_run_go_when_the_next_run_starts(project, capsys):
+    """A `kill -9` leaves temp files in places no stage of the next run may touch (the resume
+    state, a skipped stage's folder): the next run, holding the lock, removes them all."""
+    left = [
+        project / ".salve" / "resume" / ".finetune.safetensors.0123456789ab.tmp",
+        project / "results" / "finetune" / ".model.safetensors.ba9876543210.tmp",
+        project / "metrics" / ".finetune.json.00112233aabb.tmp",
+    ]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    rc, out, err = cli_here(project, capsys, "stage", "fit_sae", "--no-progress")
+    assert rc == 0 and "skipped" in out, err
+    assert [p for p in left if p.exists()] == []
+
+
+@pytest.mark.parametrize(("code", "fix"), [(28, "no space left"), (30, "read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(
+    project, capsys, monkeypatch, code, fix
+):
+    """OS failures no rerun mends: one line with the artifact's name (not the temp file's) and
+    the fix, instead of "unexpected OSError" and a retry."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "sae.safetensors":
+            raise OSError(code, os.strerror(code), str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    before = snapshot(project, *FIT_SAE_OUTS)
+    rc, _, err = cli_here(project, capsys, "stage", "fit_sae", "--force", "--no-progress")
+    assert rc == 1
+    line = assert_one_error(err, "results/fit_sae/sae.safetensors", fix)
+    assert ".tmp" not in line and "unexpected" not in line
+    assert snapshot(project, *FIT_SAE_OUTS) == before
+
+
+def test_a_corrupt_dvc_lock_is_one_line_naming_it_and_the_fix(project, capsys):
+    lock = project / "dvc.lock"
+    lock.write_text(lock.read_text()[:200] + "\n  : [\n")
+    rc, _, err = cli_here(project, capsys, "stage", "fit_sae", "--no-progress")
+    assert rc == 1
+    assert_one_error(err, "dvc.lock", "git checkout dvc.lock")
+
+
+def test_only_a_lost_connection_is_retried():
+    """The flow retries a stage only where a second try can succeed."""
+    from flows.pipeline import _retry_transient
+    from salve.config import ConfigError
+
+    class Failed:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert _retry_transient(None, None, Failed(ConnectionError("reset by peer")))
+    for exc in (
+        OSError(28, "No space left on device", "results/x"),
+        RuntimeError("Torch not compiled with CUDA enabled"),
+        ConfigError("params.yaml: sae.width=-5"),
+        ValueError("a bug"),
+    ):
+        assert not _retry_transient(None, None, Failed(exc)), exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,3 +124,52 @@ def test_a_configured_server_wins_and_ours_is_stopped(fake, monkeypatch):
     with api.serving():
         pass
     assert process.wait(timeout=10) is not None and api.process is None
+
+
+# Launches the real server command, prints the server's pid, then waits to be killed.
+LAUNCHER = """
+import pathlib, sys, time
+from flows.api import TemporaryApi
+api = TemporaryApi(pathlib.Path(sys.argv[1]))
+print(api.process.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("after_s", [0.5, 6.0])  # while Prefect imports, and once it serves
+def test_the_server_ends_when_salve_is_killed(tmp_path: Path, after_s: float) -> None:
+    """`kill -9` of `salve run` runs none of its cleanup: the server it launched must end by
+    itself (it lived on with parent 1, still there minutes and another run later)."""
+    import os
+    import signal
+    import subprocess
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    server = int(launcher.stdout.readline())
+    try:
+        time.sleep(after_s)
+        assert not _gone(server), "the server should run while salve does"
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not _gone(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(server), "the temporary API outlived the salve process by 10 s"
+    finally:
+        if not _gone(server):
+            os.kill(server, signal.SIGKILL)
+        launcher.kill()
