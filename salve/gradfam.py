@@ -186,7 +186,7 @@ def _probe(model: nn.Module, image_size: int, names: list[str]) -> list[FeatureL
         pooled = False
         if layout != "tokens" and channels == acts.shape[1]:
             mean = out.mean(dim=(2, 3) if layout == "nchw" else (1, 2))
-            tol = 1e-6 * (1.0 + float(acts.detach().abs().amax()))
+            tol = 1e-6 * float(acts.detach().abs().amax())  # relative: head inputs can be ~1e-8
             pooled = bool(torch.allclose(mean, acts, rtol=1e-4, atol=tol))
         layers.append(FeatureLayer(name, grid, layout, channels, pooled))
     return layers

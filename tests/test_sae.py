@@ -381,9 +381,12 @@ def test_fit_sae_without_decoder_normalisation(acts) -> None:
 
 
 def test_non_finite_loss_raises_divergence(acts, monkeypatch) -> None:
-    huge = acts * 1e30  # float32 squared error overflows to inf
+    # An infinite activation: the loss is not finite. (A merely huge scale, acts * 1e30, no
+    # longer overflows: the fit normalises the activations, tests/test_sae_scale.py.)
+    infinite = acts.clone()
+    infinite[5, 1] = math.inf
     with pytest.raises(DivergenceError, match=r"epoch 1.*sae\.lr"):
-        fit_sae(huge, _settings("relu"), seed=0, progress=False)
+        fit_sae(infinite, _settings("relu"), seed=0, progress=False)
     nan = acts.clone()
     nan[3, 2] = math.nan
     with pytest.raises(DivergenceError):

@@ -8,6 +8,8 @@ Kinds (docs/METHOD.md, "SAE"), one module each, registered by name in ``SAE_KIND
 - ``batchtopk``: top k*N over the batch while fitting, a saved threshold at inference.
 - ``jumprelu``: a learned per-latent threshold (straight-through gradient).
 Each kind's ``describe()`` states its exact encode rule as JSON, for the checkpoint's sidecar.
+Fitting normalises the activations and folds the scale back (``fit.input_scale``), so a fitted
+SAE reads raw activations and its codes are in their units.
 """
 
 from salve.sae.base import SparseAutoencoder
@@ -17,6 +19,7 @@ from salve.sae.fit import (
     data_scale_sq,
     fit_sae,
     init_sae,
+    input_scale,
     loss_weights,
     sae_loss,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "data_scale_sq",
     "fit_sae",
     "init_sae",
+    "input_scale",
     "loss_weights",
     "quality_metrics",
     "sae_class",

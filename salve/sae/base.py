@@ -4,11 +4,17 @@ Every kind encodes ``pre = (a - b_dec) @ W_enc.T + b_enc`` and differs only in h
 from ``pre`` (``support`` / ``codes_from_pre``), in its sparsity penalty and in the inference
 statistics it saves with the weights. So the encoder gradient with respect to the activations is
 ``W_enc`` scaled by ``code_derivative`` for every kind (Grad-FAM's closed form relies on it).
+
+Units: the fit works on ``a / input_scale`` (``salve.sae.fit``) and then folds that scale into
+the biases and thresholds (``fold_input_scale_``), so a saved SAE reads raw activations and its
+pre-activations, codes and reconstructions are in the activations' units; the weight matrices
+are unitless (decoder columns keep unit norm, which sets alpha's scale).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -62,6 +68,8 @@ class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
         super().__init__()
         self.encoder = nn.Linear(d_in, d_latent)
         self.decoder = nn.Linear(d_latent, d_in)
+        # The activation unit the fit worked in (fold_input_scale_); None for an unfitted SAE.
+        self.input_scale: float | None = None
 
     @classmethod
     def build(cls, d_in: int, d_latent: int, *, k: int = 0, **options: Any) -> SparseAutoencoder:
@@ -147,6 +155,29 @@ class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
     def _latents_rescaled_(self, scale_l: torch.Tensor) -> None:
         """Latent l's pre-activation was multiplied by scale_l[l]: rescale thresholds to match."""
 
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Turn this SAE of ``x = a / scale`` into the same SAE of ``a``, in a's units.
+
+        Afterwards ``pre(a) = scale * pre_before(a / scale)``, so ``encode(a) = scale *
+        encode_before(a / scale)`` and ``forward(a)[0] = scale * forward_before(a / scale)[0]``:
+        every kind's rule commutes with a positive factor once its thresholds carry it too.
+        Biases and thresholds are in activation units and are multiplied; W_enc and W_dec map
+        units to units and stay, so decoder columns keep their norm and Grad-FAM's
+        ``f'(pre) W_enc`` is unchanged. Records the scale (``input_scale``) for the sidecar.
+        """
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the input scale must be finite and > 0, got {scale}")
+        self.encoder.bias.mul_(scale)
+        self.decoder.bias.mul_(scale)
+        self._pre_activation_scaled_(scale)
+        self.input_scale = scale * (self.input_scale or 1.0)
+
+    def _pre_activation_scaled_(self, scale: float) -> None:
+        """Every pre-activation was multiplied by ``scale``: rescale thresholds to match."""
+        ones = torch.ones(self.d_latent, dtype=torch.float64, device=self.b_enc.device)
+        self._latents_rescaled_(ones * scale)
+
     def sparsity_terms(
         self, codes_nl: torch.Tensor, pre_nl: torch.Tensor, weights: Mapping[str, float]
     ) -> list[tuple[str, float, torch.Tensor]]:
@@ -178,5 +209,18 @@ class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
             ),
             "decode": (
                 "a_hat = torch.nn.functional.linear(z, W_dec, b_dec), i.e. z @ W_dec.T + b_dec"
+            ),
+        } | self._units()
+
+    def _units(self) -> dict[str, Any]:
+        if self.input_scale is None:
+            return {}
+        return {
+            "input_scale": self.input_scale,
+            "units": (
+                "fitted on a / input_scale, input_scale = sqrt(mean_n ||a_n - mean(a)||^2 / "
+                "d_in) (mean squared deviation d_in), then b_enc, b_dec and any threshold "
+                "multiplied by input_scale: the tensors read raw activations, and pre, codes "
+                "and a_hat are in the activations' units"
             ),
         }

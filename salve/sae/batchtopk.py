@@ -45,6 +45,11 @@ class BatchTopKSAE(TopKSAE):
                     mins.append(pre[mask].min())
         self.batchtopk_threshold.fill_(torch.stack(mins).mean() if mins else 0.0)
 
+    def _pre_activation_scaled_(self, scale: float) -> None:
+        # One threshold for all latents: a common factor carries over (a per-latent one does
+        # not, hence no _latents_rescaled_ and the recalibration after normalise_decoder_).
+        self.batchtopk_threshold.mul_(scale)
+
     def describe(self) -> dict[str, Any]:
         rule = super().describe()
         return rule | {

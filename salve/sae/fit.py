@@ -1,4 +1,11 @@
-"""Fitting an SAE on activations: initialisation, the scale-free loss, the Adam loop."""
+"""Fitting an SAE on activations: initialisation, the scale-free loss, the Adam loop.
+
+The loss is scale-free, but Adam's steps, the initialisation and JumpReLU's threshold are not:
+on a backbone whose head inputs have norm 1e-8 one step of lr = 1e-3 on b_dec is 1e5 times the
+data. So the fit runs on ``a / input_scale(a)`` (mean squared deviation d_in, as SAE libraries
+normalise) and folds the scale back into the saved biases and thresholds: activations times s
+give the same fit, with codes and reconstructions times s (up to float rounding).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +47,13 @@ def data_scale_sq(acts_nm: torch.Tensor) -> float:
     return scale_sq if scale_sq > 0 else 1.0
 
 
+def input_scale(acts_nm: torch.Tensor) -> float:
+    """The fit's unit of activation, sqrt(data_scale_sq / d_in): ``a / input_scale`` has mean
+    squared deviation d_in (variance 1 per dimension on average). Centred, since b_dec takes the
+    mean: the spread is what the weights must resolve. Deterministic, no sampling."""
+    return math.sqrt(data_scale_sq(acts_nm) / acts_nm.shape[1])
+
+
 def loss_weights(cfg: SaeConfig, scale_sq: float) -> dict[str, float]:
     """The config's scale-free sparsity weights in the units of the raw loss.
 
@@ -76,16 +90,20 @@ def fit_sae(
     device: torch.device | None = None,
     progress: bool = True,
 ) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
-    """Fit on activations with Adam (loss in the units of ``loss_weights``), then calibrate the
-    kind's inference statistics. Raises DivergenceError on a non-finite or exploding loss."""
+    """Fit on ``acts_nm / input_scale`` with Adam (loss in the units of ``loss_weights``),
+    fold the scale back (``fold_input_scale_``: the SAE returned reads raw activations, codes
+    in their units), then calibrate the kind's inference statistics on the raw activations.
+    Raises DivergenceError on a non-finite or exploding loss."""
     from tqdm.auto import tqdm
 
     from salve.train import DivergenceError
 
     device = device or torch.device("cpu")
-    sae = init_sae(acts_nm, cfg, seed=seed).to(device)
-    acts = acts_nm.to(device)
-    scale_sq = data_scale_sq(acts_nm)
+    scale = input_scale(acts_nm)
+    normalised = acts_nm / scale  # mean squared deviation d_in
+    sae = init_sae(normalised, cfg, seed=seed).to(device)
+    acts = normalised.to(device)
+    scale_sq = float(acts_nm.shape[1])  # data_scale_sq of the normalised activations
     weights = loss_weights(cfg, scale_sq)
     # fused: one kernel per update step for all four tensors (CPU defaults to a Python loop
     # over them): the default fit took 7.8 s instead of 8.6 s (foreach) on one thread here.
@@ -133,6 +151,11 @@ def fit_sae(
             )
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-    sae.calibrate_(acts)
+    del acts, normalised
     sae.eval()
+    sae.fold_input_scale_(scale)
+    # On the raw activations, after the fold: a threshold set at a kept pre-activation then
+    # excludes that sample at inference exactly as the pre-activations will be computed there,
+    # not by the rounding of scale * threshold.
+    sae.calibrate_(acts_nm.to(device))
     return sae.cpu(), history

@@ -15,6 +15,10 @@ THRESHOLD_TENSOR = "log_threshold"
 
 
 class JumpReluSAE(SparseAutoencoder):
+    """``initial_threshold`` and ``bandwidth`` are in the fit's units (activations of mean
+    squared deviation d_in), so they mean the same for every backbone; the saved threshold is
+    folded into the activations' units like the biases."""
+
     kind = "jumprelu"
 
     def __init__(
@@ -50,6 +54,7 @@ class JumpReluSAE(SparseAutoencoder):
             ),
             "training_rule": (
                 f"straight-through threshold gradient, rectangle kernel of width {self.bandwidth}"
+                " (in the fit's units, a / input_scale)"
             ),
         }
 

@@ -70,6 +70,8 @@ def sae_from_tensors(
                 "do not belong together, or another salve version wrote them; refit the SAE"
             )
     sae.load_state_dict(_without_legacy_buffer(sae, tensors))
+    if description is not None:  # already folded into the tensors: a record, not a rule
+        sae.input_scale = description.get("input_scale")
     return sae.eval()
 
 
