@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_parser(sub)
     add_diff_parser(sub)
     add_exps_parser(sub)
+    from flows.docs import add_docs_parser
+
+    add_docs_parser(sub)
     return p
 
 
