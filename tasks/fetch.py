@@ -3,6 +3,8 @@
 Folder sources (imagefolder, imagenette) are planned and checked first, then decoded chunk by
 chunk straight into the split files, so memory stays bounded whatever the dataset's size. The
 array sources (digits, CIFAR-100) are small and prepared in memory. Both give the same files.
+Val images identical to a train image once decoded are counted on the way (per-image digests,
+no image kept): one warning, and `val_copies_of_train` in the metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from salve.data import (
     check_prepared,
     plan_image_files,
     prepare_dataset,
+    report_val_copies,
 )
 from salve.io import save_tensors
 from tasks import STAGES
@@ -44,12 +47,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         if d.source == "imagefolder":
             plan.info["root"] = d.path  # as configured: meta.json is the same on every clone
         plan.check()  # what check_prepared checks, before anything is decoded
-        plan.write_splits(paths, progress=progress)
+        copies = plan.write_splits(paths, progress=progress)
         classes, info = plan.classes, plan.info
         counts = {"train": len(plan.train_labels), "val": len(plan.val_labels)}
     else:
         prepared = prepare_dataset(d.source, **opts)
         check_prepared(prepared)
+        copies = report_val_copies(prepared)
         for split, path in paths.items():
             save_tensors(
                 path,
@@ -68,6 +72,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "train_samples": counts["train"],
         "val_samples": counts["val"],
         "image_size": d.image_size,
+        "val_copies_of_train": copies,  # val images identical to a train image once decoded
     }
     # Folder sources: what the scan skipped or relabelled, as counts and one line ("" if none).
     summary |= {k: info[k] for k in (*SCAN_KEYS, "data_notes") if k in info}

@@ -26,6 +26,9 @@ class FetchMetrics(TypedDict):
     train_samples: int
     val_samples: int
     image_size: int
+    # val images identical to a train image once decoded; always written, optional so that
+    # a fetch.json from before it was counted (restored from DVC's cache) still reads
+    val_copies_of_train: NotRequired[int]
     # folder sources: what the scan skipped or relabelled
     skipped_hidden: NotRequired[int]
     nested_images: NotRequired[int]

@@ -92,8 +92,44 @@ def _weights(root: Path, **kw) -> None:
     save_weights(root / "weights" / "model.safetensors", **kw)
 
 
+def _prepend_to_params(text: str) -> Callable[[Path], None]:
+    def setup(root: Path) -> None:
+        p = root / "params.yaml"
+        p.write_text(text + p.read_text())
+
+    return setup
+
+
+def _empty_params(root: Path) -> None:
+    (root / "params.yaml").write_text("# every section deleted\n")
+
+
 CASES = [
     Case("truncated PNG", _truncate, (), 1, ("square/3.png", "cannot read this image")),
+    Case(
+        "params.yaml with a YAML syntax error",
+        _prepend_to_params("sae:\n  width: 8\n   k: 3\n"),
+        (),
+        2,
+        ("params.yaml:3:5: not valid YAML", "indentation"),
+        before_any_stage=True,
+    ),
+    Case(
+        "params.yaml with a duplicated section",
+        _prepend_to_params("sae:\n  width: 8\n"),
+        (),
+        2,
+        ("section 'sae' appears twice (first at line 1)", "merge the two into one"),
+        before_any_stage=True,
+    ),
+    Case(
+        "empty params.yaml",
+        _empty_params,
+        ("--set", "sae.width=8"),
+        2,
+        ("params.yaml is empty", "git checkout params.yaml"),
+        before_any_stage=True,
+    ),
     Case(
         "checkpoint class out of range",
         lambda r: None,
@@ -124,6 +160,14 @@ CASES = [
         ("--set", "finetune.arch=resnet19"),
         2,
         ("finetune.arch='resnet19'", "Did you mean"),
+        before_any_stage=True,
+    ),
+    Case(
+        "gradfam layer that is not a module",
+        lambda r: None,
+        ("--set", "gradfam.layer=nolayer"),
+        2,
+        ("gradfam.layer='nolayer' is not a module of resnet18", "choose auto or one of layer1"),
         before_any_stage=True,
     ),
     Case(
@@ -309,3 +353,65 @@ def test_an_interrupt_stops_salve_run_at_once_with_one_line(signum, folder_templ
     from tasks.dvcrepo import stale_stages
 
     assert stale_stages(root, ["fetch", "finetune"]) == ["finetune"]
+
+
+BROKEN_PARAMS = {
+    "syntax error": (
+        "common:\n  seed: 0\n device: cpu\n",
+        ":3:2: not valid YAML: expected <block end>, but found '<block mapping start>' (while "
+        "parsing a block mapping); check the indentation: the keys of a section line up under "
+        "each other",
+    ),
+    "duplicated section": (
+        "common:\n  seed: 0\nsae:\n  width: 8\ncommon:\n  seed: 1\n",
+        ":5:1: not valid YAML: section 'common' appears twice (first at line 1); merge the two "
+        "into one",
+    ),
+    "duplicated key": (
+        "sae:\n  width: 8\n  k: 3\n  width: 8\n",
+        ":4:3: not valid YAML: key 'width' appears twice in its section (first at line 2); "
+        "keep one of them",
+    ),
+    "empty": (
+        "\n# nothing but comments\n",
+        " is empty (no section, only comments or blank lines), so every stage would silently "
+        "run the defaults; restore it with `git checkout params.yaml`, or start from the "
+        "defaults by naming one section in it (`echo 'data:' > params.yaml`): salve run then "
+        "writes every key with its default",
+    ),
+    "not a mapping": (
+        "- sae\n",
+        ":1:1: expected a mapping of sections (`sae:` with its keys indented below), got a "
+        "list; restore it with `git checkout params.yaml`",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_PARAMS, ids=list(BROKEN_PARAMS))
+@pytest.mark.parametrize("args", [(), ("--set", "sae.width=16")], ids=["plain", "with --set"])
+def test_a_broken_params_file_is_one_line_under_salve_stage(
+    case: str, args: tuple[str, ...], tmp_path, capsys, monkeypatch
+):
+    """`salve stage` in this process (the checks run before any stage: no project needed):
+    exactly the one line on stderr, exit code 2, params.yaml untouched byte for byte."""
+    import signal as signals
+
+    from flows import logs
+    from flows.cli import main
+
+    text, says = BROKEN_PARAMS[case]
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    for name in (logs.LOG_ENV, "PREFECT_LOGGING_SETTINGS_PATH"):  # set by the CLI: restored
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    handlers = {s: signals.getsignal(s) for s in (signals.SIGINT, signals.SIGTERM)}
+    capsys.readouterr()
+    try:
+        rc = main(["--root", str(tmp_path), "stage", "fetch", *args])
+    finally:
+        for signum, handler in handlers.items():
+            signals.signal(signum, handler)
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert err == f"error: {params}{says}\n"
+    assert out == "" and params.read_bytes() == text.encode()

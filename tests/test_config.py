@@ -15,6 +15,7 @@ from salve.config import (
     Config,
     ConfigError,
     apply_overrides,
+    fill_missing,
     from_dict,
     load,
     parse_override,
@@ -223,6 +224,55 @@ def test_load_errors(tmp_path: Path) -> None:
     bad.write_text("sae:\n  width: 8\n  width: 9\n")  # duplicate key: DVC rejects it too
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+
+
+# (file text, where the error points, what the one line says)
+BROKEN_FILES = {
+    "duplicate key": (
+        "sae:\n  width: 8\n  k: 3\n  width: 9\n",
+        ":4:3: ",
+        "key 'width' appears twice in its section (first at line 2); keep one of them",
+    ),
+    "duplicate section": (
+        "sae:\n  width: 8\nrank:\n  top_n: 2\nsae:\n  k: 3\n",
+        ":5:1: ",
+        "section 'sae' appears twice (first at line 1); merge the two into one",
+    ),
+    "unclosed bracket": ("# c\nsae: {width: 8\n", ":2:6: ", "not closed before the file ends"),
+    "unclosed quote": ("sae:\n  kind: 'relu\n", ":2:9: ", "not closed before the file ends"),
+    "bad indentation": ("sae:\n  width: 8\n   k: 3\n", ":3:5: ", "check the indentation"),
+    "tab": ("sae:\n\twidth: 8\n", ":2:1: ", "a tab character"),
+    "two documents": ("sae: {}\n---\nrank: {}\n", ":2:1: ", "a second YAML document"),
+    "a list": ("# params\n\n- sae\n- rank\n", ":3:1: ", "expected a mapping of sections"),
+    "a plain value": ("sae\n", ":1:1: ", "got the single value 'sae'"),
+    "empty": ("", " is empty ", "`git checkout params.yaml`"),
+    "only comments": ("# all\n\n   # gone\n", " is empty ", "`echo 'data:' > params.yaml`"),
+    "null": ("~\n", " is empty ", "salve run then writes every key with its default"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_FILES, ids=list(BROKEN_FILES))
+def test_a_broken_params_file_is_one_line_with_its_place(tmp_path: Path, case: str) -> None:
+    """Syntax errors and duplicates point at line:column (1-based) instead of ruamel's 8-12
+    lines; an empty file is refused instead of running every default."""
+    text, place, says = BROKEN_FILES[case]
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    for attempt in (load, lambda q: apply_overrides(q, ["sae.width=4"]), fill_missing):
+        with pytest.raises(ConfigError) as info:
+            attempt(p)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{p}{place}"), message
+        assert says in message, message
+        assert "<unicode string>" not in message and "suppress" not in message  # ruamel's
+        assert p.read_text() == text  # nothing written
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "params.yaml"
+    p.write_bytes(b"sae:\n  kind: \xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 13 .*save it as UTF-8$"):
+        load(p)
 
 
 def test_load_reads_exponent_floats_as_dvc_does(tmp_path: Path) -> None:

@@ -758,6 +758,7 @@ def test_fetch_reads_data_path_from_the_repo_root(
     assert metrics == summary
     assert metrics["data_notes"].startswith("imagefolder: ignored 1 non-image file")
     assert metrics["non_image_files"] == 1 and metrics["val_samples"] == 15
+    assert metrics["val_copies_of_train"] == 15  # one colour per class: all copies
     meta = json.loads((repo / "results" / "fetch" / "meta.json").read_text())
     assert meta["info"]["root"] == "data/pets"  # as configured, the same on every clone
     # Four per class leave 4 val images: below data.min_val_per_class (5), refused.
@@ -776,8 +777,10 @@ def test_fetch_metrics_for_digits_keep_their_keys(tmp_path: Path) -> None:
         "num_classes",
         "source",
         "train_samples",
+        "val_copies_of_train",
         "val_samples",
     ]
+    assert metrics["val_copies_of_train"] == 0  # the digits hold no repeated image
 
 
 # --------------------------------------------------------------------------------------------
@@ -884,3 +887,80 @@ def test_streamed_fetch_checks_before_decoding_and_keeps_old_files_on_failure(
     with pytest.raises(DatasetError, match=r"val/fox/1.png: cannot read this image"):
         fetch.run(cfg, repo, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no temp file
+
+
+# --------------------------------------------------------------------------------------------
+# Val images that copy train images: counted from digests while streaming, one warning
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "exact copies" in r.getMessage()]
+
+
+def test_fetch_counts_val_images_that_copy_train_images(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from tasks import fetch
+
+    repo = tmp_path / "repo"
+    ds = repo / "data" / "ds"
+    _random_folder(ds / "train", n=4, seed=1)
+    _random_folder(ds / "val", n=2, seed=2)  # distinct images: no copy yet
+    data = {"source": "imagefolder", "path": "data/ds", "image_size": 16, "min_val_per_class": 1}
+    cfg = from_dict({"data": data})
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        summary = fetch.run(cfg, repo, progress=False)
+    assert _copy_warnings(caplog) == [] and summary["val_copies_of_train"] == 0
+    caplog.clear()
+
+    for cls in ("ant", "bee", "cow"):  # val/<cls>/1.png becomes a copy of train/<cls>/3.png
+        shutil.copyfile(ds / "train" / cls / "3.png", ds / "val" / cls / "1.png")
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        summary = fetch.run(cfg, repo, progress=False)
+    assert _copy_warnings(caplog) == [
+        "data: 3 of 6 val images are exact copies of train images once decoded "
+        "(val/ant/1.png = train/ant/3.png, val/bee/1.png = train/bee/3.png, "
+        "val/cow/1.png = train/cow/3.png); val accuracy then measures memorisation, not "
+        "generalisation: delete the copies from the val/ folder in data/ds (or replace them "
+        "with images the model has not trained on)"
+    ]
+    assert summary["val_copies_of_train"] == 3
+    metrics = json.loads((repo / "metrics" / "fetch.json").read_text())
+    assert metrics["val_copies_of_train"] == 3
+    caplog.clear()
+
+    # A val made only of training images: every one counted, the list cut after three.
+    shutil.rmtree(ds / "val")
+    shutil.copytree(ds / "train", ds / "val")
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        summary = fetch.run(cfg, repo, progress=False)
+    (line,) = _copy_warnings(caplog)
+    assert line.startswith("data: 12 of 12 val images are exact copies") and ", ...)" in line
+    assert summary["val_copies_of_train"] == 12
+
+
+def test_val_copies_across_chunks_and_in_memory_data(caplog: pytest.LogCaptureFixture) -> None:
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (7, 3, 4, 4), dtype=torch.uint8, generator=g)
+    val = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8, generator=g)
+    val[1], val[4] = train[6], train[2]  # train row 6 arrives in the second chunk
+    copies = salve.data.ValCopies()
+    for start in range(0, 7, 4):
+        copies.add("train", train[start : start + 4])
+    copies.add("val", val[:3])
+    copies.add("val", val[3:])
+    assert copies.pairs() == [(1, 6), (4, 2)]
+    assert all(len(d) == 16 for d in copies.train) and len(copies.val) == 5  # digests only
+
+    data = dataclasses.replace(_tiny(), val_images=val[:2], train_images=train[:4])
+    data.val_images[0] = data.train_images[3]
+    with caplog.at_level(logging.WARNING, logger="salve"):
+        assert salve.data.report_val_copies(data, chunk_size=3) == 1
+    assert _copy_warnings(caplog) == [
+        "data: 1 of 2 val images are exact copies of train images once decoded "
+        "(val #0 = train #3); val accuracy then measures memorisation, not generalisation: "
+        "they come with the test data set itself, so read its val accuracy as partly memorised"
+    ]

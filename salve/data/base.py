@@ -3,10 +3,12 @@ normalisation and the seeded, index-level splits (only the kept images are ever 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 SOURCES = ("digits", "imagenette", "cifar100", "imagefolder")
 FOLDER_SOURCES = ("imagenette", "imagefolder")
+
+logger = logging.getLogger("salve")
 
 
 class DatasetError(ValueError):
@@ -261,3 +265,67 @@ def override_url(default_url: str, url_override: str) -> str:
     if url_override.lower().split("?")[0].endswith((".tgz", ".tar.gz", ".tar", ".zip")):
         return url_override
     return url_override.rstrip("/") + "/" + default_url.rsplit("/", 1)[-1]
+
+
+@dataclass
+class ValCopies:
+    """Val images that are byte-for-byte copies of a train image once decoded.
+
+    A val split that repeats training images makes val accuracy a memorisation score, and
+    nothing downstream can tell. Each image is reduced to a 16-byte blake2b digest as its chunk
+    goes by (`add`), so a split of any size is checked while it is streamed, keeping no image.
+    """
+
+    train: dict[bytes, int] = field(default_factory=dict)  # digest -> its first train row
+    val: list[bytes] = field(default_factory=list)  # digest of each val row
+    train_rows: int = 0
+
+    def add(self, split: str, images: torch.Tensor) -> None:
+        """Digest a chunk of uint8 images [c,3,S,S] of `split` ("train" or "val"), in row order."""
+        rows = images.contiguous().numpy()  # a view of a contiguous chunk, not a copy
+        digests = [hashlib.blake2b(row, digest_size=16).digest() for row in rows]
+        if split == "train":
+            for row, digest in enumerate(digests, start=self.train_rows):
+                self.train.setdefault(digest, row)
+            self.train_rows += len(digests)
+        elif split == "val":
+            self.val += digests
+        else:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(val row, train row) for each val image that copies a train image."""
+        return [(i, self.train[d]) for i, d in enumerate(self.val) if d in self.train]
+
+    def report(self, name: Callable[[str, int], str], fix: str) -> int:
+        """The number of copies; when there are any, one warning on the "salve" logger with the
+        count, a few examples (`name(split, row)` names a row) and `fix`."""
+        pairs = self.pairs()
+        if pairs:
+            shown = ", ".join(f"{name('val', i)} = {name('train', j)}" for i, j in pairs[:3])
+            logger.warning(
+                "data: %d of %d val images are exact copies of train images once decoded "
+                "(%s%s); val accuracy then measures memorisation, not generalisation: %s",
+                len(pairs),
+                len(self.val),
+                shown,
+                ", ..." if len(pairs) > 3 else "",
+                fix,
+            )
+        return len(pairs)
+
+
+def report_val_copies(data: PreparedData, *, chunk_size: int = 1024) -> int:
+    """`ValCopies.report` for in-memory data (the array sources, whose split comes with the
+    data set): the number of val images that copy a train image."""
+    copies = ValCopies()
+    for split in ("train", "val"):
+        images = getattr(data, f"{split}_images")
+        for start in range(0, len(images), chunk_size):
+            copies.add(split, images[start : start + chunk_size])
+    source = data.info.get("source", "this source")
+    return copies.report(
+        lambda split, row: f"{split} #{row}",
+        f"they come with the {source} data set itself, so read its val accuracy as partly "
+        "memorised",
+    )

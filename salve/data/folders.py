@@ -19,6 +19,7 @@ from salve.data.base import (
     FOLDER_SOURCES,
     DatasetError,
     PreparedData,
+    ValCopies,
     check_args,
     check_prepared,
     check_split_counts,
@@ -130,12 +131,17 @@ class ImageFilePlan:
 
     def write_splits(
         self, paths: Mapping[str, Path], *, chunk_size: int = 64, progress: bool = True
-    ) -> None:
+    ) -> int:
         """Decode each split in `paths` ({"train": file, "val": file}) chunk by chunk straight
         into its safetensors file (images, labels): memory stays bounded by a few chunks however
         many images. The bytes equal `save_tensors` of `decode()`'s tensors. No file appears
-        under its name until every split is written (a failure leaves the old files)."""
+        under its name until every split is written (a failure leaves the old files).
+
+        Returns the number of val images that are exact copies of a train image once decoded,
+        counted from per-image digests on the way (`ValCopies`) and, when not 0, reported in
+        one warning naming some of the files."""
         writers: list[TensorFileWriter] = []
+        copies = ValCopies()
         try:
             for split, path in paths.items():
                 writer = TensorFileWriter(path, self.tensor_specs(split))
@@ -143,11 +149,34 @@ class ImageFilePlan:
                 for images, labels in self.chunks(split, chunk_size=chunk_size, progress=progress):
                     writer.write("images", images)
                     writer.write("labels", labels)
+                    copies.add(split, images)
             for writer in writers:
                 writer.close()
         finally:
             for writer in writers:
                 writer.abort()  # after close: nothing left to discard
+        return copies.report(self._file_name(), self._copies_fix())
+
+    def _file_name(self) -> Callable[[str, int], str]:
+        """Names a decoded row by its file, relative to the folder holding every file (found
+        on the first call: only a warning pays for it)."""
+        base: list[Path] = []
+
+        def name(split: str, row: int) -> str:
+            if not base:
+                base.append(Path(os.path.commonpath([*self.train_files, *self.val_files])))
+            return self.split(split)[0][row].relative_to(base[0]).as_posix()
+
+        return name
+
+    def _copies_fix(self) -> str:
+        where = self.info.get("root", "data.path")
+        if str(self.info.get("split", "")).startswith("given"):
+            return (
+                f"delete the copies from the val/ folder in {where} (or replace them with "
+                "images the model has not trained on)"
+            )
+        return f"delete the duplicate files from the class folders in {where}"
 
     def _prepared(self, images: Callable[[str], torch.Tensor]) -> PreparedData:
         return PreparedData(
