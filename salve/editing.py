@@ -547,6 +547,29 @@ SUPPRESSED_BELOW = 0.10
 SELECTIVE_WITHIN = 0.03
 
 
+def head_unchanged(weight_km: torch.Tensor, bias_k: torch.Tensor, edited: EditedHead) -> bool:
+    """True when an edited head equals the original (weight and bias, value for value)."""
+    return torch.equal(edited.weight, weight_km) and torch.equal(edited.bias, bias_k)
+
+
+def why_unchanged(weight_km: torch.Tensor, col_m: torch.Tensor, mode: str) -> str:
+    """Why an edit with alpha > 0 along the decoder column ``col_m`` left the head as it was."""
+    w = weight_km.detach().to(torch.float64)
+    c = col_m.detach().to(torch.float64)
+    if not bool(w.any()):
+        return (
+            "the head's weight is all zero: every logit is its bias, which the edit keeps "
+            "(train the head first)"
+        )
+    if not bool(c.any()):
+        return "the feature's decoder column is all zero (a dead latent)"
+    if mode == "paper" and not bool(w[:, c != 0].any()):
+        return "the head's weight is zero in every dimension the feature's decoder column uses"
+    if mode == "projection" and not bool((w @ c).any()):
+        return "the head's weight is orthogonal to the feature's decoder direction (W d = 0)"
+    return "the change is below the floating-point resolution of the head's weights"
+
+
 def alpha_scale(col_m: torch.Tensor, unit: str, mode: str) -> float:
     """Multiplier from configured alpha to the rule's alpha. For the paper rule, per_feature
     makes alpha = 1 zero the column's largest |c_j| exactly, so grids mean the same for every

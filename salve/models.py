@@ -10,15 +10,14 @@ Checkpoints are a plain torchvision state dict (safetensors) plus a JSON sidecar
 architecture and the head's module path, so ``load_checkpoint`` rebuilds any architecture and the
 weights load strictly into ``torchvision.models.get_model(arch)`` with that head replaced.
 
-Family-specific knowledge is kept to two documented spots: ``_size_kwargs`` (a ViT is built for
-its image size: its position embedding depends on it) and ``_fit_position_embedding`` (a ViT's
-position embedding is interpolated when weights come from another image size).
+Family-specific knowledge is kept to two documented spots: ``_build_for_size`` (a ViT is built
+for its image size: its position embedding depends on it) and ``_fit_position_embedding`` (a
+ViT's position embedding is interpolated when weights come from another image size).
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,18 +68,10 @@ class ArchSpec:
     head_out: int
     shapes: dict[str, tuple[int, ...]]  # state-dict key -> shape, with the original head
     builder_kwargs: dict[str, int]
+    modules: tuple[str, ...] = ()  # every submodule's name, in definition order ("" left out)
 
     def head_keys(self) -> tuple[str, ...]:
         return tuple(k for k in self.shapes if k.rpartition(".")[0] == self.head)
-
-
-def _size_kwargs(skeleton: nn.Module, image_size: int) -> dict[str, int]:
-    """Builder arguments that depend on the image size. ViTs record ``image_size`` and size their
-    position embedding by it; every other family here takes any size as built."""
-    size = getattr(skeleton, "image_size", None)
-    if isinstance(size, int) and size != image_size:
-        return {"image_size": image_size}
-    return {}
 
 
 def _skeleton(arch: str, **kwargs) -> nn.Module:
@@ -114,18 +105,54 @@ def _size_error(arch: str, image_size: int, exc: Exception) -> ValueError:
     )
 
 
-@functools.lru_cache(maxsize=32)
+def _build_for_size(arch: str, image_size: int) -> tuple[nn.Module, dict[str, int]]:
+    """The skeleton and the builder arguments that depend on the image size.
+
+    ViT builders take ``image_size``, size their position embedding by it and record it; every
+    other family takes any size as built, and refuses the argument (a TypeError before anything
+    is built) or ignores it (MobileNet, ConvNeXt: ``**kwargs``). One build either way (a ViT-B/16
+    costs about 1.3 s on 2 cores)."""
+    try:
+        model = _skeleton(arch, image_size=image_size)
+    except TypeError as exc:
+        if "image_size" not in str(exc):
+            raise _size_error(arch, image_size, exc) from exc
+        return _skeleton(arch), {}
+    except Exception as exc:  # builders assert on sizes they cannot take
+        raise _size_error(arch, image_size, exc) from exc
+    recorded = getattr(model, "image_size", None) == image_size
+    return model, ({"image_size": image_size} if recorded else {})
+
+
+# arch_spec's results by (arch, image_size): a process meets few of them.
+_SPECS: dict[tuple[str, int], ArchSpec] = {}
+
+
 def arch_spec(arch: str, image_size: int = 224) -> ArchSpec:
     """Validate ``arch`` at ``image_size`` with a dry forward on a skeleton, and describe it."""
+    key = (arch, image_size)
+    if key not in _SPECS:
+        _SPECS[key] = _describe(arch, image_size)[0]
+    return _SPECS[key]
+
+
+def skeleton(arch: str, image_size: int = 224) -> nn.Module:
+    """A randomly initialised ``arch`` built for ``image_size`` (eval mode, original head), for
+    checks of its structure (module names, feature maps); the global RNG is untouched. The first
+    call for an architecture and size validates it as ``arch_spec`` does, from the same build."""
+    key = (arch, image_size)
+    if key in _SPECS:
+        return _skeleton(arch, **_SPECS[key].builder_kwargs).eval()
+    spec, model = _describe(arch, image_size)
+    _SPECS[key] = spec
+    return model
+
+
+def _describe(arch: str, image_size: int) -> tuple[ArchSpec, nn.Module]:
+    """The spec and the skeleton it was learnt from (eval mode)."""
     if arch not in classifier_names():
         raise _unknown_arch_error(arch)
-    skeleton = _skeleton(arch)
-    kwargs = _size_kwargs(skeleton, image_size)
-    if kwargs:
-        try:
-            skeleton = _skeleton(arch, **kwargs)
-        except Exception as exc:  # builders assert on sizes they cannot take
-            raise _size_error(arch, image_size, exc) from exc
+    skeleton, kwargs = _build_for_size(arch, image_size)
     head = last_linear(skeleton, f"{arch} ({type(skeleton).__name__})")
     seen: list[torch.Tensor] = []
     grab = skeleton.get_submodule(head).register_forward_hook(lambda _m, _a, out: seen.append(out))
@@ -143,7 +170,7 @@ def arch_spec(arch: str, image_size: int = 224) -> ArchSpec:
             "linear head. Choose a model whose classifier ends in a linear layer."
         )
     linear = skeleton.get_submodule(head)
-    return ArchSpec(
+    spec = ArchSpec(
         arch=arch,
         image_size=image_size,
         head=head,
@@ -151,7 +178,9 @@ def arch_spec(arch: str, image_size: int = 224) -> ArchSpec:
         head_out=linear.out_features,
         shapes={k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
         builder_kwargs=kwargs,
+        modules=tuple(name for name, _ in skeleton.named_modules() if name),
     )
+    return spec, skeleton
 
 
 def check_architecture(name: str, *, image_size: int = 224) -> None:
@@ -299,6 +328,18 @@ def check_weights_file(
                 f"{num_classes}-class head."
             )
     return spec
+
+
+def read_head(path: str | Path, arch: str, image_size: int = 224) -> dict[str, torch.Tensor]:
+    """The head's tensors (``<head>.weight``, ``<head>.bias`` where present) from a safetensors
+    state dict, read alone: the rest of the file is not loaded. Check the file first
+    (``check_weights_file``)."""
+    from safetensors import safe_open
+
+    spec = arch_spec(arch, image_size)
+    with safe_open(str(path), "pt") as fh:
+        present = set(fh.keys())
+        return {key: fh.get_tensor(key) for key in spec.head_keys() if key in present}
 
 
 def _load_weights_file(

@@ -3,11 +3,12 @@ metrics, and the configured edit saved as a new checkpoint."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from salve.config import Config
+from salve.config import Config, ConfigError
 from salve.editing import (
     SELECTIVE_WITHIN,
     SUPPRESSED_BELOW,
@@ -15,7 +16,9 @@ from salve.editing import (
     alpha_scale,
     edit_head,
     edit_targets,
+    head_unchanged,
     selectivity,
+    why_unchanged,
 )
 from salve.models import head_of, save_checkpoint
 from tasks import STAGES
@@ -27,7 +30,6 @@ from tasks.artifacts import (
     load_sae,
 )
 from tasks.common import run_metadata, write_metrics, write_plot
-from tasks.preflight import check_edit
 from tasks.records import EditLatents, EditMetrics, write_record
 
 
@@ -35,7 +37,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     e = cfg.edit
     classes = load_dataset_meta(root)["classes"]
     num_classes = len(classes)
-    check_edit(cfg, num_classes)
+    # Refused by preflight first; tasks.preflight is not imported here: its model checks would
+    # make this stage depend on the gradfam and study code (tasks/deps.py).
+    if e.checkpoint_class >= num_classes:
+        raise ConfigError(
+            f"params.yaml: edit.checkpoint_class={e.checkpoint_class} is out of range; "
+            f"the dataset has {num_classes} classes (0..{num_classes - 1})"
+        )
     ranking = load_ranking(root)
     model, sidecar = load_model(root)
     sae, sae_info = load_sae(root)
@@ -146,9 +154,20 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     col = w_dec[:, feat]
     alpha_abs = e.checkpoint_alpha * alpha_scale(col, e.alpha_unit, e.mode)
     edited = model
-    new_weight, new_bias = edit_head(
+    new_head = edit_head(
         weight.clone(), col, alpha_abs, e.checkpoint_sign, e.mode, bias_k=bias, centre_m=centre
     )
+    new_weight, new_bias = new_head
+    head_changed = not head_unchanged(weight, bias, new_head)  # before the copy below
+    spec = STAGES["edit"]
+    if not head_changed and alpha_abs > 0:
+        doing = {"suppress": "suppressing", "enhance": "enhancing"}[e.checkpoint_sign]
+        logging.getLogger("salve").warning(
+            f"edit: the saved edited checkpoint {spec.out_dir}/{spec.files['model']} equals "
+            f"the input model: {doing} feature {feat} (class {classes[k]}'s "
+            f"dominant feature) at alpha={e.checkpoint_alpha} changed nothing in its head, because "
+            f"{why_unchanged(weight, col, e.mode)}."
+        )
     with torch.no_grad():
         head_of(edited).weight.copy_(new_weight)
         head_of(edited).bias.copy_(new_bias)
@@ -163,12 +182,13 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "alpha_unit": e.alpha_unit,
         "alpha_abs": alpha_abs,
         "decoder_columns_normalised": sae_info.get("decoder_columns_normalised"),
+        "head_changed": head_changed,  # False: the saved checkpoint equals the input model
     }
     new_sidecar = {key: sidecar[key] for key in ("classes", "image_size", "normalisation")} | {
         "edit": edit_record
     }
     new_sidecar |= run_metadata(root, cfg, torch.device("cpu"), ("edit", "sae", "finetune"))
-    save_checkpoint(STAGES["edit"].path(root, "model"), edited, new_sidecar)
+    save_checkpoint(spec.path(root, "model"), edited, new_sidecar)
 
     n = max(len(per_class), 1)
     metrics = {

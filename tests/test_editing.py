@@ -16,10 +16,12 @@ from salve.editing import (
     edited_logits,
     edited_predictions,
     edited_weights,
+    head_unchanged,
     invert_edit,
     paper_factors,
     resolve_sign,
     selectivity,
+    why_unchanged,
 )
 
 F64 = torch.float64
@@ -129,6 +131,37 @@ def test_projection_orthogonal_direction_changes_nothing() -> None:
     edited = edit_head(weight, d, 0.25, -1, "projection")
     torch.testing.assert_close(edited[:, 0], 0.75 * weight[:, 0])
     torch.testing.assert_close(edited[:, 1:], weight[:, 1:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_all_zero_head_is_left_unchanged_and_says_why(mode: str) -> None:
+    weight, bias = torch.zeros(3, 5), _rand(3, seed=11, dtype=torch.float32)
+    col = _rand(5, seed=12, dtype=torch.float32)
+    edited = edit_head(weight, col, 1.5, -1, mode, bias_k=bias, centre_m=col)
+    assert head_unchanged(weight, bias, edited)
+    assert "the head's weight is all zero: every logit is its bias" in why_unchanged(
+        weight, col, mode
+    )
+
+
+def test_why_an_edit_changed_nothing() -> None:
+    weight = torch.zeros(4, 6, dtype=F64)
+    weight[:, :3] = _rand(4, 3, seed=9)  # every head row lives in the first three dims
+    outside = torch.zeros(6, dtype=F64)
+    outside[3:] = _rand(3, seed=10)
+    assert "a dead latent" in why_unchanged(weight, torch.zeros(6, dtype=F64), "paper")
+    assert "zero in every dimension" in why_unchanged(weight, outside, "paper")
+    assert "orthogonal" in why_unchanged(weight, outside, "projection")
+    for mode in MODES:
+        edited = edit_head(weight, outside, 0.9, -1, mode, bias_k=torch.zeros(4, dtype=F64))
+        assert head_unchanged(weight, torch.zeros(4, dtype=F64), edited)
+    tiny = torch.full((6,), 1e-30, dtype=F64)  # a change below float32's resolution
+    w32 = weight.float()
+    edited = edit_head(w32, tiny, 1.0, -1, "paper", bias_k=torch.zeros(4))
+    assert head_unchanged(w32, torch.zeros(4), edited)
+    assert "floating-point resolution" in why_unchanged(w32, tiny, "paper")
+    edited = edit_head(weight, weight[0], 0.5, -1, "projection", bias_k=torch.zeros(4, dtype=F64))
+    assert not head_unchanged(weight, torch.zeros(4, dtype=F64), edited)
 
 
 def test_projection_rejects_zero_column() -> None:

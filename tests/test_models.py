@@ -388,3 +388,65 @@ def test_building_leaves_the_global_rng_as_a_plain_build_would() -> None:
     plain.fc = torch.nn.Linear(512, K)
     for key, value in plain.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def _count_builds(monkeypatch) -> list[str]:
+    """Every model the skeleton builder returns (a refused keyword builds nothing); an empty
+    spec cache, restored after."""
+    import salve.models
+
+    built: list[str] = []
+    real = salve.models._skeleton
+
+    def counting(arch: str, **kwargs):
+        model = real(arch, **kwargs)
+        built.append(arch)
+        return model
+
+    monkeypatch.setattr(salve.models, "_skeleton", counting)
+    monkeypatch.setattr(salve.models, "_SPECS", {})
+    return built
+
+
+def test_an_architecture_is_built_once_to_check_it(monkeypatch) -> None:
+    """A ViT is built for the image size directly (its builder takes it), not once at 224 px
+    first; any other family refuses the keyword before building."""
+    from salve.models import arch_spec
+
+    built = _count_builds(monkeypatch)
+    vit = arch_spec("vit_b_32", 64)
+    assert built == ["vit_b_32"] and vit.builder_kwargs == {"image_size": 64}
+    assert vit.shapes["encoder.pos_embedding"] == (1, 1 + 2 * 2, 768)
+    resnet = arch_spec("resnet18", 48)
+    assert built == ["vit_b_32", "resnet18"] and resnet.builder_kwargs == {}
+    arch_spec("resnet18", 48)
+    assert len(built) == 2  # cached
+
+
+def test_skeleton_validates_and_describes_from_one_build(monkeypatch) -> None:
+    from salve.models import arch_spec, skeleton
+
+    built = _count_builds(monkeypatch)
+    torch.manual_seed(5)
+    model = skeleton("resnet18", 32)
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))  # the global RNG is untouched
+    spec = arch_spec("resnet18", 32)
+    assert built == ["resnet18"] and not model.training
+    assert spec.modules == tuple(name for name, _ in model.named_modules() if name)
+    assert {"layer3", "layer3.1", "fc"} <= set(spec.modules)
+    assert skeleton("resnet18", 32) is not model and len(built) == 2  # a fresh one each call
+    with pytest.raises(ValueError, match="unknown architecture 'resnet19'"):
+        skeleton("resnet19")
+
+
+def test_read_head_reads_the_head_alone(resnet, tmp_path: Path) -> None:
+    from salve.models import read_head
+
+    path = tmp_path / "m.safetensors"
+    save_tensors(path, resnet.state_dict())
+    head = read_head(path, "resnet18", 64)
+    assert sorted(head) == ["fc.bias", "fc.weight"]
+    assert torch.equal(head["fc.weight"], resnet.fc.weight) and head["fc.weight"].shape == (K, 512)
+    assert torch.equal(head["fc.bias"], resnet.fc.bias)
