@@ -811,7 +811,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     logs.configure(root, debug=args.debug)
     _install_interrupt()
-    apply_overrides(root / "params.yaml", args.set)
+    def validate(c) -> None:  # as `salve run` does: nothing is written unless it all holds
+        from salve.runtime import pin_cpu_kernels
+        from tasks.preflight import preflight
+
+        pin_cpu_kernels(c.common.reproducible)
+        preflight(c, root)
+
+    apply_overrides(root / "params.yaml", args.set, check=validate)
     if args.set:
         print(f"params.yaml updated: {', '.join(args.set)}")
     t0 = time.perf_counter()
