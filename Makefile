@@ -32,7 +32,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # process. Compiling everything at install instead took 28 s for 16,000 files, most never used.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test lint format bench study
+.PHONY: run test lint format bench bench-gpu study
 
 # Shell functions for the stamp recipes (make does not keep a shell between recipe lines).
 # find_uv: uv on PATH, else the one bootstrapped into .venv/.uv (pip install --target, once).
@@ -109,5 +109,13 @@ format: $(DEV_STAMP)
 study: $(STAMP)
 	$(VENV)/bin/salve study
 
+# The component benchmarks, then the whole pipeline at paper scale (224 px, 1k/4k/16k images,
+# SAE widths 64 and 4096: hours on 2 CPU cores). Both merge into benchmarks/results.json.
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_paper_scale.py --write
+
+# On a CUDA machine: the 224-px pipeline end to end on 4k images at both widths, stage times as
+# multiples of the GPU's own bare forward pass.
+bench-gpu: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_paper_scale.py --device cuda --sizes 4000 --threads 8

@@ -344,18 +344,21 @@ def _int(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def write(out_dir: Path, started: str, machine: dict[str, Any], result: dict[str, Any]) -> None:
-    """Merge `result` as the `memory` section of results.json and regenerate RESULTS.md."""
+def write_section(
+    out_dir: Path, key: str, started: str, machine: dict[str, Any], result: dict[str, Any]
+) -> None:
+    """Merge `result` as section `key` of results.json (the others kept; this one records its
+    own run and machine) and regenerate RESULTS.md."""
     from benchmarks import run_all
 
     new = {"quick": False, "started": started, "seconds": result["bench_seconds"],
-           "machine": machine, "results": {"memory": result}}  # fmt: skip
+           "machine": machine, "results": {key: result}}  # fmt: skip
     old_path = out_dir / "results.json"
     doc = run_all.merge(json.loads(old_path.read_text()), new) if old_path.exists() else new
     out_dir.mkdir(parents=True, exist_ok=True)
     old_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (out_dir / "RESULTS.md").write_text(run_all.markdown(doc))
-    print(f"[memory] wrote {out_dir / 'RESULTS.md'} and {old_path}")
+    print(f"[{key}] wrote {out_dir / 'RESULTS.md'} and {old_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_seconds"] = time.perf_counter() - t0
     print("\n".join(render(result)))
     if args.write:
-        write(args.out_dir, started, machine, result)
+        write_section(args.out_dir, "memory", started, machine, result)
     return 1 if any("error" in r for r in result["rows"]) or result["baseline_error"] else 0
 
 

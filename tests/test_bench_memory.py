@@ -49,7 +49,7 @@ def test_write_merges_the_memory_section_and_regenerates_results_md(tmp_path: Pa
            "results": {"sae": {"n": 1, "d": 2, "width": 3, "batch_size": 4, "epochs": 5,
                                "k": 6, "rows": []}}}  # fmt: skip
     (tmp_path / "results.json").write_text(json.dumps(old))
-    bm.write(tmp_path, "now", machine, _result())
+    bm.write_section(tmp_path, "memory", "now", machine, _result())
     doc = json.loads((tmp_path / "results.json").read_text())
     assert set(doc["results"]) == {"sae", "memory"} and doc["started"] == "then"
     assert doc["results"]["memory"]["run"]["started"] == "now"

@@ -1,0 +1,260 @@
+"""The pipeline at the scale users work at: 224 px, thousands of images, wide SAEs.
+
+    .venv/bin/python benchmarks/bench_paper_scale.py                   # N 1k/4k/16k x width 64/4096
+    .venv/bin/python benchmarks/bench_paper_scale.py --sizes 120 --widths 64 --image-size 64
+    .venv/bin/python benchmarks/bench_paper_scale.py --write           # into results.json
+
+Explain-as-is, as a new user starts: a seeded ResNet-18 (--arch) saved as safetensors under
+weights/, `finetune.epochs: 0`, the quality gate off, a synthetic image folder of N images
+(the `shapes` family of benchmarks/synthetic_images.py, six classes, JPEG, cached under --work).
+For every (N, width) a fresh git + DVC project runs `salve run` (the real path: Prefect, the
+Dask fan-out, concurrent stages) in its own process group, while a sampler adds up the
+anonymous resident memory (RssAnon: file-backed pages of memory-mapped tensors excluded) of
+every process in that group every 0.2 s.
+
+The unit is one bare forward pass over the same N images: the model in `inference_mode`, batch
+64, the same threads, measured in a separate process of the same run, on images already
+decoded (so fetch's decoding is charged to fetch). Each stage's seconds (.salve/timings) and the
+whole run are reported as multiples of it. Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks import bench_memory as bm  # noqa: E402
+from benchmarks import bench_pipeline as bp  # noqa: E402
+from benchmarks.synthetic_images import SHAPES  # noqa: E402
+
+DEFAULT_SIZES = (1000, 4000, 16000)
+DEFAULT_WIDTHS = (64, 4096)
+MIB = 2**20
+
+# Measures images/s of a bare forward pass at the given size (argv: arch, size, threads, n).
+BARE_FORWARD = """
+import sys, time, torch
+import salve.tv  # noqa: F401
+from salve.models import build_model
+arch, device = sys.argv[1], sys.argv[5]
+size, threads, n = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = build_model(arch, 6, image_size=size).eval().to(device)
+x = torch.rand(64, 3, size, size, device=device)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+with torch.inference_mode():
+    for _ in range(3):
+        model(x)  # warm-up (cuDNN autotuning on CUDA)
+    sync()
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        model(x)
+        done += 64
+    sync()
+    print(done / (time.perf_counter() - t0))
+"""
+
+
+def rss_anon_mib(pgid: int) -> float:
+    """Anonymous resident memory of every live process in a process group, in MiB."""
+    total_kib = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total_kib += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total_kib / 1024
+
+
+class PeakSampler:
+    """The peak of `rss_anon_mib` over a process group, sampled in a thread."""
+
+    def __init__(self, pgid: int, interval_s: float = 0.2) -> None:
+        self.pgid, self.interval_s, self.peak = pgid, interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon_mib(self.pgid))
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def bare_forward_ips(args: argparse.Namespace) -> float:
+    env = bp.child_env(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    out = subprocess.run(
+        [bp.PYTHON, "-c", BARE_FORWARD, args.arch, str(args.image_size), str(args.threads),
+         str(args.bare_images), args.device],
+        capture_output=True, text=True, env=env, check=True, timeout=3600,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def make_project(root: Path, folder: Path, width: int, args: argparse.Namespace) -> Path:
+    """A git + DVC project explaining a seeded --arch as it is, on `folder`."""
+    import torch
+
+    from salve.io import save_tensors
+    from salve.models import build_model
+
+    overlay = {
+        "common": {"seed": 0, "num_threads": args.threads, "device": args.device},
+        "data": {"source": "imagefolder", "path": str(folder), "image_size": args.image_size},
+        "finetune": {"arch": args.arch, "epochs": 0, "weights": "weights/model.safetensors",
+                     "min_val_accuracy": 0.0, "min_class_accuracy": 0.0},
+        "sae": {"width": width},
+        "edit": {"min_base_accuracy": 0.0},
+    }  # fmt: skip
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    bp.make_project(root, overlay, root.parent / f"{root.name}.setup.log")
+    torch.manual_seed(0)
+    model = build_model(args.arch, len(SHAPES), image_size=args.image_size)
+    save_tensors(root / "weights" / "model.safetensors", model.state_dict())
+    return root
+
+
+def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    log = root / "bench.log"
+    env = bp.child_env(SALVE_CPU_CHECK="0")
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [bp.PYTHON, "-m", "flows.cli", "--root", str(root), "run", "--no-progress"],
+            cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        sampler = PeakSampler(proc.pid)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = "timeout"
+        finally:
+            peak = sampler.stop()
+        wall = time.perf_counter() - t0
+    stages = {}
+    for path in sorted((root / ".salve" / "timings").glob("*.json")):
+        record = json.loads(path.read_text())
+        stages[record["stage"]] = record["seconds"]
+    row = {"wall_s": wall, "peak_anon_mib": peak, "stages": stages, "rc": rc}
+    if rc != 0:
+        row["error"] = f"exit status {rc}: {bp.log_tail(log, 800)}"
+    return row
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    args.work.mkdir(parents=True, exist_ok=True)
+    ips = bare_forward_ips(args)
+    rows = []
+    for n in sorted(args.sizes):
+        folder, _ = bm.image_folder(args.work, n, args.image_size)
+        for width in args.widths:
+            root = make_project(args.work / f"project-n{n}-w{width}", folder, width, args)
+            print(f"[paper_scale] N {n}, width {width} ...", flush=True)
+            row = {"n": n, "width": width} | run_pipeline(root, args)
+            one_pass = n / ips
+            row["bare_pass_s"] = one_pass
+            row["passes"] = {s: sec / one_pass for s, sec in row["stages"].items()}
+            row["total_passes"] = row["wall_s"] / one_pass
+            rows.append(row)
+            print("\n".join(render_rows([row])), flush=True)
+            if not args.keep and "error" not in row:  # a failed run is kept, to be read
+                shutil.rmtree(root, ignore_errors=True)
+    return {
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "threads": args.threads,
+        "device": args.device,
+        "bare_forward_images_per_s": ips,
+        "rows": rows,
+    }
+
+
+STAGE_COLUMNS = ("fetch", "extract", "fit_sae", "gradfam", "evaluate", "report")
+
+
+def render_rows(rows: list[dict[str, Any]]) -> list[str]:
+    head = "| images | width | total | " + " | ".join(STAGE_COLUMNS) + " | peak anon RSS |"
+    lines = [head, "|" + "---|" * (4 + len(STAGE_COLUMNS))]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n']:,} | {r['width']} | error: {r['error'][:80]} |")
+            continue
+        cells = [f"{r['passes'].get(s, float('nan')):.2f}" for s in STAGE_COLUMNS]
+        lines.append(
+            f"| {r['n']:,} | {r['width']} | {r['total_passes']:.2f} ({r['wall_s']:.0f} s) | "
+            + " | ".join(cells)
+            + f" | {r['peak_anon_mib']:,.0f} MiB |"
+        )
+    return lines
+
+
+def render(m: dict[str, Any]) -> list[str]:
+    """The section for RESULTS.md: seconds as multiples of one bare forward pass."""
+    return [
+        "## Paper scale: the pipeline at 224 px, thousands of images, wide SAEs",
+        "",
+        f"Explain-as-is of a seeded {m['arch']} at {m['image_size']} px on "
+        f"{m.get('device', 'cpu')}, {m['threads']} threads; "
+        f"one bare forward pass: {m['bare_forward_images_per_s']:.1f} images/s (inference_mode, "
+        "batch 64, same run). Cells: stage seconds / one bare pass over the same images.",
+        "",
+        *render_rows(m["rows"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="make bench-gpu: cuda")
+    ap.add_argument("--bare-images", type=int, default=512, help="images the reference times")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/salve-bench-paper-scale"))
+    ap.add_argument("--keep", action="store_true", help="keep each project")
+    ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per pipeline run")
+    ap.add_argument("--write", action="store_true", help="merge into benchmarks/results.json")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    args = ap.parse_args(argv)
+    args.work = args.work.resolve()
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    result = bench(args)
+    result["bench_seconds"] = time.perf_counter() - t0
+    print("\n".join(render(result)))
+    if args.write:
+        bm.write_section(args.out_dir, "paper_scale", started, bp.machine_info(), result)
+    return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
