@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
+from tasks import STAGES
 from tasks.dvcrepo import (
     WORKSPACE,
     DvcError,
@@ -30,6 +33,7 @@ from tasks.dvcrepo import (
     find_root,
     metrics_diff,
     params_diff,
+    read_bytes_at,
     read_text_at,
     resolve_revision,
 )
@@ -64,6 +68,187 @@ def load_revision(root: Path, label: str, sha: str):
     )
 
 
+def _rel(stage: str, role: str) -> str:
+    return f"{STAGES[stage].out_dir}/{STAGES[stage].files[role]}"
+
+
+SAE_FILE, SAE_SIDECAR = _rel("fit_sae", "sae"), _rel("fit_sae", "sidecar")
+RANKING, VAL_ACTS = _rel("rank", "ranking"), _rel("extract", "val")
+BROWSER, REPORT = _rel("report", "latents"), _rel("report", "report")
+
+
+def _strip(latent: int) -> str:
+    """A latent's Grad-FAM strip (tasks/gradfam.py names it so)."""
+    return f"{STAGES['gradfam'].out_dir}/latent_{latent}.png"
+
+
+def _lock_stages(text: str | None) -> dict:
+    from ruamel.yaml import YAMLError
+
+    from salve.config import yaml_load
+
+    try:
+        lock = yaml_load(text) if text else {}
+    except YAMLError:
+        return {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    return stages if isinstance(stages, dict) else {}
+
+
+def _recorded(stages: dict, stage: str, kind: str, path: str) -> str | None:
+    """The md5 dvc.lock records for ``path`` among ``stage``'s outs or deps."""
+    entries = (stages.get(stage) or {}).get(kind) or []
+    return next((str(e["md5"]) for e in entries if e.get("path") == path and e.get("md5")), None)
+
+
+def _made_from_this_sae(stages: dict, stage: str) -> bool:
+    """Whether ``stage``'s recorded outputs were made from the SAE dvc.lock records (a stage
+    run before the last fit_sae describes another SAE). Unrecorded: assumed so."""
+    sae = STAGES["fit_sae"].out_dir
+    used, made = _recorded(stages, stage, "deps", sae), _recorded(stages, "fit_sae", "outs", sae)
+    return used is None or made is None or used == made
+
+
+def load_features(root: Path, label: str, sha: str, page_dir: Path | None = None):
+    """What the feature matching needs of one revision: its SAE's decoder, its codes on its val
+    activations, its ranking and which activations it read (dvc.lock). With ``page_dir`` (where
+    the compare page goes), a link to its latent browser too."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from salve.compare import FeatureSide
+    from salve.sae import sae_from_tensors
+
+    stages = _lock_stages(read_text_at(root, sha, "dvc.lock"))
+    wanted = [SAE_FILE, SAE_SIDECAR, RANKING, VAL_ACTS]
+    if page_dir is not None:
+        wanted += [BROWSER, REPORT]
+    data = read_bytes_at(root, sha, wanted)
+    side = FeatureSide(
+        stage_outputs={
+            s: md5 for s in STAGES if (md5 := _recorded(stages, s, "outs", STAGES[s].out_dir))
+        }
+    )
+    sae = None
+    if data[SAE_FILE]:
+        tensors = load_safetensors(data[SAE_FILE])
+        if "decoder.weight" in tensors:  # W_dec [M, L] (salve.sae.base.WEIGHT_TENSORS)
+            side.decoder_ml = tensors["decoder.weight"].to(torch.float64)
+        try:  # its codes need its encode rule: an SAE salve cannot rebuild has none
+            info = json.loads(data[SAE_SIDECAR] or b"{}")
+            sae = sae_from_tensors(tensors, info.get("encode") or info["kind"], info.get("k", 0))
+        except (ValueError, KeyError, RuntimeError):
+            sae = None
+    if data[RANKING] and _made_from_this_sae(stages, "rank"):
+        ranking = json.loads(data[RANKING])
+        side.classes = [str(c) for c in ranking["classes"]]
+        dominant = sorted(ranking["dominant"], key=lambda d: int(d["class"]))
+        side.dominant = [int(d["feature"]) for d in dominant]
+        side.cross_class = list(ranking.get("cross_class") or [])
+    acts = load_safetensors(data[VAL_ACTS]).get("acts") if data[VAL_ACTS] else None
+    if sae is not None and acts is not None and acts.shape[1] == sae.W_dec.shape[0]:
+        with torch.no_grad():
+            side.val_codes_nl = sae.encode_batched(acts.to(torch.float32)).to(torch.float64)
+    if page_dir is not None:
+        side.browser, side.browser_note = _browser(root, label, sha, page_dir, data)
+    if not _made_from_this_sae(stages, "gradfam"):
+        side.strips_note = "not available: gradfam at this revision ran on another SAE"
+    return side
+
+
+def _browser(
+    root: Path, label: str, sha: str, page_dir: Path, data: dict
+) -> tuple[str | None, str]:
+    """The href of a revision's latent browser from the compare page, or where it is.
+
+    The workspace's own browser when the revision's is the same file (or the revision is the
+    workspace); else the revision's, read from DVC's cache and written beside the page
+    (``revisions/<sha>/``, with its report, so the browser's links work); else a sentence."""
+    here = root / BROWSER
+    if sha == WORKSPACE or (
+        data.get(BROWSER) and here.is_file() and here.read_bytes() == data[BROWSER]
+    ):
+        if here.is_file():
+            return os.path.relpath(here, page_dir), ""
+        return None, f"none in the workspace: run `salve run` to make {BROWSER}"
+    if not data.get(BROWSER):
+        return None, (
+            f"not in this workspace or DVC's cache: check {label} out (`git checkout {sha[:10]}"
+            f" && dvc checkout`, or `dvc exp apply {label}` for an experiment) and open {BROWSER}"
+        )
+    from salve.io import write_bytes
+
+    folder = page_dir / "revisions" / sha[:12]
+    for rel in (BROWSER, REPORT):
+        if data.get(rel):
+            write_bytes(folder / Path(rel).name, data[rel])
+    return os.path.relpath(folder / Path(BROWSER).name, page_dir), ""
+
+
+def _digest(blob: bytes | None) -> str | None:
+    """A digest of a split's images and labels (not of the file: its header may differ)."""
+    if not blob:
+        return None
+    from safetensors.torch import load as load_safetensors
+
+    t = load_safetensors(blob)
+    h = hashlib.sha256()
+    for name in ("images", "labels"):
+        if name not in t:
+            return None
+        h.update(t[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def shared_val_images(root: Path, sha_a: str, sha_b: str, fa, fb) -> bool:
+    """Whether both revisions hold the same val images in the same order (fetch's outputs equal,
+    else the images themselves compared)."""
+    x, y = fa.stage_outputs.get("fetch"), fb.stage_outputs.get("fetch")
+    if x is not None and x == y:
+        return True
+    val = _rel("fetch", "val")
+    da = _digest(read_bytes_at(root, sha_a, [val])[val])
+    return da is not None and da == _digest(read_bytes_at(root, sha_b, [val])[val])
+
+
+def feature_matches(root: Path, revs: tuple[tuple[str, str], tuple[str, str]], page_dir=None):
+    """Load both revisions' features and match them: ``revs`` is ((label, sha), (label, sha)).
+    Returns the two RevisionData-ready FeatureSides and the FeatureMatches."""
+    from salve.compare import RevisionData, match_features
+
+    (la, sa), (lb, sb) = revs
+    fa, fb = load_features(root, la, sa, page_dir), load_features(root, lb, sb, page_dir)
+    shared = None
+    if fa.val_codes_nl is not None and fb.val_codes_nl is not None:
+        shared = shared_val_images(root, sa, sb, fa, fb)
+    fm = match_features(
+        RevisionData(la, sa, features=fa),
+        RevisionData(lb, sb, features=fb),
+        shared_val_images=shared,
+    )
+    if page_dir is not None:
+        want_a, want_b = fm.strip_latents()
+        for f, sha, want in ((fa, sa, want_a), (fb, sb, want_b)):
+            if want and not f.strips_note:
+                got = read_bytes_at(root, sha, [_strip(lat) for lat in sorted(want)])
+                f.strips = {lat: got[_strip(lat)] for lat in want if got[_strip(lat)]}
+                if len(f.strips) < len(want):
+                    f.strips_note = "not available at this revision"
+    return fa, fb, fm
+
+
+def dominant_survival(root: Path, rev_a: str, rev_b: str = WORKSPACE) -> str:
+    """One Markdown line: how many classes' dominant features in ``rev_a`` survived in
+    ``rev_b`` (the nightly artifact's)."""
+    from salve.compare import features_markdown
+
+    root = find_root(root)
+    sha_a = resolve_revision(root, rev_a)
+    sha_b = resolve_revision(root, rev_b)
+    _, _, fm = feature_matches(root, ((rev_a, sha_a), (rev_b, sha_b)))
+    return features_markdown(fm, rev_a)
+
+
 def key_metrics_for(root: Path, *revs: str):
     """The key metrics with accuracy-like noise floors set from N_val at these revisions."""
     from tasks.keymetrics import VAL_SAMPLES, key_metrics, val_samples
@@ -91,15 +276,20 @@ def compare(root: Path, rev_a: str, rev_b: str, out: Path | None = None) -> Path
         raise DvcError("`workspace` can only be the second revision (compare REV workspace)")
     sha_a = resolve_revision(root, rev_a)
     sha_b = resolve_revision(root, rev_b)
+    path = Path(out) if out else default_output(root, rev_a, rev_b)
+    a, b = load_revision(root, rev_a, sha_a), load_revision(root, rev_b, sha_b)
+    a.features, b.features, features = feature_matches(
+        root, ((rev_a, sha_a), (rev_b, sha_b)), path.resolve().parent
+    )
     page = build_compare_page(
-        load_revision(root, rev_a, sha_a),
-        load_revision(root, rev_b, sha_b),
+        a,
+        b,
         params_diff(root, sha_a, sha_b),
         metrics_diff(root, sha_a, sha_b, unchanged=True),  # key metrics show both values
         key_metrics_for(root, sha_a, sha_b),
         file_order=metrics_files(),
+        features=features,
     )
-    path = Path(out) if out else default_output(root, rev_a, rev_b)
     write_text(path, page)
     return path
 

@@ -4,17 +4,21 @@ The evaluate stage fits one SAE per seed (the study: one per SAE variant and see
 not depend on each other. `dask_map(fn, jobs)` runs `fn(job)` for every job as a Prefect task of
 a subflow on `prefect_dask.DaskTaskRunner`: by default a local cluster with one single-threaded
 worker process per core, or an existing Dask scheduler named by `SALVE_DASK_ADDRESS`
-(`tcp://host:8786`), for users who outgrow one machine. Workers only compute: they return their
-results to the flow, which writes every file and runs every DVC command (one DVC command at a
-time in a repository). `fn` must be a module-level function and `jobs` picklable. Prefect is
-imported only when a map runs: importing this module (the CLI does) must leave Prefect's logging
-to be configured by `salve run` first.
+(`tcp://host:8786`), for users who outgrow one machine (docs/OPERATIONS.md: its workers need
+this project's code and environment, and the repository at the same path). Workers only
+compute: they return their results to the flow, which writes every file and runs every DVC
+command (one DVC command at a time in a repository). `fn` must be a module-level function and
+`jobs` small and picklable: paths of the files a worker reads and small parameters, never
+arrays (every task's graph holds its job, and Prefect's context there the whole batch). Prefect
+is imported only when a map runs: importing this module (the CLI does) must leave Prefect's
+logging to be configured by `salve run` first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,14 +58,46 @@ def local_cluster(**kwargs: Any):
         return LocalCluster(env=env, **kwargs)
 
 
+def check_scheduler(address: str, timeout: float = 10.0) -> None:
+    """Raise ConfigError, one line naming the setting and the fix, when nothing answers at
+    ``address``: Dask itself retries for 30 s, then fails inside the flow with a bare
+    'Timed out trying to connect'."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from salve.config import ConfigError
+
+    name = DASK_ADDRESS_ENV if os.environ.get(DASK_ADDRESS_ENV) == address else "--dask-address"
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name}={address}: not a Dask scheduler address ({exc}); write it as "
+            "tcp://host:8786, or unset it to run on a local cluster"
+        ) from None
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}={address}: no Dask scheduler answers there ({exc.strerror or exc}); start "
+            f"one (`dask scheduler`, docs/OPERATIONS.md), correct the address, or unset "
+            f"{DASK_ADDRESS_ENV} to run on a local cluster"
+        ) from None
+
+
 def task_runner(
     address: str | None = None, workers: int | None = None, scratch: Path | None = None
 ):
     """A DaskTaskRunner on ``address`` (or $SALVE_DASK_ADDRESS), else a local cluster of
-    ``workers`` (default: one per core) single-threaded worker processes."""
+    ``workers`` (default: one per core) single-threaded worker processes. An address where no
+    scheduler answers is refused here, before any flow starts."""
+    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
+    if address:
+        check_scheduler(address)  # before importing Prefect: a wrong address fails fast
     from prefect_dask import DaskTaskRunner
 
-    address = address or os.environ.get(DASK_ADDRESS_ENV) or None
     if address:
         return DaskTaskRunner(address=address)
     kwargs = {

@@ -4,9 +4,10 @@ Served on a schedule by `salve schedule` (flows/schedule.py) or deployed to a wo
 prefect.yaml. Pull and push happen only when a DVC remote is configured (the repository's default
 remote, or the one named by `remote`). The markdown artifact `salve-nightly-metrics-diff`
 compares the workspace with the last commit (HEAD) in the compare page's order: the parameter
-changes (the cause) first, then every key metric (tasks/keymetrics.py) with direction and
-judgement, then the other metric changes as one line per stage with their table folded, and the
-stage table last.
+changes (the cause) first, one line on how many classes' dominant features survived since HEAD
+(the latent matching `salve compare` shows, salve/matching.py), then every key metric
+(tasks/keymetrics.py) with direction and judgement, then the other metric changes as one line per
+stage with their table folded, and the stage table last.
 
 Every DVC operation goes through tasks/dvcrepo.py, in this process. They never overlap in one
 repository: a nightly run holds `.salve/nightly.lock` for its whole length (a second nightly run
@@ -106,7 +107,22 @@ def metrics_and_params_diff(root: str) -> dict:
     out["val_samples"] = val_samples(
         *({file: _json_at(r, rev, file)} for rev in ((head,) if head else ()) + (WORKSPACE,))
     )
+    out["features"] = dominant_features_line(r, head)
     return out
+
+
+def dominant_features_line(root: Path, head: str | None) -> str:
+    """How many classes' dominant features survived since HEAD (salve/matching.py's matching,
+    as `salve compare` shows it); a failure is said, not raised."""
+    from flows.compare import dominant_survival
+
+    if head is None:
+        return "Dominant features since HEAD: not compared (no commit yet)."
+    try:
+        return dominant_survival(root, "HEAD", WORKSPACE)
+    except (DvcError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        get_run_logger().warning("feature matching against HEAD failed: %s", exc)
+        return f"Dominant features since HEAD: not compared ({_cell(exc)})."
 
 
 def _cell(v: object) -> str:
@@ -167,7 +183,8 @@ def render_report(
     text = (
         f"# SALVE nightly: the workspace against HEAD ({diff['head']})\n\n"
         f"**{cause}**; {changed} metric(s) changed.\n\n"
-        f"Repository: `{root}` · {sync('dvc pull', pulled)} · {sync('dvc push', pushed)}\n\n"
+        + (f"{diff['features']}\n\n" if diff.get("features") else "")
+        + f"Repository: `{root}` · {sync('dvc pull', pulled)} · {sync('dvc push', pushed)}\n\n"
         f"{body}\n"
         f"### Stages\n\n{stage_md}\n"
     )

@@ -811,6 +811,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     logs.configure(root, debug=args.debug)
     _install_interrupt()
+
     def validate(c) -> None:  # as `salve run` does: nothing is written unless it all holds
         from salve.runtime import pin_cpu_kernels
         from tasks.preflight import preflight

@@ -19,7 +19,8 @@ _apply_base_settings()
 
 def __getattr__(name: str):
     """`salve.load_classifier(path)`: a trained or edited checkpoint as a plain torchvision
-    model (imported on first use, so `import salve` stays light)."""
+    model, a steered one (edit.mode: steer) as backbone -> steering -> head (imported on first
+    use, so `import salve` stays light)."""
     if name == "load_classifier":
         from salve.models import load_classifier
 

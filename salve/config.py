@@ -197,8 +197,9 @@ class RankConfig:
 class EditConfig:
     mode: str = setting(
         "projection",
-        choices=("paper", "projection"),
-        help="projection: W(I+s*alpha*dd^T); paper: w_ij*max(0,1+s*alpha*|c_j|)",
+        choices=("paper", "projection", "steer"),
+        help="projection: W(I+s*alpha*dd^T); paper: w_ij*max(0,1+s*alpha*|c_j|); steer: "
+        "a'=a+(g-1)*z_l(a)*W_dec[:,l], g=max(0,1+s*alpha), a steered model instead of a head edit",
     )
     centre: bool = setting(
         True, help="projection: act on a - b_dec (the SAE's centre), bias moved to match"
@@ -272,11 +273,19 @@ class GradfamConfig:
     )
     am_steps: int = setting(64, min=0, max=100_000, help="activation-maximisation steps")
     am_lr: float = setting(
-        0.05, min=0.0, min_exclusive=True, help="activation-maximisation step size"
+        0.1, min=0.0, min_exclusive=True, help="activation-maximisation Adam step size"
     )
     am_l2: float = setting(1e-4, min=0.0, help="lambda_L2")
     am_tv: float = setting(1e-3, min=0.0, help="lambda_TV")
-    am_jitter: int = setting(4, min=0, max=64, help="random shift in pixels per step")
+    am_jitter: int = setting(
+        4, min=0, max=64, help="random shift in pixels per step (with a small scale and rotation)"
+    )
+    am_restarts: int = setting(
+        4,
+        min=1,
+        max=64,
+        help="seeded AM runs per feature; the best after a quarter of the steps goes on",
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ Every method suppresses one target class k. Each yields both
 So ``reader(a') == W' a + b'`` for every method (tested). All evaluation runs in float64 on cached
 activations (the exact head input): no backbone, no file I/O. Seeds make the random baselines
 reproducible: the same (seed, class) always draws the same direction or latent.
+
+``salve_steer`` (``SAE_METHODS``) is activation steering (salve/steering.py): it needs the SAE's
+encode rule, not only its decoder, so it runs when ``evaluate_seed`` is given the SAE. Its
+representation ``a' = a - z_l(a) c_l`` (alpha = ``STEER_ALPHA``: the latent ablated) is not
+affine and no head can be folded from it: the original head reads ``a'``, and its logits are
+``head(a')`` (:class:`SteerEdit`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from scipy.optimize import linear_sum_assignment
 
 from salve.editing import edit_head, paper_factors
 from salve.io import TensorRows
+from salve.matching import DECODER_COSINE, decoder_cosines, match_latents
+from salve.steering import LatentSteer, Steer
 
 F64 = torch.float64
 METHODS = (
@@ -38,6 +45,9 @@ METHODS = (
     "mean_difference",
     "leace",
 )
+# Methods that need the SAE itself (its encode rule): evaluate_seed runs them when given it.
+SAE_METHODS = ("salve_steer",)
+STEER_ALPHA = 1.0  # salve_steer's strength: g = 0, the latent's share of a removed (ablation)
 METRICS = (
     "efficacy",
     "flip_rate",
@@ -117,6 +127,36 @@ class MethodEdit:
 
     def reader_logits(self, reps_nm: torch.Tensor) -> torch.Tensor:
         return reps_nm.to(F64) @ self.reader_weight_km.T + self.reader_bias_k
+
+
+@dataclass(frozen=True, eq=False)
+class SteeredMap:
+    """``a' = steer(a)`` (float64), the steering rule of salve/steering.py: not affine."""
+
+    steer: LatentSteer
+    is_identity: bool = False
+
+    def __call__(self, acts_nm: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.steer(acts_nm.detach().to(F64))
+
+
+@dataclass(frozen=True, eq=False)
+class SteerEdit(MethodEdit):
+    """Steering: the head is the original one and reads ``a' = steer(a)``; its logits are
+    ``head(a')`` (``weight_km``/``bias_k`` are that head: nothing is folded into it)."""
+
+    def logits(self, acts_nm: torch.Tensor) -> torch.Tensor:
+        return self.reader_logits(self.represent(acts_nm))
+
+
+def steer_edit(
+    weight_km: torch.Tensor, bias_k: torch.Tensor, sae, latent: int, alpha: float = STEER_ALPHA
+) -> SteerEdit:
+    """Suppress ``latent`` by steering at strength ``alpha`` (1: ablate), float64."""
+    w, b = _head64(weight_km, bias_k)
+    steer = LatentSteer.from_sae(sae, Steer(int(latent), float(alpha), "suppress")).to(F64)
+    return SteerEdit("salve_steer", w, b, SteeredMap(steer), w, b)  # type: ignore[arg-type]
 
 
 def _head64(weight_km: torch.Tensor, bias_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,11 +340,18 @@ def build_edit(
     paper_alpha: float,
     seed: int,
     leace_basis: LeaceBasis | None = None,
+    sae=None,
+    steer_alpha: float = STEER_ALPHA,
 ) -> MethodEdit:
     """One method's suppression edit of class ``target`` (``latent``: its dominant SAE latent).
-    ``leace_basis``: ``LeaceBasis.fit(train_acts_nm)``, shared by the classes of one run."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    ``leace_basis``: ``LeaceBasis.fit(train_acts_nm)``, shared by the classes of one run.
+    ``sae``: the SAE whose ``W_dec`` is given, needed by ``salve_steer`` (its encode rule)."""
+    if method not in METHODS + SAE_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS + SAE_METHODS}")
+    if method == "salve_steer":
+        if sae is None:
+            raise ValueError("salve_steer needs the SAE (its encode rule): pass sae=")
+        return steer_edit(weight_km, bias_k, sae, latent, steer_alpha)
     w_dec = w_dec_ml.detach().to(F64)
     if method == "salve_paper":
         return paper_rule_edit(weight_km, bias_k, w_dec[:, latent], paper_alpha)
@@ -445,10 +492,12 @@ def evaluate_seed(
     min_base_accuracy: float,
     seed: int,
     shifted_val_acts: Mapping[str, torch.Tensor] | None = None,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     probe: bool = True,
     probe_max_iter: int = 500,
     known_probes: Mapping[str, float] | None = None,
+    sae=None,
+    steer_alpha: float = STEER_ALPHA,
 ) -> dict:
     """Every method x metric for one SAE seed; feed a list of its ``["methods"]`` to
     :func:`summarise_methods`.
@@ -461,8 +510,11 @@ def evaluate_seed(
     on the same inputs) supplies the values that do not depend on the SAE. Returns a JSON-able
     dict: ``methods`` (metric means over the evaluated classes), ``per_class``,
     ``evaluated_classes``, ``left_out_classes``, ``base_accuracy``, ``latents`` (dominant and
-    random latent per class).
+    random latent per class). ``sae``: the SAE of ``w_dec_ml``/``b_dec_m``; with it the default
+    ``methods`` include ``salve_steer`` (at ``steer_alpha``), which needs its encode rule.
     """
+    if methods is None:
+        methods = METHODS + SAE_METHODS if sae is not None else METHODS
     w, b = _head64(weight_km, bias_k)
     k, m = w.shape
     x_train, x_val = _acts64(train_acts_nm, m, "train"), _acts64(val_acts_nm, m, "val")
@@ -473,9 +525,11 @@ def evaluate_seed(
         raise ValueError(f"need W_dec [M={m}, L] and b_dec [M={m}]")
     if len(dominant) != k or any(not 0 <= v < w_dec.shape[1] for v in dominant):
         raise ValueError(f"dominant_k needs one latent in [0, {w_dec.shape[1]}) per class ({k})")
-    unknown = [name for name in methods if name not in METHODS]
+    unknown = [name for name in methods if name not in METHODS + SAE_METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS + SAE_METHODS}")
+    if sae is None and set(methods) & set(SAE_METHODS):
+        raise ValueError(f"{sorted(set(methods) & set(SAE_METHODS))} need the SAE: pass sae=")
     shifted = {}
     for kind, acts in (shifted_val_acts or {}).items():
         if kind not in SHIFTS:
@@ -512,6 +566,8 @@ def evaluate_seed(
                 paper_alpha=paper_alpha,
                 seed=seed,
                 leace_basis=basis,
+                sae=sae,
+                steer_alpha=steer_alpha,
             )
             if name == "random_latent":
                 latents[str(target)]["random"] = random_other_latent(
@@ -556,7 +612,8 @@ def evaluate_seed(
             "paper_alpha": paper_alpha,
             "min_base_accuracy": min_base_accuracy,
             "seed": seed,
-        },
+        }
+        | ({"steer_alpha": steer_alpha} if "salve_steer" in methods else {}),
     }
 
 
@@ -693,16 +750,9 @@ def feature_stability(
     ``dominant_match[k]``: class k's dominant latent in this seed is the match of its dominant
     latent in the reference. Zero columns (dead latents) have cosine 0 with everything.
     """
-    ref = _unit_columns(w_dec_ref_ml)
-    cur = _unit_columns(w_dec_ml)
-    if ref.shape[0] != cur.shape[0]:
-        raise ValueError("both decoders must act on the same activation size M")
-    cos_abs = (ref.T @ cur).abs().numpy()
-    rows, cols = linear_sum_assignment(cos_abs, maximize=True)
-    match = np.full(ref.shape[1], -1, dtype=np.int64)
-    match[rows] = cols
-    matched_cos = np.zeros(ref.shape[1])
-    matched_cos[rows] = cos_abs[rows, cols]
+    # salve.matching: the one matching of compare, nightly and study too (same assignment).
+    matching = match_latents(decoder_cosines(w_dec_ref_ml, w_dec_ml), threshold, DECODER_COSINE)
+    cos_abs, match, matched_cos = matching.abs_similarity, matching.match_a, matching.scores_a
     dom_ref = [int(v) for v in torch.as_tensor(dominant_ref_k).reshape(-1).tolist()]
     dom = [int(v) for v in torch.as_tensor(dominant_k).reshape(-1).tolist()]
     if len(dom_ref) != len(dom):
@@ -717,14 +767,6 @@ def feature_stability(
         "dominant_abs_cosine": [float(cos_abs[r, d]) for r, d in zip(dom_ref, dom, strict=True)],
         "match": [int(v) for v in match.tolist()],
     }
-
-
-def _unit_columns(w_dec_ml: torch.Tensor) -> torch.Tensor:
-    w = w_dec_ml.detach().to(F64)
-    if w.dim() != 2:
-        raise ValueError(f"a decoder must be [M, L], got {tuple(w.shape)}")
-    norms = torch.linalg.vector_norm(w, dim=0)
-    return w / torch.where(norms > 0, norms, 1.0)
 
 
 # --- shifted images --------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def _entry(
     e: Mapping[str, Any] | None,
     images: Mapping[str, bytes],
     embeds: Embeds,
+    companion: str | None = None,
 ) -> LatentEntry:
     k_top = int(np.argmax(np.abs(mu_k)))
     class_set = {k_top} | {k for _, ks in roles for k in ks}
@@ -205,6 +206,8 @@ def _entry(
         change = bar_chart(
             ch, classes, limit=1.0, caption="accuracy change per class when suppressed (±1)"
         )
+        if companion and e.get("companion_class_change") is not None:
+            stats += _companion_stats(np.asarray(e["companion_class_change"]), classes, companion)
     return LatentEntry(
         latent=latent,
         frequency=frequency,
@@ -219,6 +222,23 @@ def _entry(
         overlay=overlay,
         am=am,
     )
+
+
+_CONTROL = {"steer": "steered", "projection": "projection-edited", "paper": "paper-rule edited"}
+
+
+def _companion_stats(ch: np.ndarray, classes: Sequence[str], mode: str) -> list:
+    """The same latent's effect under the edit stage's other control (steering beside a head
+    edit, and the reverse), as text beside the bar chart."""
+    how = _CONTROL.get(mode, mode)
+    if ch.shape != (len(classes),) or not np.isfinite(ch).any():
+        return []
+    worst = int(np.nanargmin(ch))
+    out = [(f"largest drop when {how}", f"{classes[worst]}: {fmt(ch[worst])}")]
+    if len(classes) <= MAX_TICKED_CLASSES:
+        per_class = ", ".join(f"{k}: {fmt(v)}" for k, v in enumerate(ch.tolist()))
+        out.append((f"accuracy change per class when {how}", per_class))
+    return out
 
 
 def latents_context(src: LatentSources, *, report_page: str = "index.html") -> tuple[dict, Embeds]:
@@ -252,6 +272,7 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
                     e_by.get(latent) if src.edit else None,
                     src.gradfam_images,
                     embeds,
+                    src.edit.get("companion_mode") if src.edit else None,
                 )
             )
         if src.gradfam:
@@ -265,6 +286,11 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
             notes.append(
                 f"Suppression: {src.edit['mode']} edit at alpha {fmt(src.edit['alpha'])}, each "
                 f"latent alone; {len(e_by)} of {len(entries)} latents measured."
+                + (
+                    f" Beside it, in text: the same latent {_CONTROL.get(c, c)} at that alpha."
+                    if (c := src.edit.get("companion_mode"))
+                    else ""
+                )
             )
     context = {
         "title": "SALVE latent browser",

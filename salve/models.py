@@ -18,6 +18,7 @@ ViT's position embedding is interpolated when weights come from another image si
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from salve.tv import import_torchvision
 
 # The builder name a model was made from; set by build_model (a module does not know its name).
 _ARCH_ATTR = "_salve_arch"
+# The sidecar format of a steered model (salve.steering): the classifier plus steering tensors.
+STEERED_FORMAT = "salve-steered-classifier"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -444,6 +447,19 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     from salve.io import ArtifactError, load_tensors, read_json
 
     sidecar = read_json(sidecar_path(path))
+    if sidecar.get("format") == STEERED_FORMAT:
+        raise ArtifactError(
+            f"{path} is a steered model (the classifier plus activation steering), not a plain "
+            "torchvision checkpoint: load it with salve.load_classifier."
+        )
+    return classifier_from_state(path, sidecar, load_tensors(path)), sidecar
+
+
+def classifier_from_state(path: str | Path, sidecar: dict, state: dict) -> nn.Module:
+    """The plain torchvision model its sidecar describes, holding exactly ``state`` (eval
+    mode); ``path`` names the file in errors."""
+    from salve.io import ArtifactError
+
     for key in ("architecture", "classes", "image_size"):
         if key not in sidecar:
             raise ArtifactError(f"{sidecar_path(path)}: missing key {key!r}; rerun finetune.")
@@ -455,7 +471,6 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
             f"{sidecar_path(path)}: records head {recorded!r}, but {arch} has its head at "
             f"{spec.head!r} (another torchvision version?). Rerun finetune."
         )
-    state = load_tensors(path)
     try:
         model = _model_from_state(spec, num_classes, state)
     except RuntimeError as exc:
@@ -463,7 +478,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
             f"{path}: weights do not fit a {arch} with {num_classes} classes "
             f"({str(exc)[:200]}). Rerun finetune."
         ) from exc
-    return model.eval(), sidecar
+    return model.eval()
 
 
 def _model_from_state(spec: ArchSpec, num_classes: int, state: dict) -> nn.Module:
@@ -477,5 +492,14 @@ def _model_from_state(spec: ArchSpec, num_classes: int, state: dict) -> nn.Modul
 
 
 def load_classifier(path: str | Path) -> nn.Module:
-    """A saved (fine-tuned or edited) checkpoint as a plain torchvision module in eval mode."""
+    """A saved checkpoint as a module in eval mode: a fine-tuned or head-edited one as a plain
+    torchvision model; a steered one (``edit.mode: steer``) as a ``salve.steering.
+    SteeredClassifier`` (backbone -> steering -> head), on the CPU: move it with ``.to``."""
+    from salve.io import read_json
+
+    if read_json(sidecar_path(path)).get("format") == STEERED_FORMAT:
+        # Imported by name: no pipeline stage loads a steered model, so salve.steering (and
+        # the SAE code it needs) is not a code dependency of every stage (tasks/deps.py).
+        steering = importlib.import_module("salve.steering")
+        return steering.load_steered(path)[0]
     return load_checkpoint(path)[0]

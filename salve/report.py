@@ -20,7 +20,6 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
@@ -207,7 +206,7 @@ class ReportInputs:
     alpha_crit_metrics: dict
     alpha_values: dict[str, list[list[float]]]
     evaluate_metrics: dict
-    timings: list[dict] = field(default_factory=list)
+    output_hashes: dict[str, str] = field(default_factory=dict)  # stage -> its outputs' md5
     extra_params: dict[str, dict] = field(default_factory=dict)
     title: str = "SALVE run report"
     latents_page: str | None = LATENTS_PAGE  # relative link to the latent browser
@@ -218,12 +217,21 @@ def _name(classes: Sequence[str], k: int) -> str:
 
 
 def _metadata(d: ReportInputs) -> dict:
-    stages = list(d.sidecars)
+    """Provenance that is the same for the same results: the stages' output hashes (as DVC
+    recorded them), device, library versions and parameters. The page is a DVC output, so what
+    varies between identical runs (git revision, host, thread count, times) stays out of it:
+    .salve/runs/ and the run log hold that. Sidecars written before it moved still hold some of
+    it; it is not shown."""
+    stages = list(dict.fromkeys([*d.output_hashes, *d.sidecars]))
     provenance = table(
-        ("stage", "git revision", "device", "CUDA device", "torch threads"),
+        ("stage", "outputs (md5 in dvc.lock)", "device"),
         [
-            (s, str(sc["git_revision"]), str(sc["device"]), sc["cuda_device"], sc["torch_threads"])
-            for s, sc in d.sidecars.items()
+            (
+                s,
+                d.output_hashes.get(s, "not in dvc.lock"),
+                str(d.sidecars[s]["device"]) if s in d.sidecars else "–",
+            )
+            for s in stages
         ],
         code_columns=(1,),
     )
@@ -231,13 +239,14 @@ def _metadata(d: ReportInputs) -> dict:
     for s, sc in d.sidecars.items():
         for lib, ver in sc["libraries"].items():
             libs.setdefault(lib, {})[s] = str(ver)
+    sidecar_stages = list(d.sidecars)
     if all(len(set(v.values())) == 1 for v in libs.values()):
         rows = [(lib, next(iter(v.values()))) for lib, v in sorted(libs.items())]
         libraries = table(("library", "version"), rows)
     else:  # a sparse matrix: a stage that never recorded a library shows –
         libraries = table(
-            ("library", *stages),
-            [(lib, *(v.get(s, "–") for s in stages)) for lib, v in sorted(libs.items())],
+            ("library", *sidecar_stages),
+            [(lib, *(v.get(s, "–") for s in sidecar_stages)) for lib, v in sorted(libs.items())],
         )
     params: dict[str, dict] = {}
     for sc in d.sidecars.values():
@@ -245,20 +254,12 @@ def _metadata(d: ReportInputs) -> dict:
             params.setdefault(sec, {}).update(vals)
     for sec, vals in d.extra_params.items():
         params.setdefault(sec, {}).update(vals)
-    timings = None
-    if d.timings:
-        rows = []
-        for t in d.timings:
-            when = datetime.fromtimestamp(float(t["finished"]), UTC)
-            rows.append((t["stage"], t["status"], t["seconds"], f"{when:%Y-%m-%d %H:%M:%S} UTC"))
-        timings = table(("stage", "status", "seconds", "finished"), rows)
     return {
         "provenance": provenance if stages else None,
         "libraries": libraries if libs else None,
         "params": [
             (sec, table(("key", "value"), sorted(params[sec].items()))) for sec in sorted(params)
         ],
-        "timings": timings,
     }
 
 
@@ -429,9 +430,22 @@ def _dominant(d: ReportInputs, embeds: Embeds) -> list[dict]:
     return cards
 
 
+# How the edit stage's modes read (edit.mode, and its companion measured beside it).
+CONTROL_LABELS = {
+    "projection": "centred projection (head edit)",
+    "paper": "paper rule (head edit)",
+    "steer": "activation steering",
+}
+
+
 def _edit(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.edit_metrics
-    _, curves = curves_from_rows(d.edit_curve_rows)
+    mode = m["checkpoint_edit"].get("mode", "")
+    comp = m.get("companion")  # the other control on the same grid (absent in older runs)
+    by_method: dict[str, list[dict]] = {}
+    for r in d.edit_curve_rows:  # rows without `method`: an older run, one mode only
+        by_method.setdefault(r.get("method") or mode, []).append(r)
+    _, curves = curves_from_rows(by_method.get(mode, d.edit_curve_rows))
     targets = [(int(x["class"]), int(x["feature"])) for x in d.ranking["dominant"]]
     grid = m["alpha_grid"]
     alpha_label = f"alpha ({grid['unit']} units)"
@@ -446,11 +460,30 @@ def _edit(d: ReportInputs, embeds: Embeds) -> dict:
         evaluated = m["classes_evaluated"]
         names = f"{len(evaluated)} of {len(d.classes)}: {', '.join(evaluated)}"
         summary.insert(0, ("classes evaluated", names))
+    if mode:
+        summary.insert(0, ("control (edit.mode)", CONTROL_LABELS.get(mode, mode)))
+    if comp is not None:
+        label = CONTROL_LABELS.get(comp["mode"], comp["mode"])
+        summary += [
+            (f"beside it, {label}: classes below 10%", comp["classes_below_10pct"]),
+            (f"{label}: classes selective", comp["classes_selective"]),
+            (f"{label}: mean selectivity score", comp["mean_score"]),
+            (f"{label}: mean |off-target change|", comp["mean_abs_off_target_change"]),
+        ]
     left_out = [(c["class"], fmt(c["base_accuracy"])) for c in m.get("classes_left_out", [])]
     figures = []
+    shown = [(mode, curves)]
+    if comp is not None and comp["mode"] in by_method:
+        shown.append((comp["mode"], curves_from_rows(by_method[comp["mode"]])[1]))
     for sign, caption in (("suppress", "suppression"), ("enhance", "enhancement")):
-        png = edit_curves_figure(curves, targets, d.classes, sign, alpha_label=alpha_label)
-        figures.append(embeds.figure(png, f"{caption} curves (dominant feature of each class)"))
+        for method, method_curves in shown:
+            png = edit_curves_figure(
+                method_curves, targets, d.classes, sign, alpha_label=alpha_label
+            )
+            name = f"{CONTROL_LABELS.get(method, method)}: " if len(shown) > 1 else ""
+            figures.append(
+                embeds.figure(png, f"{name}{caption} curves (dominant feature of each class)")
+            )
     rows, flags = [], []
     for k, f in targets:
         v = _edit_entry(d, k)
@@ -466,10 +499,19 @@ def _edit(d: ReportInputs, embeds: Embeds) -> dict:
                 v["off_target_mean_change"],
                 v["off_target_max_abs_change"],
                 v["score"],
+                *_companion_cells(comp, d.metric_class_names[k]),
                 "suppressing it raises this class's accuracy" if raises else "",
             )
         )
         flags.append("flag" if raises else "")
+    beside = []
+    if comp is not None:
+        short = "steering" if comp["mode"] == "steer" else comp["mode"]
+        beside = [
+            f"{short}: target acc (full)",
+            f"{short}: off-target mean change",
+            f"{short}: score",
+        ]
     header = (
         "class",
         "feature",
@@ -478,6 +520,7 @@ def _edit(d: ReportInputs, embeds: Embeds) -> dict:
         "off-target mean change",
         "off-target max |change|",
         "score",
+        *beside,
         "flag",
     )
     if not any(flags):  # the flag column only when some edit raised its own target
@@ -492,6 +535,16 @@ def _edit(d: ReportInputs, embeds: Embeds) -> dict:
     }
 
 
+def _companion_cells(comp: Mapping[str, Any] | None, name: str) -> tuple:
+    """The companion control's cells of one class's row: "–" where it has no entry."""
+    if comp is None:
+        return ()
+    v = comp["per_class"].get(name)
+    if v is None:
+        return ("–", "–", "–")
+    return (v["target_acc_full_suppression"], v["off_target_mean_change"], v["score"])
+
+
 def _cross(d: ReportInputs, embeds: Embeds) -> dict:
     cross, rule = d.edit_metrics["cross_class"], d.ranking["rule"]
     frac = fmt(rule["cross_class_fraction"])
@@ -502,8 +555,9 @@ def _cross(d: ReportInputs, embeds: Embeds) -> dict:
         "at full strength and the change in every class's val accuracy is shown (outlined: the "
         "sharing classes)."
     )
+    most_shared = _most_shared(d)
     if not cross:
-        return {"rule": rule_text, "figure": None, "table": None}
+        return {"rule": rule_text, "figure": None, "table": None, **most_shared}
     left_out = {c["class"] for c in d.edit_metrics.get("classes_left_out", [])}
     mat, labels, rows, marks = [], [], [], []
     for c in cross:
@@ -556,6 +610,66 @@ def _cross(d: ReportInputs, embeds: Embeds) -> dict:
             png, "cross-class effects (rows: feature and the classes sharing it)"
         ),
         "table": table(header, rows),
+        **most_shared,
+    }
+
+
+MOST_SHARED = 5  # latents listed by how evenly two classes share them
+
+
+def _most_shared(d: ReportInputs) -> dict:
+    """The latents two classes share most evenly (largest m2 / m1, the rank stage's ratio), with
+    their two class means and whether each passes the cross-class rule, so the section says how
+    close the run came even when no latent is cross-class."""
+    mu = np.abs(np.asarray(d.class_means, dtype=np.float64))
+    rule = d.ranking["rule"]
+    frac = float(rule["cross_class_fraction"])
+    floor = rule.get("min_class_mean")
+    floor = float(floor if floor is not None else rule["min_mean_fraction"] * mu.max(initial=0))
+    if mu.shape[0] < 2 or mu.shape[1] == 0:
+        note = "fewer than two classes: nothing is shared"
+        return {"shared": None, "shared_note": note, "shared_extra": None}
+    order = np.argsort(-mu, axis=0, kind="stable")  # classes by |mean|, per latent
+    cols = np.arange(mu.shape[1])
+    m1, m2 = mu[order[0], cols], mu[order[1], cols]
+    ratio = np.divide(m2, m1, out=np.zeros_like(m1), where=m1 > 0)
+
+    def row(f: int) -> tuple:
+        k1, k2 = int(order[0, f]), int(order[1, f])
+        if m1[f] <= floor:
+            verdict = f"no: largest mean {fmt(m1[f])} ≤ floor {fmt(floor)}"
+        elif ratio[f] < frac:
+            verdict = f"no: ratio < {fmt(frac)}"
+        else:
+            verdict = "yes: cross-class"
+        return (
+            f,
+            f"{_name(d.classes, k1)}: {fmt(d.class_means[k1][f])}",
+            f"{_name(d.classes, k2)}: {fmt(d.class_means[k2][f])}",
+            ratio[f],
+            verdict,
+        )
+
+    top = [int(f) for f in np.argsort(-ratio, kind="stable")[:MOST_SHARED] if m1[f] > 0]
+    header = ("feature", "largest class mean", "second", "ratio m2 / m1", "passes the rule")
+    rows = [row(f) for f in top]
+    flags = tuple("" if r[-1].startswith("no") else "flag" for r in rows)
+    above = [int(f) for f in np.argsort(-ratio, kind="stable") if m1[f] > floor]
+    extra = None
+    if above and above[0] not in top:
+        f = above[0]
+        extra = (
+            f"Most shared latent above the floor: feature {f}, ratio {fmt(ratio[f])} "
+            f"({row(f)[1]}, {row(f)[2]})."
+        )
+    return {
+        "shared": table(header, rows, row_classes=flags),
+        "shared_note": (
+            f"The {len(rows)} latents with the largest ratio of their second to their largest "
+            f"|class mean| (training split). The rule needs a ratio ≥ {fmt(frac)} and a largest "
+            f"|class mean| above {fmt(floor)}."
+        ),
+        "shared_extra": extra,
     }
 
 
@@ -674,6 +788,15 @@ def _checkpoint(d: ReportInputs) -> dict:
         f"feature of class {name}) with alpha = {fmt(rec['alpha'])} ({unit} units{scale}), "
         f"{rec['mode']} rule."
     )
+    if rec.get("mode") == "steer":
+        desc = (
+            "The saved model (results/edit/model.safetensors) is the fine-tuned classifier with "
+            f"its head input steered: {rec['sign']} feature {rec['feature']} (the dominant "
+            f"feature of class {name}) with alpha = {fmt(rec['alpha'])} (gain "
+            f"{fmt(rec.get('gain'))}), a' = a + (g - 1) z(a) c before the unchanged head. Load "
+            "it with salve.load_classifier (the file holds the classifier's state dict plus "
+            "the SAE parts the rule needs, under steer.)."
+        )
     items = [("class name", name)] + [
         (key.replace("_", " "), v) for key, v in sorted(rec.items()) if key != "class_name"
     ]
@@ -687,10 +810,50 @@ def _checkpoint(d: ReportInputs) -> dict:
             "accuracy."
         )
     recorded = (
-        f"Recorded with it: git revision {sc['git_revision']}, head {sc['head']}, image size "
-        f"{sc['image_size']}."
+        f"Recorded with it: head {sc['head']}, image size {sc['image_size']}, device "
+        f"{sc['device']}."
     )
     return {"description": desc, "facts": kv(items), "comparison": comparison, "recorded": recorded}
+
+
+def _headline(d: ReportInputs) -> list[tuple[str, str, str, str]]:
+    """This run's key metrics, (label, value, better arrow, file:key): the ones `salve compare`,
+    `salve diff` and the nightly artifact lead with, declared once in tasks/keymetrics.py. Each
+    is looked up in the stage's metrics as the report holds them; rank's, extract's and
+    gradfam's are recomputed from the outputs the report reads, as those stages compute them."""
+    from tasks.keymetrics import KEY_METRICS_BY_STAGE
+
+    scored = [
+        (e["deletion_auc"], e["deletion_auc_random"])
+        for e in d.gradfam["latents"]
+        if e.get("deletion_auc") is not None and e.get("deletion_auc_random") is not None
+    ]
+    values: dict[str, Mapping[str, Any]] = {
+        "fetch": d.fetch_metrics,
+        "finetune": d.finetune_metrics,
+        "extract": {"dim": d.sidecars["fit_sae"].get("d_in")},
+        "fit_sae": d.sae_metrics,
+        "rank": {
+            "distinct_dominant_features": len({int(x["feature"]) for x in d.ranking["dominant"]}),
+            "cross_class_features": len(d.ranking["cross_class"]),
+        },
+        "edit": d.edit_metrics,
+        "alpha_crit": d.alpha_crit_metrics,
+        "gradfam": {
+            "deletion_auc": sum(a for a, _ in scored) / len(scored) if scored else None,
+            "maps_no_better_than_random": sum(a >= r for a, r in scored),
+        },
+        "evaluate": d.evaluate_metrics,
+    }
+    arrows = {"higher": "↑", "lower": "↓"}
+    out = []
+    for stage, kms in KEY_METRICS_BY_STAGE.items():
+        for km in kms:
+            node: Any = values.get(stage)
+            for part in km.key.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            out.append((km.label, fmt(node), arrows.get(km.better, ""), f"{km.file}:{km.key}"))
+    return out
 
 
 def report_context(d: ReportInputs) -> tuple[dict, Embeds]:
@@ -709,11 +872,7 @@ def report_context(d: ReportInputs) -> tuple[dict, Embeds]:
         "edited-checkpoint": lambda: _checkpoint(d),
     }
     body = {sid.replace("-", "_"): _section(sid, build) for sid, build in builders.items()}
-    revs = sorted({str(s["git_revision"]) for s in d.sidecars.values()})
-    subtitle = (
-        f"{len(d.classes)} classes · {d.fetch_metrics['source']} · "
-        f"git {', '.join(revs) if revs else 'unknown'}"
-    )
+    subtitle = f"{len(d.classes)} classes · {d.fetch_metrics['source']}"
     nav = [(f"#{sid}", title, "") for sid, title in REPORT_SECTIONS]
     if d.latents_page:
         nav.append((d.latents_page, "Latent browser →", "page"))
@@ -724,6 +883,7 @@ def report_context(d: ReportInputs) -> tuple[dict, Embeds]:
         "sections": REPORT_SECTIONS,
         "latents_page": d.latents_page,
         "gradfam_note": _gradfam_note(d.gradfam),
+        "headline": _section("headline", lambda: _headline(d)),
         **body,
     }
     return context, embeds

@@ -44,8 +44,12 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     paths = {split: spec.path(root, split) for split in ("train", "val")}
     if d.source in FOLDER_SOURCES:
         plan = plan_image_files(d.source, **opts)
-        if d.source == "imagefolder":
-            plan.info["root"] = d.path  # as configured: meta.json is the same on every clone
+        # Paths as configured, relative to data.path: meta.json is the same on every clone.
+        for key in ("root", "archive"):
+            if key in plan.info:
+                where = Path(plan.info[key])
+                inside = where.is_relative_to(folder)
+                plan.info[key] = str(Path(d.path) / where.relative_to(folder)) if inside else d.path
         plan.check()  # what check_prepared checks, before anything is decoded
         copies = plan.write_splits(paths, progress=progress)
         classes, info = plan.classes, plan.info

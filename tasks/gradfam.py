@@ -162,6 +162,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
             }
             | ({"am": entry["am"], "am_code": entry["am_code"]} if entry["am"] else {})
         )
+    for e in index:  # the AM image's code against the feature's top val images
+        if "am_code" in e:
+            e["am_ratio"] = _am_ratio(e["am_code"], e["top_code_mean"])
     write_record(spec.path(root, "index"), GradfamIndex, header | {"features": index})
 
     tensors = {
@@ -181,6 +184,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         "features": len(index),
         "latents": n_latents,
         "am_images": len(am_feats),
+        "am_features": len(am_feats),
+        "am_activating": _am_activating(index),
         "top_k": g.top_k,
         "layer": layer.name,
         "map_grid": list(layer.grid),
@@ -211,6 +216,7 @@ def _activation_maximisation(
         l2=g.am_l2,
         tv=g.am_tv,
         jitter=g.am_jitter,
+        restarts=g.am_restarts,
         seed=cfg.common.seed,
         mean=mean,
         std=std,
@@ -220,3 +226,20 @@ def _activation_maximisation(
         quantised = normalise((images * 255).round().to(torch.uint8), mean, std)
         codes = sae.encode(penultimate(model.eval(), quantised))
     return images, {f: float(codes[i, f]) for i, f in enumerate(feats)}
+
+
+def _am_ratio(am_code: float, top_code_mean: float | None) -> float | None:
+    """``am_code / top_code_mean``: above 1, the AM image drives its feature harder than its top
+    val images do on average. None where that mean is not positive (no scale to compare with)."""
+    if top_code_mean is None or top_code_mean <= 0:
+        return None
+    return am_code / top_code_mean
+
+
+def _am_activating(index: list[dict]) -> int:
+    """How many features' AM images have a code above the mean code of their top val images."""
+    return sum(
+        e["am_code"] > e["top_code_mean"]
+        for e in index
+        if "am_code" in e and e["top_code_mean"] is not None
+    )

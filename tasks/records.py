@@ -136,12 +136,17 @@ class EditMetrics(TypedDict):
     cross_class: list[dict[str, Any]]
     checkpoint_edit: dict[str, Any]
     alpha_grid: dict[str, Any]
+    # The other control on the same grid (steering beside a head edit, the projection edit
+    # beside steering): mode, per_class and the counts above. Always written, optional so that
+    # an edit.json from before it (restored from DVC's cache) still reads.
+    companion: NotRequired[dict[str, Any]]
 
 
 class LatentEffect(TypedDict):
     latent: int
     base_accuracy: list[float]
     class_change: list[float]
+    companion_class_change: NotRequired[list[float]]  # by EditLatents.companion_mode
 
 
 class EditLatents(TypedDict):
@@ -149,6 +154,7 @@ class EditLatents(TypedDict):
     alpha: float
     classes: list[str]
     latents: list[LatentEffect]
+    companion_mode: NotRequired[str]  # "steer" beside a head edit, "projection" beside steer
 
 
 # -- alpha_crit ---------------------------------------------------------------------------------
@@ -172,11 +178,28 @@ class AlphaCritMetrics(TypedDict):
 # -- gradfam ------------------------------------------------------------------------------------
 
 
+class GradfamFeature(TypedDict):
+    feature: int
+    role: str
+    top_indices: list[int]
+    top_classes: list[str]
+    overlay: str | None
+    top_code_mean: float | None
+    deletion_auc: float | None
+    deletion_auc_random: float | None
+    # with an AM image only: its file, the code of its 8-bit image, and that code over
+    # top_code_mean (None where that mean is not positive); am_ratio is optional so that an
+    # index.json from before it (restored from DVC's cache) still reads
+    am: NotRequired[str]
+    am_code: NotRequired[float]
+    am_ratio: NotRequired[float | None]
+
+
 class GradfamIndex(TypedDict):
     image_size: int
     layer: str
     map_grid: list[int]
-    features: list[dict[str, Any]]
+    features: list[GradfamFeature]
 
 
 class GradfamLatents(TypedDict):
@@ -197,6 +220,10 @@ class GradfamMetrics(TypedDict):
     deletion_auc_random: float | None
     maps_no_better_than_random: int
     latents_without_auc: int
+    # the AM features (dominant and cross-class) and how many of their AM images have a code
+    # above the mean code of the feature's top val images; optional as above
+    am_features: NotRequired[int]
+    am_activating: NotRequired[int]
 
 
 # -- evaluate -----------------------------------------------------------------------------------

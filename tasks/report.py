@@ -4,8 +4,11 @@ Loads the upstream stages' results, metrics and plots files into plain data and 
 `salve.report.build_report` and `salve.latent_browser.build_latents_page`; figures are embedded
 PNGs, so each page opens offline on its own. The report requires every input it shows (a missing
 file or key is an error); the latent browser is optional in a partial workspace and says which
-stage to run for each source it lacks. Stage times come from `.salve/timings/<stage>.json` when
-present (informational, not a DVC dep).
+stage to run for each source it lacks.
+
+The page is a DVC output: identical results must give an identical page (the same hash), so it
+shows no stage times, git revision or host (those stay in `.salve/runs/`, `.salve/timings/` and
+the run log). Its provenance is the upstream stages' output hashes as dvc.lock records them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import csv
 import math
 from pathlib import Path
 
-from salve.config import Config
+from ruamel.yaml import YAMLError
+
+from salve.config import Config, yaml_load
 from salve.figures import ESTIMATORS
 from salve.io import ArtifactError, load_tensors, read_json, write_text
 from salve.latent_browser import LatentSources, build_latents_page
@@ -63,15 +68,23 @@ def read_class_means(path: Path) -> list[list[float]]:
     return [[float(r[c]) for c in cols] for r in rows]
 
 
-def read_timings(root: Path) -> list[dict]:
-    out = []
+def read_output_hashes(root: Path) -> dict[str, str]:
+    """Each upstream stage's output-folder md5 as dvc.lock records it (stages it lacks are left
+    out). These are hashes of this stage's own dependencies, so they are the same whenever the
+    inputs are: stable provenance, unlike a git revision. dvc.lock is read, not declared as a
+    dependency (it is the pipeline's own record)."""
+    path = root / "dvc.lock"
+    try:
+        lock = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, YAMLError):  # no lock yet (a stage run outside DVC), or unreadable
+        return {}
+    entries = lock.get("stages", {}) if isinstance(lock, dict) else {}
+    out = {}
     for name in STAGE_ORDER:
-        path = root / ".salve" / "timings" / f"{name}.json"
-        if name != "report" and path.exists():
-            try:
-                out.append(read_json(path))
-            except Exception:  # noqa: BLE001 - informational only
-                continue
+        outs = (entries.get(name) or {}).get("outs") or []
+        md5 = next((o.get("md5") for o in outs if o.get("path") == STAGES[name].out_dir), None)
+        if name != "report" and md5:
+            out[name] = str(md5)
     return out
 
 
@@ -136,7 +149,7 @@ def load_inputs(root: Path) -> ReportInputs:
         finetune_epochs=read_csv_rows(STAGES["finetune"].plot(root, "epochs")),
         finetune_metrics=_metrics(root, "finetune", FinetuneMetrics),
         sidecars=sidecars,
-        timings=read_timings(root),
+        output_hashes=read_output_hashes(root),
         sae_metrics=_metrics(root, "fit_sae", FitSaeMetrics),
         sae_loss=read_csv_rows(STAGES["fit_sae"].plot(root, "loss")),
         ranking=ranking,
@@ -191,8 +204,6 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     write_text(report_path(root), text)
     browser, browser_stats = build_latents_page(load_latent_sources(root))
     write_text(latents_path(root), browser)
-    # No byte count here: the page embeds this run's stage times, so its size varies between
-    # identical runs, and metrics must not (dvc metrics diff, reproducibility).
     summary = {
         "figures": stats["figures"],
         "images": stats["images"],

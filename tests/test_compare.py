@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from salve.compare import (
     ExperimentRow,
@@ -74,9 +75,9 @@ def test_no_stage_depends_on_the_declarations_or_the_adapter():
 
     for stage in STAGE_ORDER:
         deps = code_deps(stage)
-        assert "tasks/keymetrics.py" not in deps, stage
+        # The report opens with the key metrics (#28): it alone shows their declaration.
+        assert ("tasks/keymetrics.py" in deps) == (stage == "report"), stage
         assert "tasks/dvcrepo.py" not in deps, stage
-    assert "salve/compare.py" not in code_deps("report")  # KEY_METRICS moved out of it
 
 
 def _imports_dvc(path: Path) -> bool:
@@ -557,3 +558,227 @@ def test_compare_page_first_screen_in_chromium(width_experiment, chromium, tmp_p
         assert_quiet_and_offline(driver, page.resolve().as_uri())
     finally:
         driver.quit()
+
+
+# ------------------------------------------------------------------------------------------
+# Feature matches (#28): the latents of two runs, matched (salve/matching.py)
+# ------------------------------------------------------------------------------------------
+
+
+def feature_section(text: str) -> str:
+    return text[text.index('id="feature-matches"') : text.index('id="other-metrics"')]
+
+
+def feature_rows(section: str) -> list[dict]:
+    """The class rows of the feature-matches section, their attributes and links."""
+    from tests.test_report import parse_tags
+
+    table = section[section.index('id="class-matches"') :]
+    rows: list[dict] = []
+    for tag, attrs in parse_tags(table[: table.index("</table>")]):
+        if tag == "tr" and "feature-match" in (attrs.get("class") or ""):
+            rows.append(dict(attrs) | {"links": []})
+        elif tag == "a" and rows:
+            rows[-1]["links"].append(attrs["href"])
+    return rows
+
+
+def latent_pairs(section: str) -> set[tuple[int, int]]:
+    from tests.test_report import parse_tags
+
+    pairs = [a["data-pair"] for t, a in parse_tags(section) if t == "tr" and "data-pair" in a]
+    return {(int(x), int(y)) for x, y in (p.split(":") for p in pairs)}
+
+
+def _decoder(root: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(root / "results/fit_sae/sae.safetensors")["decoder.weight"].double()
+
+
+def test_compare_head_with_itself_matches_every_feature_with_cosine_1(two_revisions: Path):
+    from flows.compare import compare
+
+    root = two_revisions
+    page = compare(root, "HEAD", "HEAD", root / "reports" / "compare" / "self.html")
+    section = feature_section(page.read_text(encoding="utf-8"))
+    ranking = json.loads((root / "results/rank/ranking.json").read_text())
+    rows = feature_rows(section)
+    assert [int(r["data-class"]) for r in rows] == [d["class"] for d in ranking["dominant"]]
+    for r, d in zip(rows, ranking["dominant"], strict=True):
+        assert r["data-a"] == r["data-b"] == r["data-match"] == str(d["feature"])
+        assert r["data-verdict"] == "same" and r["data-score"] == "1.000000"
+        # Both runs' latent-browser entries: here both are the workspace's own browser.
+        assert r["links"] == [f"../latest/latents.html#latent-{d['feature']}"] * 2
+    width = _decoder(root).shape[1]  # params.yaml says 48 at HEAD: edited by hand, not run
+    assert f"{width} latent pairs matched (|decoder cosine| &gt; 0.5)" in section
+    assert f"{len(rows)} of {len(rows)} classes keep their dominant feature" in section
+    assert "A and B read the same activations" in section
+    assert section.count("<img") == 2 * len(rows)  # both Grad-FAM strips of every pair
+    assert latent_pairs(section) == {(j, j) for j in range(width)}
+
+
+@pytest.fixture(scope="module")
+def width_revisions(built_project_template: Path, tmp_path_factory) -> dict:
+    """The built project, then a commit with sae.width 32 -> 16: fit_sae, rank, gradfam and
+    report rerun (what the page reads; the other stages are not needed for it)."""
+    from salve.config import apply_overrides, load
+    from tasks.runner import run_stage
+
+    root = copy_project(built_project_template, tmp_path_factory.mktemp("width") / "project")
+    old = _decoder(root)
+    apply_overrides(root / "params.yaml", ["sae.width=16"])
+    cfg = load(root / "params.yaml")
+    for stage in ("fit_sae", "rank", "gradfam", "report"):
+        assert run_stage(stage, cfg, root, progress=False).status == "ran", stage
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "sae.width=16")
+    return {"root": root, "old": old, "new": _decoder(root)}
+
+
+def test_compare_a_width_change_pairs_latents_as_scipy_does(width_revisions: dict):
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from flows.compare import compare
+
+    root, old, new = (width_revisions[k] for k in ("root", "old", "new"))
+    assert (old.shape[1], new.shape[1]) == (32, 16)
+    page = compare(root, "HEAD~1", "HEAD")
+    text = page.read_text(encoding="utf-8")
+    section = feature_section(text)
+    # The pairs are an independent Hungarian assignment of the two decoders' |cosine|.
+    unit = [(w / w.norm(dim=0).clamp_min(1e-300)).numpy() for w in (old, new)]
+    cos = np.abs(unit[0].T @ unit[1])
+    rows_, cols = linear_sum_assignment(cos, maximize=True)
+    assert latent_pairs(section) == set(zip(rows_.tolist(), cols.tolist(), strict=True))
+    # A row per class, its cosine in [0, 1] and equal to the pair's.
+    rows = feature_rows(section)
+    classes = json.loads((root / "results/fetch/meta.json").read_text())["classes"]
+    assert len(rows) == len(classes)
+    sha_a = git(root, "rev-parse", "HEAD~1").strip()
+    for r in rows:
+        assert r["data-verdict"] in {"same", "renumbered", "split", "merge", "different"}
+        a = int(r["data-a"])
+        if r["data-score"]:
+            assert 0.0 <= float(r["data-score"]) <= 1.0
+        if r["data-match"]:
+            b = int(r["data-match"])
+            assert float(r["data-score"]) == pytest.approx(min(1.0, cos[a, b]), abs=1e-6)
+            assert (a, b) in latent_pairs(section) and cos[a, b] > 0.5
+        # A's browser, read from DVC's cache beside the page; B's is the workspace's.
+        assert r["links"][0] == f"revisions/{sha_a[:12]}/latents.html#latent-{a}"
+        assert r["links"][1] == f"../latest/latents.html#latent-{r['data-b']}"
+    copy = page.parent / "revisions" / sha_a[:12]
+    browser = (copy / "latents.html").read_text(encoding="utf-8")
+    assert browser.count("data-latent=") == 32 and (copy / "index.html").is_file()
+    assert "of A&#39;s 32 and B&#39;s 16 latents" in section and "<img" in section
+
+
+def _side(decoder, codes=None, dominant=(0, 1), outputs=None):
+    from salve.compare import FeatureSide
+
+    return FeatureSide(
+        decoder_ml=decoder,
+        val_codes_nl=codes,
+        classes=["zero", "one"],
+        dominant=list(dominant),
+        cross_class=[],
+        stage_outputs=outputs or {"fetch": "f", "finetune": "t", "extract": "x"},
+        browser="../latest/latents.html",
+    )
+
+
+def _orthonormal(m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+
+
+def test_a_retrained_backbone_is_matched_by_its_codes_or_not_at_all():
+    """Decoder cosines of SAEs on two backbones compare two spaces: never printed. The codes on
+    the same val images are correlated instead; without them the page says no match is
+    possible and prints none."""
+    from salve.compare import RevisionData, build_compare_page, features_markdown, match_features
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.relu(torch.randn(60, 4, generator=g, dtype=torch.float64))
+    perm = [2, 0, 3, 1]  # B's latent j is A's latent perm[j]
+    retrained = {"fetch": "f", "finetune": "t2", "extract": "x2"}
+    a = RevisionData("old", "a" * 40, features=_side(_orthonormal(12, 4, 1), codes))
+    b = RevisionData(
+        "new",
+        "b" * 40,
+        features=_side(_orthonormal(12, 4, 2), codes[:, perm] * 3 + 1, (1, 3), retrained),
+    )
+    fm = match_features(a, b, shared_val_images=True)
+    assert (fm.status, fm.basis) == ("matched", "code correlation")
+    assert "finetune output t -> t2 (a retrained backbone)" in fm.note
+    assert [(c.a, c.b, c.verdict.kind) for c in fm.classes] == [
+        (0, 1, "renumbered"),
+        (1, 3, "renumbered"),
+    ]
+    assert all(c.verdict.score == pytest.approx(1.0) for c in fm.classes)
+    section = feature_section(build_compare_page(a, b, {}, {}, features=fm))
+    assert "|code correlation|" in section and "|decoder cosine|" not in section
+    assert "Decoder cosines would compare two different spaces" in section
+    assert features_markdown(fm, "HEAD").startswith(
+        "2 of 2 classes' dominant features survived since HEAD (by code correlation > 0.5"
+    )
+
+    for codes_b, shared, why in (
+        (None, None, "B kept no val activations"),
+        (codes[:, perm], False, "the two runs' val images differ"),
+    ):
+        b.features = _side(_orthonormal(12, 4, 2), codes_b, (1, 3), retrained)
+        fm = match_features(a, b, shared_val_images=shared)
+        assert fm.status == "impossible" and fm.matching is None
+        assert f"No match is possible: {why}" in fm.note
+        section = feature_section(build_compare_page(a, b, {}, {}, features=fm))
+        rows = feature_rows(section)
+        assert [(r["data-a"], r["data-b"]) for r in rows] == [("0", "1"), ("1", "3")]
+        assert {(r["data-match"], r["data-score"], r["data-verdict"]) for r in rows} == {
+            ("", "", "none")
+        }
+        assert "no match possible" in section and "latent-pair" not in section
+        assert "|decoder cosine|" not in section and "cosine</th>" not in section
+        assert features_markdown(fm, "HEAD").startswith("Dominant features since HEAD: not")
+
+
+def test_same_activations_match_by_decoder_and_check_by_codes():
+    from salve.compare import RevisionData, features_markdown, match_features
+
+    dec = _orthonormal(12, 4, 3)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.relu(torch.randn(60, 4, generator=g, dtype=torch.float64))
+    a = RevisionData("A", "a" * 40, features=_side(dec, codes, (0, 1)))
+    # B: latent 0 kept; class one's feature (A's 1) is gone, replaced by a new direction.
+    dec_b = dec.clone()
+    dec_b[:, 1] = _orthonormal(12, 5, 4)[:, 4]
+    b = RevisionData("B", "b" * 40, features=_side(dec_b, codes, (0, 1)))
+    fm = match_features(a, b)
+    assert (fm.status, fm.basis) == ("matched", "decoder cosine") and fm.codes is not None
+    assert [c.verdict.kind for c in fm.classes] == ["same", "different"]
+    assert fm.classes[0].code_corr == pytest.approx(1.0)
+    assert fm.survived == 1
+    line = features_markdown(fm, "HEAD")
+    assert line.startswith("1 of 2 classes' dominant features survived since HEAD")
+    assert "1 same feature, 1 different feature" in line
+    # Without dvc.lock records the activations may differ: decoders are not trusted then.
+    a.features.stage_outputs, b.features.stage_outputs = {}, {}
+    fm = match_features(a, b, shared_val_images=True)
+    assert fm.basis == "code correlation" and "not recorded in dvc.lock" in fm.note
+
+
+def test_nightly_says_how_many_dominant_features_survived(two_revisions: Path):
+    from flows.compare import dominant_survival
+    from flows.nightly import render_report
+
+    k = len(json.loads((two_revisions / "results/rank/ranking.json").read_text())["dominant"])
+    line = dominant_survival(two_revisions, "HEAD")
+    assert line == (
+        f"{k} of {k} classes' dominant features survived since HEAD "
+        f"(by decoder cosine > 0.5: {k} same feature)."
+    )
+    diff = {"head": "abc1234", "metrics": {}, "params": {}, "errors": {}, "features": line}
+    text, _, _ = render_report(Path("/r"), diff, [], None, None)
+    assert text.splitlines()[4] == line

@@ -443,3 +443,226 @@ def test_centre_needs_the_bias_and_the_right_shape() -> None:
         )
     with pytest.raises(ValueError, match="bias_k must be"):
         edited_weights(weight, col, [0.5], -1, "projection", bias_k=torch.zeros(4))
+
+
+# --- Activation steering (salve.steering) ---------------------------------------------------
+
+from salve.sae import SAE_KINDS, build_sae  # noqa: E402
+from salve.steering import (  # noqa: E402
+    Steer,
+    encoder_rows,
+    latent_codes,
+    steer_activations,
+    steer_gain,
+    steered_accuracy_curves,
+    steered_logits,
+)
+
+STEER_KINDS = tuple(SAE_KINDS)
+
+
+def _tiny_sae(kind: str, seed: int, d_in: int = 6, width: int = 5, k: int = 2):
+    """A random SAE of ``kind`` in float64, eval mode, with biases and thresholds that leave
+    some latents on and some off."""
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(kind, d_in, width, k=k).to(F64).eval()
+    with torch.no_grad():
+        for p in (sae.encoder.weight, sae.encoder.bias, sae.decoder.weight, sae.decoder.bias):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+        sae.decoder.weight.div_(sae.decoder.weight.norm(dim=0))
+        if kind == "jumprelu":
+            sae.log_threshold.copy_(torch.log(0.2 + torch.rand(width, generator=g, dtype=F64)))
+        if kind == "batchtopk":
+            sae.batchtopk_threshold.fill_(0.3)
+    return sae
+
+
+def _hand_codes(sae, acts: torch.Tensor) -> torch.Tensor:
+    """The encode rule written out per kind from its sidecar description (not sae.encode)."""
+    pre = (acts - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    kind = sae.kind
+    if kind == "linear":
+        return pre
+    if kind == "relu":
+        return pre * (pre > 0)
+    if kind == "topk":
+        mask = torch.zeros_like(pre, dtype=torch.bool)
+        mask.scatter_(1, pre.topk(sae.k, dim=1).indices, True)
+        return pre * (mask & (pre > 0))
+    if kind == "batchtopk":
+        return pre * (pre > sae.batchtopk_threshold)
+    if kind == "jumprelu":
+        return pre * (pre > sae.log_threshold.exp())
+    raise AssertionError(f"no hand rule for {kind}")
+
+
+def _hand_steer(sae, acts: torch.Tensor, steps: list[Steer]) -> torch.Tensor:
+    """The rule by hand in float64: a' = a + (g - 1) z_l(a) W_dec[:, l], in order."""
+    a = acts.detach().to(F64)
+    for s in steps:
+        z = _hand_codes(sae, a)[:, s.latent]
+        delta = (s.clamp - z) if s.clamp is not None else (max(0.0, 1.0 - s.alpha) - 1.0) * z
+        if s.clamp is None and resolve_sign(s.sign) == 1:
+            delta = s.alpha * z
+        a = a + delta.unsqueeze(1) * sae.W_dec[:, s.latent]
+    return a
+
+
+@pytest.mark.parametrize("kind", STEER_KINDS)
+def test_steer_rule_against_a_hand_computation(kind: str) -> None:
+    sae = _tiny_sae(kind, seed=1)
+    acts = _rand(40, 6, seed=2) * 1.5
+    assert torch.equal(sae.encode(acts), _hand_codes(sae, acts))  # the oracle is the rule
+    for step in (Steer(3, 0.6, "suppress"), Steer(1, 1.0, "suppress"), Steer(0, 2.5, "enhance")):
+        got = steer_activations(acts, sae, step)
+        want = _hand_steer(sae, acts, [step])
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        assert not torch.equal(got, acts)  # some sample has the latent on
+        # float32 (the shipped model's dtype): the same up to float32 rounding
+        got32 = steer_activations(acts.float(), sae.float(), step)
+        torch.testing.assert_close(got32.double(), want, atol=1e-5, rtol=0)
+        sae.double()
+
+
+def test_steer_gain() -> None:
+    assert steer_gain(0.0, "suppress") == 1.0 == steer_gain(0.0, "enhance")
+    assert steer_gain(0.25, -1) == 0.75 and steer_gain(0.25, 1) == 1.25
+    assert steer_gain(1.0, -1) == 0.0 == steer_gain(3.0, -1)  # suppression stops at g = 0
+    with pytest.raises(ValueError):
+        steer_gain(-0.5, -1)
+    with pytest.raises(ValueError):
+        Steer(-1)
+
+
+@pytest.mark.parametrize("kind", STEER_KINDS)
+def test_steer_alpha_zero_is_bit_identical(kind: str) -> None:
+    sae = _tiny_sae(kind, seed=3)
+    acts = _rand(20, 6, seed=4)
+    acts[0, 0] = -0.0  # a negative zero survives (an added +0.0 would turn it into +0.0)
+    for sign in ("suppress", "enhance"):
+        out = steer_activations(acts, sae, [Steer(2, 0.0, sign), Steer(4, 0.0, sign)])
+        assert torch.equal(_bits(out), _bits(acts))
+    weight, bias = _rand(3, 6, seed=5), _rand(3, seed=6)
+    codes = latent_codes(sae, acts)[:, 2]
+    logits = steered_logits(acts, weight, bias, codes, sae.W_dec[:, 2], [0.0, 0.5], "suppress")
+    assert torch.equal(_bits(logits[0]), _bits(acts @ weight.T + bias))
+
+
+@pytest.mark.parametrize("kind", STEER_KINDS)
+def test_steer_alpha_one_suppress_ablates_the_latent(kind: str) -> None:
+    """g = 0: a' is the SAE's reconstruction without latent l plus the SAE's own error, for
+    every kind (the other codes and the error are those of the input)."""
+    sae = _tiny_sae(kind, seed=7)
+    acts = _rand(30, 6, seed=8) * 2
+    z = sae.encode(acts)
+    err = acts - sae.decode(z)
+    for latent in range(5):
+        z_off = z.clone()
+        z_off[:, latent] = 0.0
+        got = steer_activations(acts, sae, Steer(latent, 1.0, "suppress"))
+        torch.testing.assert_close(got, sae.decode(z_off) + err, atol=1e-12, rtol=0)
+        clamped = steer_activations(acts, sae, Steer(latent, clamp=0.0))  # the same ablation
+        torch.testing.assert_close(clamped, got, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", STEER_KINDS)
+def test_reencoding_the_ablated_activation_gives_zero_for_a_self_consistent_latent(kind: str):
+    """Re-encoding a' gives z_l = 0 when W_enc[l] . c_l = 1: exactly, with a tied identity SAE
+    and dyadic numbers (no rounding anywhere). Every kind, top-k included (ablating one latent
+    moves no other pre-activation when the columns are orthogonal)."""
+    sae = build_sae(kind, 4, 4, k=2).to(F64).eval()
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.eye(4, dtype=F64))
+        sae.decoder.weight.copy_(torch.eye(4, dtype=F64))
+        sae.encoder.bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.75], dtype=F64))
+        sae.decoder.bias.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=F64))
+        if kind == "jumprelu":
+            sae.log_threshold.fill_(math.log(0.5))
+        if kind == "batchtopk":
+            sae.batchtopk_threshold.fill_(0.25)
+    acts = torch.tensor([[4.0, 1.5, 3.0, -1.0], [2.5, -1.0, 1.25, 2.0]], dtype=F64)
+    for latent in range(4):
+        before = sae.encode(acts)[:, latent]
+        after = sae.encode(steer_activations(acts, sae, Steer(latent, 1.0, "suppress")))
+        assert torch.equal(after[:, latent], torch.zeros(2, dtype=F64)), (kind, latent, before)
+
+
+def test_reencoding_does_not_give_zero_in_general() -> None:
+    """Where W_enc[l] . c_l != 1 the re-encoded pre-activation is pre_l (1 - W_enc[l] . c_l)
+    (ReLU: positive when that factor is), so encode(a')[l] need not be 0; and top-k re-selects:
+    ablating the top latent lets the next one in, although the rule kept its input code (0)."""
+    sae = _tiny_sae("relu", seed=9)
+    acts = _rand(50, 6, seed=10) * 2
+    latent = 1
+    wc = float(sae.W_enc[latent].detach() @ sae.W_dec[:, latent].detach())
+    assert wc != 1.0
+    pre = sae.pre_activation(acts)[:, latent]
+    after = sae.pre_activation(steer_activations(acts, sae, Steer(latent, 1.0)))[:, latent]
+    on = pre > 0
+    torch.testing.assert_close(after[on], pre[on] * (1 - wc), atol=1e-12, rtol=0)
+    assert bool((sae.encode(steer_activations(acts, sae, Steer(latent, 1.0)))[:, 1] != 0).any())
+
+    topk = build_sae("topk", 3, 3, k=1).to(F64).eval()
+    with torch.no_grad():
+        topk.encoder.weight.copy_(torch.eye(3, dtype=F64))
+        topk.decoder.weight.copy_(torch.eye(3, dtype=F64))
+        topk.encoder.bias.zero_()
+        topk.decoder.bias.zero_()
+    a = torch.tensor([[3.0, 2.0, 0.5]], dtype=F64)
+    assert torch.equal(topk.encode(a), torch.tensor([[3.0, 0.0, 0.0]], dtype=F64))
+    steered = steer_activations(a, topk, Steer(0, 1.0))
+    assert torch.equal(steered, torch.tensor([[0.0, 2.0, 0.5]], dtype=F64))  # rule: z_1 kept
+    assert torch.equal(topk.encode(steered), torch.tensor([[0.0, 2.0, 0.0]], dtype=F64))
+
+
+@pytest.mark.parametrize("kind", STEER_KINDS)
+def test_steering_two_latents_composes_in_order(kind: str) -> None:
+    sae = _tiny_sae(kind, seed=11)
+    acts = _rand(30, 6, seed=12) * 2
+    first, second = Steer(0, 0.7, "suppress"), Steer(3, 1.5, "enhance")
+    both = steer_activations(acts, sae, [first, second])
+    torch.testing.assert_close(both, _hand_steer(sae, acts, [first, second]), atol=1e-12, rtol=0)
+    # (equal up to rounding: one step alone keeps fewer encoder rows, another matmul shape)
+    one_then_other = steer_activations(steer_activations(acts, sae, first), sae, second)
+    torch.testing.assert_close(both, one_then_other, atol=1e-12, rtol=0)
+    # the second step reads the first step's output: the order matters
+    assert not torch.allclose(both, steer_activations(acts, sae, [second, first]))
+
+
+def test_steer_clamp_to_a_value() -> None:
+    sae = _tiny_sae("relu", seed=13)
+    acts = _rand(25, 6, seed=14)
+    got = steer_activations(acts, sae, Steer(2, clamp=1.25))
+    z = sae.encode(acts)[:, 2]
+    torch.testing.assert_close(
+        got, acts + (1.25 - z).unsqueeze(1) * sae.W_dec[:, 2], atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize("kind", ("relu", "topk"))
+def test_steered_logits_and_curves_equal_the_head_on_steered_activations(kind: str) -> None:
+    sae = _tiny_sae(kind, seed=15)
+    acts = _rand(60, 6, seed=16) * 2
+    labels = torch.arange(60) % 3
+    weight, bias = _rand(3, 6, seed=17), _rand(3, seed=18)
+    alphas = [0.0, 0.4, 1.0, 2.0]
+    codes = latent_codes(sae, acts)[:, 4]
+    for sign in ("suppress", "enhance"):
+        logits = steered_logits(acts, weight, bias, codes, sae.W_dec[:, 4], alphas, sign)
+        for i, a in enumerate(alphas):
+            direct = steer_activations(acts, sae, Steer(4, a, sign)) @ weight.T + bias
+            torch.testing.assert_close(logits[i], direct, atol=1e-12, rtol=0)
+        acc, overall = steered_accuracy_curves(
+            acts, labels, weight, bias, codes, sae.W_dec[:, 4], alphas, sign
+        )
+        preds = logits.argmax(-1)
+        for c in range(3):
+            assert torch.equal(acc[:, c], (preds[:, labels == c] == c).double().mean(1))
+        assert torch.equal(overall, (preds == labels).double().mean(1))
+
+
+def test_encoder_rows_kept_per_kind() -> None:
+    for kind in STEER_KINDS:
+        sae = _tiny_sae(kind, seed=19)
+        rows = encoder_rows(sae, [3, 1, 3])
+        assert rows == ([3, 1] if kind in ("linear", "relu", "jumprelu") else list(range(5)))

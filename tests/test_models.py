@@ -3,6 +3,7 @@ torchvision state dicts, weights files are checked with one clear error each."""
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.error
 from pathlib import Path
@@ -450,3 +451,153 @@ def test_read_head_reads_the_head_alone(resnet, tmp_path: Path) -> None:
     assert sorted(head) == ["fc.bias", "fc.weight"]
     assert torch.equal(head["fc.weight"], resnet.fc.weight) and head["fc.weight"].shape == (K, 512)
     assert torch.equal(head["fc.bias"], resnet.fc.bias)
+
+
+# --- A steered model (salve.steering), saved and loaded -------------------------------------
+
+
+def _steer_sae(kind: str, d_in: int = 512, width: int = 16, seed: int = 0):
+    """A random float32 SAE over the resnet's 512 head inputs, biased so latents fire."""
+    from salve.sae import build_sae
+
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(kind, d_in, width, k=4).eval()
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.randn(width, d_in, generator=g) / d_in**0.5)
+        sae.encoder.bias.fill_(0.05)
+        sae.decoder.weight.copy_(torch.randn(d_in, width, generator=g))
+        sae.decoder.weight.div_(sae.decoder.weight.norm(dim=0))
+        sae.decoder.bias.zero_()
+    return sae
+
+
+def _rule_logits(resnet, sae, x, steps) -> torch.Tensor:
+    """The rule from the classifier's head input, the SAE and the original head (float64)."""
+    with torch.no_grad():
+        a = penultimate(resnet, x).double()
+        sae64 = __import__("copy").deepcopy(sae).double()
+        for s in steps:
+            z = sae64.encode(a)[:, s.latent]
+            delta = (s.clamp - z) if s.clamp is not None else (s.gain - 1.0) * z
+            a = a + delta.unsqueeze(1) * sae64.W_dec[:, s.latent]
+        head = head_of(resnet)
+        return a @ head.weight.double().T + head.bias.double()
+
+
+@pytest.mark.parametrize("kind", ("relu", "topk"))
+def test_steered_model_round_trip_gives_the_rule(resnet, tmp_path: Path, kind: str) -> None:
+    from salve.steering import (
+        Steer,
+        SteeredClassifier,
+        load_steered,
+        save_steered,
+        steered_classifier,
+    )
+
+    sae = _steer_sae(kind)
+    steps = [Steer(5, 1.0, "suppress"), Steer(9, 0.5, "enhance"), Steer(5, clamp=0.25)]
+    model = steered_classifier(resnet, sae, steps)
+    path = tmp_path / "steered.safetensors"
+    side = {"classes": list("abcd"), "image_size": 64, "normalisation": {"mean": [0.5] * 3}}
+    save_steered(path, model, side)
+    x = _images(3, 64, seed=21)
+
+    loaded = load_classifier(path)
+    assert isinstance(loaded, SteeredClassifier) and not loaded.training
+    assert head_of(loaded) is head_of(loaded.classifier)  # the head is still found
+    with torch.no_grad():
+        got = loaded(x)
+        assert torch.equal(got, model(x))
+    want = _rule_logits(resnet, sae, x, steps)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got.double(), resnet(x).double(), atol=1e-3)  # it steers
+    assert isinstance(resnet.fc, torch.nn.Linear)  # the wrapped classifier was copied
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in loaded.modules())
+    with torch.no_grad():  # the head's input, as penultimate sees it, is a'
+        assert torch.equal(head_of(loaded)(penultimate(loaded, x)), got)
+
+    # the file: the classifier's state dict, plus only what the rule needs of the SAE
+    state = load_file(str(path))
+    steer_keys = {k for k in state if k.startswith("steer.")}
+    assert set(state) - steer_keys == set(resnet.state_dict())
+    rows = 2 if kind == "relu" else 16  # relu: latents 5 and 9; topk selects among all
+    assert state["steer.encoder.weight"].shape == (rows, 512)
+    assert state["steer.columns"].shape == (512, 3) and "steer.decoder.weight" not in state
+    assert torch.equal(state["steer.columns"][:, 1], sae.W_dec[:, 9].detach())
+    sidecar = json.loads(sidecar_path(path).read_text())
+    assert sidecar["format"] == "salve-steered-classifier" and sidecar["architecture"] == "resnet18"
+    assert sidecar["steering"]["encode"]["kind"] == kind and sidecar["classes"] == list("abcd")
+    assert load_steered(path)[1]["steering"]["steps"][1] == {
+        "latent": 9, "alpha": 0.5, "sign": "enhance", "gain": 1.5
+    }  # fmt: skip
+    with pytest.raises(ArtifactError, match="steered"):
+        load_checkpoint(path)
+
+
+def test_steered_model_at_alpha_zero_is_the_classifier_bit_for_bit(resnet, tmp_path) -> None:
+    from salve.steering import Steer, save_steered, steered_classifier
+
+    sae = _steer_sae("relu", seed=3)
+    path = tmp_path / "zero.safetensors"
+    save_steered(
+        path,
+        steered_classifier(resnet, sae, [Steer(2, 0.0, "suppress"), Steer(7, 0.0, "enhance")]),
+        {"classes": list("abcd"), "image_size": 64},
+    )
+    loaded = load_classifier(path)
+    x = _images(4, 64, seed=22)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), resnet(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_steered_model_runs_on_cuda(resnet, tmp_path) -> None:
+    import copy
+
+    from salve.steering import Steer, save_steered, steered_classifier
+
+    sae = _steer_sae("jumprelu", seed=4)
+    path = tmp_path / "cuda.safetensors"
+    steps = [Steer(1, 1.0, "suppress")]
+    save_steered(
+        path, steered_classifier(resnet, sae, steps), {"classes": list("abcd"), "image_size": 64}
+    )
+    loaded = load_classifier(path).to("cuda")
+    x = _images(2, 64, seed=23)
+    with torch.no_grad():
+        got = loaded(x.cuda()).cpu().double()
+        zero = load_classifier(path)
+        zero.steer.steers = (Steer(1, 0.0),)
+        zero = zero.to("cuda")
+        base = copy.deepcopy(resnet).to("cuda")
+        assert torch.equal(zero(x.cuda()), base(x.cuda()))
+    torch.testing.assert_close(got, _rule_logits(resnet, sae, x, steps), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ("linear", "relu", "topk", "batchtopk", "jumprelu"))
+def test_steering_part_round_trips_for_every_sae_kind(kind: str) -> None:
+    """The steering tensors and record rebuild the same rule (encode of the recorded kind over
+    the kept rows, thresholds included); a tampered rule is refused."""
+    from salve.steering import LatentSteer, Steer
+
+    sae = _steer_sae(kind, d_in=12, width=6, seed=5)
+    with torch.no_grad():
+        if kind == "jumprelu":
+            sae.log_threshold.copy_(torch.linspace(-3.0, -1.0, 6))
+        if kind == "batchtopk":
+            sae.batchtopk_threshold.fill_(0.02)
+    steps = [Steer(4, 1.0), Steer(1, 0.75, "enhance"), Steer(4, clamp=-0.5)]
+    steer = LatentSteer.from_sae(sae, steps)
+    tensors = {k: v.clone() for k, v in steer.tensors().items()}
+    record = json.loads(json.dumps(steer.describe()))  # through JSON, as the sidecar holds it
+    rebuilt = LatentSteer.from_tensors(tensors, record)
+    acts = torch.randn(30, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(acts), steer(acts))
+        assert not torch.equal(steer(acts), acts)
+    assert record["encoder_rows"] == ([4, 1] if kind in ("linear", "relu", "jumprelu") else
+                                      list(range(6)))  # fmt: skip
+    bad = copy.deepcopy(record)
+    bad["encode"]["kind"] = "relu" if kind != "relu" else "linear"
+    with pytest.raises(ValueError, match="disagrees"):
+        LatentSteer.from_tensors(tensors, bad)

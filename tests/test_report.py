@@ -61,10 +61,10 @@ def parse_tags(text: str) -> list[tuple[str, dict[str, str | None]]]:
     return p.tags
 
 
-def assert_self_contained(text: str, scripts: int = 0) -> int:
+def assert_self_contained(text: str, scripts: int = 0, pages=SIBLING_PAGES) -> int:
     """No external references; at most ``scripts`` inline scripts (none with a src); links only
-    in the page or to its sibling pages; every <img> a valid embedded PNG. Returns the number
-    of images."""
+    in the page or to ``pages`` (its sibling pages); every <img> a valid embedded PNG. Returns
+    the number of images."""
     tags = parse_tags(text)
     assert not [t for t, _ in tags if t in ("link", "iframe", "object", "embed")]
     inline = [a for t, a in tags if t == "script"]
@@ -80,7 +80,7 @@ def assert_self_contained(text: str, scripts: int = 0) -> int:
             assert "http://" not in value and "https://" not in value, (tag, name, value[:80])
             assert not value.startswith("//"), (tag, name, value[:80])
             if name == "href":
-                assert value.startswith("#") or value.split("#")[0] in SIBLING_PAGES, value
+                assert value.startswith("#") or value.split("#")[0] in pages, value
             else:
                 assert value.startswith("data:"), (tag, name, value[:80])
         if tag == "img":
@@ -586,7 +586,7 @@ def test_report_stage_writes_a_self_contained_page(built_project: Path):
     assert "<script" not in text.lower()
 
     metrics = read_json(root / "metrics" / "report.json")
-    assert "bytes" not in metrics  # varies with the embedded stage times
+    assert "bytes" not in metrics
     assert metrics["sections"] == len(REPORT_SECTIONS)
     assert images == metrics["figures"] + metrics["images"]
     assert metrics["figures"] >= 6  # curves, SAE loss, heatmap, edit x2, alpha_crit (+ cross)
@@ -639,7 +639,12 @@ def test_compare_two_commits(built_project: Path):
     assert page.is_file(), proc.stdout
     text = page.read_text(encoding="utf-8")
     assert section_ids(text) == [sid for sid, _ in COMPARE_SECTIONS]
-    assert_self_contained(text)
+    # Its only links: both runs' latent browsers (B, HEAD, is the workspace's; A's, read from
+    # DVC's cache, is written beside the page).
+    sha = git(root, "rev-parse", "HEAD~1").strip()
+    browsers = ("../latest/latents.html", f"revisions/{sha[:12]}/latents.html")
+    assert_self_contained(text, pages=browsers)
+    assert all((page.parent / b).is_file() for b in browsers)
 
     # The changed parameter, with both values.
     params = text[text.index('id="params-diff"') : text.index('id="key-metrics"')]
@@ -677,3 +682,139 @@ def test_compare_workspace_must_be_second(built_project: Path):
     proc = salve(built_project, "compare", "workspace", "HEAD")
     assert proc.returncode == 1
     assert "workspace" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# The headline and the most shared latents (#28)
+# ------------------------------------------------------------------------------------------
+
+
+def test_report_opens_with_the_key_metrics(built_project_template: Path):
+    """Before the provenance tables: every key metric (tasks/keymetrics.py, as `salve compare`
+    leads with them), valued as the stage's metrics file has it."""
+    from salve.compare import lookup
+    from tasks.keymetrics import KEY_METRICS
+    from tasks.report import load_inputs
+
+    root = built_project_template
+    text, _ = build_report(load_inputs(root))
+    start = text.index('id="headline"')
+    assert start < text.index("<section") < text.index("Provenance")
+    head = text[start : text.index('id="metadata"')]
+    keys = [a["data-key"] for t, a in parse_tags(head) if t == "div" and "data-key" in a]
+    assert keys == [f"{km.file}:{km.key}" for km in KEY_METRICS]
+    for km in KEY_METRICS:
+        tile = head[head.index(f'data-key="{km.file}:{km.key}"') :]
+        tile = tile[: tile.index("</div>")]
+        value = lookup(read_json(root / km.file), km.key)
+        assert value is not None, km.key
+        assert f"<b>{escaped(fmt(value))}</b>" in tile and escaped(km.label) in tile, km.key
+
+
+class _Rows(HTMLParser):
+    """Table rows as (class attribute, cell texts)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[tuple[str, list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "tr":
+            self.rows.append((dict(attrs).get("class") or "", []))
+        elif tag == "td":
+            self._cell = []
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1][1].append("".join(self._cell).strip())
+            self._cell = None
+
+
+def test_cross_class_section_lists_the_most_shared_latents(built_project_template: Path):
+    """No cross-class feature is never a bare "none": the five latents with the largest m2 / m1
+    (of |class mean|), with their two class means and whether each passes the rule."""
+    from tasks.report import load_inputs
+
+    d = load_inputs(built_project_template)
+    names = d.classes
+    mu = np.zeros((len(names), 8))
+    mu[0, 0], mu[1, 0] = 10.0, 9.0  # 0.9, strong: passes
+    mu[2, 1], mu[3, 1] = 0.2, 0.19  # 0.95, but near-silent: below the floor
+    mu[4, 2], mu[5, 2] = 10.0, 4.0  # 0.4: the second class too weak
+    mu[6, 3], mu[7, 3] = -8.0, 6.0  # |.|: 0.75, passes
+    mu[0, 4] = 12.0  # one class only
+    mu[1, 5], mu[2, 5] = 5.0, 3.0  # 0.6, passes
+    d.class_means = mu.tolist()
+    d.ranking = {**d.ranking, "rule": {"cross_class_fraction": 0.5, "min_mean_fraction": 0.1}}
+    d.edit_metrics = {**d.edit_metrics, "cross_class": []}
+    text, _ = build_report(d)
+    section = text[text.index('id="cross-class"') : text.index('id="baselines"')]
+    assert "No latent passes this rule" in section
+    listed = section[section.index("Most shared latents") :]
+    parser = _Rows()
+    parser.feed(listed[: listed.index("</table>")])
+    rows = [(cls, cells) for cls, cells in parser.rows if cells]
+    floor = "no: largest mean 0.2 ≤ floor 1.2"
+    assert [(cls, cells[0], cells[3], cells[4]) for cls, cells in rows] == [
+        ("", "1", "0.95", floor),
+        ("flag", "0", "0.9", "yes: cross-class"),
+        ("flag", "3", "0.75", "yes: cross-class"),
+        ("flag", "5", "0.6", "yes: cross-class"),
+        ("", "2", "0.4", "no: ratio < 0.5"),
+    ]
+    assert rows[2][1][1:3] == [f"{names[6]}: -8", f"{names[7]}: 6"]  # signed means, by |.|
+    assert "ratio ≥ 0.5 and a largest |class mean| above 1.2" in section
+
+
+@pytest.fixture
+def chromium_here():
+    from tests.test_report_browser import ensure_chromium
+
+    reason = ensure_chromium()
+    if reason:
+        pytest.skip(reason)
+
+
+BOX = "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom];"
+
+
+@pytest.mark.timeout(600)
+def test_report_first_screen_shows_the_headline(
+    chromium_here, built_project_template: Path, tmp_path: Path
+):
+    """At 1400x900 in headless Chromium every key metric's tile is on the first screen."""
+    from selenium.webdriver.common.by import By
+
+    from tasks.keymetrics import KEY_METRICS
+    from tasks.report import load_inputs
+    from tests.test_report_browser import open_offline, start_driver
+
+    text, _ = build_report(load_inputs(built_project_template))
+    page = tmp_path / "index.html"
+    page.write_text(text, encoding="utf-8")
+    (tmp_path / "profile").mkdir()
+    driver = start_driver(tmp_path / "profile")
+    width, height = 1400, 900
+    try:
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
+        open_offline(driver, page.resolve().as_uri())
+        for km in KEY_METRICS:
+            key = f"{km.file}:{km.key}"
+            el = driver.find_element(By.CSS_SELECTOR, f'#headline div[data-key="{key}"]')
+            left, top, right, bottom = driver.execute_script(BOX, el)
+            assert left >= 0 and top >= 0 and right <= width and bottom <= height, key
+            assert el.is_displayed() and el.text.strip()
+        head = driver.execute_script(BOX, driver.find_element(By.ID, "headline"))
+        meta = driver.execute_script(BOX, driver.find_element(By.ID, "metadata"))
+        assert head[3] <= meta[1]  # above the provenance tables
+        Path("/tmp/salve_report_first_screen.png").write_bytes(driver.get_screenshot_as_png())
+    finally:
+        driver.quit()
