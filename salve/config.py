@@ -271,6 +271,14 @@ class GradfamConfig:
         help="faithfulness: pixels deleted in this many equal steps (10 and 20 gave mean "
         "AUCs 0.380 and 0.378 on the default, at half the forward passes)",
     )
+    deletion_sample: int = setting(
+        32,
+        min=0,
+        max=100_000,
+        help="faithfulness: the deletion test runs on the dominant and cross-class features and "
+        "this many other latents, drawn (seeded) from those active on val: a fixed cost at any "
+        "SAE width",
+    )
     am_steps: int = setting(64, min=0, max=100_000, help="activation-maximisation steps")
     am_lr: float = setting(
         0.1, min=0.0, min_exclusive=True, help="activation-maximisation Adam step size"

@@ -28,21 +28,16 @@ Two ways to compute the maps:
   run through the graph above the tap only. ``gradfam_autograd`` (every image x every feature)
   takes all features of a batch in one vmapped backward (``is_grads_batched``);
   ``gradfam_pairs`` (each image with its own feature) needs a single backward per batch, since in
-  eval mode the samples are independent.
-
-Faithfulness (docs/METHOD.md, "Faithfulness"): ``deletion_test`` replaces pixels by the
-image's mean colour in order of decreasing saliency, in ``steps`` equal steps, records the
-feature's code normalised by its unmasked value, and integrates that curve over the fraction
-deleted (trapezoid rule on [0, 1]); the same with a seeded random order. A faithful map has a
-clearly lower AUC.
+  eval mode the samples are independent. ``gradfam_shared`` gives the same maps for many
+  (image, feature) pairs with one forward pass per distinct image: the closed form pair by
+  pair, or one-hot cotangents grouped by image into vmapped backward passes above the tap.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
@@ -322,7 +317,7 @@ def _maps_from_grads(leaf: torch.Tensor, grad: torch.Tensor, layer: FeatureLayer
     return torch.relu(torch.einsum("nc,nchw->nhw", _channel_weights(grad, layer), fmaps))
 
 
-def _check_images(images_nchw: torch.Tensor) -> None:
+def check_images(images_nchw: torch.Tensor) -> None:
     if images_nchw.ndim != 4:
         raise ValueError(f"images must be [N, 3, S, S], got shape {tuple(images_nchw.shape)}")
 
@@ -344,7 +339,7 @@ def gradfam_autograd(
     even when the forward or backward raises; parameter ``.grad`` fields are never touched.
     """
     feats = _feature_list(features, sae.W_enc.shape[0])
-    _check_images(images_nchw)
+    check_images(images_nchw)
     layer = _resolve(model, images_nchw.shape[-1], layer)
     out: list[torch.Tensor] = []
     with eval_mode(model, sae), _tapped(model, layer) as tap:
@@ -381,7 +376,7 @@ def feature_maps(
     model: nn.Module, images_nchw: torch.Tensor, layer: str | FeatureLayer = "pooled"
 ) -> torch.Tensor:
     """The layer's output as [N, C, h, w], in eval mode; hook removed."""
-    _check_images(images_nchw)
+    check_images(images_nchw)
     layer = _resolve(model, images_nchw.shape[-1], layer)
     captured: list[torch.Tensor] = []
     handle = model.get_submodule(layer.name).register_forward_hook(
@@ -406,7 +401,7 @@ def gradfam_maps(
 ) -> torch.Tensor:
     """Grad-FAM maps [N, F, h, w]: the closed form (no backward pass) when the global average
     pool reads the layer directly, autograd otherwise."""
-    _check_images(images_nchw)
+    check_images(images_nchw)
     layer = _resolve(model, images_nchw.shape[-1], layer)
     if not layer.pooled:
         return gradfam_autograd(
@@ -437,7 +432,7 @@ def gradfam_pairs(
     gradient of ``sum_n z_{f_n}(x_n)`` with respect to sample n's feature map is that of its own
     code. With ``closed_form`` (default) a pooled layer uses the closed form instead.
     """
-    _check_images(images_nchw)
+    check_images(images_nchw)
     feats = torch.as_tensor(features_n, dtype=torch.long).flatten()
     if feats.shape[0] != images_nchw.shape[0]:
         raise ValueError(f"{feats.shape[0]} features for {images_nchw.shape[0]} images")
@@ -467,6 +462,164 @@ def gradfam_pairs(
     return torch.cat(out)
 
 
+def gradfam_shared(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    images: torch.Tensor,
+    rows_p: Sequence[int] | torch.Tensor,
+    features_p: Sequence[int] | torch.Tensor,
+    *,
+    layer: str | FeatureLayer = "auto",
+    batch_size: int = 32,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pair_rows: int = 256,
+    on_hint: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Maps of (image, feature) pairs, ``images[rows_p[p]]`` with ``features_p[p]``: [P, h, w].
+
+    The maps of ``gradfam_pairs(model, sae, transform(images[rows_p]), features_p)``, with one
+    forward pass per distinct image however many features it is paired with: a pooled layer
+    takes the closed form from that pass; any other layer vmapped backward passes (above the
+    tap), and a pair whose latent is off (``sae.support`` false, so its gradient is exactly
+    zero) gets the zero map without one. ``pair_rows`` bounds the pairs (backward rows) held at
+    once. ``transform`` (e.g. normalisation) is applied per batch of at most ``batch_size``
+    distinct images: ``images`` may be a whole split (a tensor, or ``TensorRows``). ``on_hint``
+    (bool per pair, e.g. cached codes != 0) only groups images with as many backward rows into
+    a batch (a batch's backward is padded to its largest); the maps do not depend on it.
+    """
+    rows = torch.as_tensor(rows_p, dtype=torch.long).flatten()
+    feats = torch.as_tensor(features_p, dtype=torch.long).flatten()
+    if rows.shape != feats.shape:
+        raise ValueError(f"{feats.shape[0]} features for {rows.shape[0]} image rows")
+    if len(images.shape) != 4:
+        raise ValueError(f"images must be [N, 3, S, S], got shape {tuple(images.shape)}")
+    layer = _resolve(model, images.shape[-1], layer)
+    out = torch.zeros(len(rows), *layer.grid, dtype=next(model.parameters()).dtype)
+    if rows.numel() == 0:
+        return out
+    _feature_list(feats.unique().tolist(), sae.W_enc.shape[0])
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    hint = torch.ones(len(rows)) if on_hint is None else on_hint.flatten().double()
+    counts = torch.bincount(inverse, weights=hint, minlength=len(uniq))
+    order = torch.sort(counts, descending=True, stable=True).indices
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    pair_position = position[inverse]  # each pair's image, in processing order
+    start = 0
+    for size in _image_batches(counts[order], batch_size):
+        batch = images[uniq[order[start : start + size]]]
+        batch = transform(batch) if transform is not None else batch
+        mine = torch.nonzero((pair_position >= start) & (pair_position < start + size)).flatten()
+        image_p = pair_position[mine] - start  # row within the batch
+        if layer.pooled:
+            out[mine] = _closed_form_pairs(
+                model, sae, batch, image_p, feats[mine], layer, pair_rows
+            )
+        else:
+            out[mine] = _autograd_pairs(model, sae, batch, image_p, feats[mine], layer, pair_rows)
+        start += size
+    return out
+
+
+def _image_batches(counts: torch.Tensor, batch_size: int) -> list[int]:
+    """Sizes of consecutive batches of images whose ``counts`` (backward rows, largest first)
+    are within 3/4 of the batch's first, at most ``batch_size`` each; none of one image where
+    that can be avoided (a batch of one may take other CPU kernels than a larger one)."""
+    c, sizes, i = counts.tolist(), [], 0
+    while i < len(c):
+        j = i + 1
+        while j < len(c) and j - i < batch_size and (j - i < 2 or 4 * c[j] >= 3 * c[i]):
+            j += 1
+        sizes.append(j - i)
+        i = j
+    if len(sizes) > 1 and sizes[-1] == 1:  # a last single image joins the batch before
+        if sizes[-2] < batch_size:
+            sizes[-2:] = [sizes[-2] + 1]
+        elif sizes[-2] > 2:
+            sizes[-2:] = [sizes[-2] - 1, 2]
+    return sizes
+
+
+def _closed_form_pairs(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    batch: torch.Tensor,
+    image_p: torch.Tensor,
+    feats_p: torch.Tensor,
+    layer: FeatureLayer,
+    pair_rows: int,
+) -> torch.Tensor:
+    """``gradfam_closed_form`` for each pair (image ``image_p[p]`` of the batch, its feature),
+    ``pair_rows`` pairs at a time."""
+    fmaps = feature_maps(model, batch, layer)
+    _, _, h, w = fmaps.shape
+    maps = torch.empty(len(image_p), h, w, dtype=fmaps.dtype)
+    with torch.no_grad(), eval_mode(sae):
+        deriv = sae.code_derivative(fmaps.mean(dim=(2, 3)))
+        for p0 in range(0, len(image_p), pair_rows):
+            img = image_p[p0 : p0 + pair_rows].to(fmaps.device)
+            f = feats_p[p0 : p0 + pair_rows].to(fmaps.device)
+            weights = deriv[img, f][:, None] * sae.W_enc[f] / (h * w)  # [P, C]
+            own = torch.einsum("pc,pchw->phw", weights, fmaps[img])
+            maps[p0 : p0 + pair_rows] = torch.relu(own).cpu()
+    return maps
+
+
+def _autograd_pairs(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    batch: torch.Tensor,
+    image_p: torch.Tensor,
+    feats_p: torch.Tensor,
+    layer: FeatureLayer,
+    pair_rows: int,
+) -> torch.Tensor:
+    """The pairs of one batch by autograd: one forward, then backward "slots": slot s holds each
+    image's s-th active pair as a one-hot cotangent on its codes, and one vmapped backward takes
+    ``pair_rows`` // batch slots."""
+    maps = torch.zeros(len(image_p), *layer.grid, dtype=batch.dtype)
+    with eval_mode(model, sae), _tapped(model, layer) as tap, torch.enable_grad():
+        tap.tensor, tap.calls = None, 0
+        pre = sae.pre_activation(penultimate(model, batch))
+        codes, leaf = sae.codes_from_pre(pre), tap.tensor
+        if tap.calls != 1 or leaf is None:
+            raise RuntimeError(f"the Grad-FAM tap ran {tap.calls} times in one forward, expected 1")
+        device = codes.device
+        on = sae.support(pre.detach())[image_p.to(device), feats_p.to(device)].cpu()
+        active = torch.nonzero(on).flatten()
+        if active.numel() == 0:
+            return maps
+        # each active pair's slot: its rank among the active pairs of its image
+        key = image_p[active]
+        by_image = torch.sort(key, stable=True).indices
+        slots = torch.empty_like(key)
+        slots[by_image] = torch.arange(len(key)) - torch.searchsorted(key[by_image], key[by_image])
+        n_slots = int(slots.max()) + 1
+        per = max(1, pair_rows // batch.shape[0])
+        fmaps = to_grid(leaf.detach(), layer)
+        for s0 in range(0, n_slots, per):
+            s1 = min(s0 + per, n_slots)
+            chosen = (slots >= s0) & (slots < s1)
+            sel, s = active[chosen], (slots[chosen] - s0).to(device)
+            img, f = image_p[sel].to(device), feats_p[sel].to(device)
+            basis = torch.zeros((s1 - s0, *codes.shape), dtype=codes.dtype, device=device)
+            basis[s, img, f] = 1.0
+            (grads,) = torch.autograd.grad(
+                codes,
+                leaf,
+                grad_outputs=basis,
+                is_grads_batched=True,
+                retain_graph=s1 < n_slots,
+                allow_unused=True,
+            )
+            if grads is None:  # no code depends on the tapped tensor: every map is zero
+                continue
+            weights = _channel_weights(grads[s, img], layer)
+            own = torch.relu(torch.einsum("nc,nchw->nhw", weights, fmaps[img]))
+            maps[sel] = own.detach().cpu().to(maps.dtype)
+    return maps
+
+
 def upsample_normalise(maps_nfhw: torch.Tensor, size: int) -> torch.Tensor:
     """Smooth (bilinear) upsampling to ``size`` x ``size``, each map divided by its own max:
     [N, F, S, S]. Maps are expected non-negative (ReLU'd); an all-zero map stays all zero."""
@@ -476,174 +629,3 @@ def upsample_normalise(maps_nfhw: torch.Tensor, size: int) -> torch.Tensor:
     up = up.clamp_min(0)
     peak = up.amax(dim=(2, 3), keepdim=True)
     return up / torch.where(peak > 0, peak, torch.ones_like(peak))
-
-
-def top_activating(
-    codes_nl: torch.Tensor, feature: int, k: int, *, by: str = "value"
-) -> torch.Tensor:
-    """Indices of the ``k`` samples with the largest code of ``feature``, best first.
-
-    ``by="value"`` ranks by the signed code, largest first: for a ReLU/top-k SAE these are the
-    strongest activations; for the signed codes of the paper's linear SAE it is the positive
-    direction only (pass ``-codes`` for the negative one). ``by="abs"`` ranks by magnitude.
-    ``k`` larger than the number of samples returns all of them.
-    """
-    if by not in ("value", "abs"):
-        raise ValueError(f"by must be 'value' or 'abs', got {by!r}")
-    col = codes_nl[:, feature]
-    if by == "abs":
-        col = col.abs()
-    k = min(int(k), col.shape[0])
-    # stable tie-break by index: sort descending with a stable sort
-    order = torch.sort(col, descending=True, stable=True).indices
-    return order[:k]
-
-
-# --- Faithfulness: the deletion test -------------------------------------------------------
-
-
-def saliency_order(saliency_nhw: torch.Tensor) -> torch.Tensor:
-    """Pixel indices [N, h*w] by decreasing saliency; ties in row-major pixel order."""
-    flat = saliency_nhw.flatten(1)
-    return torch.sort(flat, dim=1, descending=True, stable=True).indices
-
-
-def random_order(n: int, num_pixels: int, *, seed: int) -> torch.Tensor:
-    """[n, num_pixels] independent random pixel orders from a private seeded generator."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.stack([torch.randperm(num_pixels, generator=gen) for _ in range(n)])
-
-
-def deletion_counts(num_pixels: int, steps: int) -> torch.Tensor:
-    """Pixels deleted after each of ``steps`` equal steps, 0 first: round(k * P / steps)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    k = torch.arange(steps + 1)
-    return (2 * k * num_pixels + steps) // (2 * steps)
-
-
-def deletion_curves(
-    model: nn.Module,
-    sae: SparseAutoencoder,
-    images_nchw: torch.Tensor,
-    features_n: Sequence[int] | torch.Tensor,
-    order_np: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Feature code of each image as its pixels are replaced by its mean colour in ``order_np``,
-    divided by the unmasked code: [N, steps + 1], float64, first column 1. A row is NaN when the
-    unmasked code is not positive (nothing to delete)."""
-    feats = _check_deletion_inputs(images_nchw, features_n, order_np)
-    counts = deletion_counts(images_nchw.shape[2] * images_nchw.shape[3], steps)
-    raw = _deletion_codes(model, sae, images_nchw, feats, order_np, counts, batch_size)
-    return _relative_to_unmasked(raw)
-
-
-def _check_deletion_inputs(
-    images_nchw: torch.Tensor, features_n: Sequence[int] | torch.Tensor, order_np: torch.Tensor
-) -> torch.Tensor:
-    _check_images(images_nchw)
-    n, _, height, width = images_nchw.shape
-    num_pixels = height * width
-    feats = torch.as_tensor(features_n, dtype=torch.long).flatten()
-    if feats.shape[0] != n or tuple(order_np.shape) != (n, num_pixels):
-        raise ValueError(
-            f"need one feature and one order of {num_pixels} pixels per image: got "
-            f"{feats.shape[0]} features and orders {tuple(order_np.shape)} for {n} images"
-        )
-    return feats
-
-
-@torch.no_grad()
-def _deletion_codes(
-    model: nn.Module,
-    sae: SparseAutoencoder,
-    images_nchw: torch.Tensor,
-    feats_n: torch.Tensor,
-    order_np: torch.Tensor,
-    counts_k: torch.Tensor,
-    batch_size: int,
-) -> torch.Tensor:
-    """Each image's own feature code after its first counts_k[k] pixels in ``order_np`` are
-    replaced by its mean colour: [N, K], float64."""
-    n, _, height, width = images_nchw.shape
-    num_pixels = height * width
-    steps = len(counts_k)
-    device = images_nchw.device
-    feats = feats_n.to(device)
-    ranks = torch.empty_like(order_np)
-    ranks.scatter_(1, order_np, torch.arange(num_pixels).expand(n, num_pixels).contiguous())
-    ranks = ranks.to(device)
-    counts = counts_k.to(device)
-    fill = images_nchw.mean(dim=(2, 3), keepdim=True)  # the mean colour, per image
-    total = n * steps
-    values = torch.empty(total, dtype=torch.float64)
-    with eval_mode(model, sae):
-        for start in range(0, total, batch_size):
-            j = torch.arange(start, min(start + batch_size, total), device=device)
-            i, k = j // steps, j % steps
-            deleted = (ranks[i] < counts[k][:, None]).view(-1, 1, height, width)
-            x = torch.where(deleted, fill[i], images_nchw[i])
-            codes = sae.encode(penultimate(model, x))
-            own = codes[torch.arange(len(j), device=device), feats[i]]
-            values[start : start + len(j)] = own.double().cpu()
-    return values.view(n, steps)
-
-
-def _relative_to_unmasked(raw_nk: torch.Tensor) -> torch.Tensor:
-    z0 = raw_nk[:, :1]
-    return torch.where(z0 > 0, raw_nk / torch.where(z0 > 0, z0, 1.0), torch.nan)
-
-
-def deletion_auc(curves_ns: torch.Tensor, num_pixels: int) -> torch.Tensor:
-    """Trapezoid area under each curve over the fraction of pixels deleted, [0, 1]: [N]."""
-    steps = curves_ns.shape[1] - 1
-    fractions = deletion_counts(num_pixels, steps).double() / num_pixels
-    return torch.trapezoid(curves_ns, fractions, dim=1)
-
-
-@dataclass(frozen=True)
-class DeletionResult:
-    auc: torch.Tensor  # [N], saliency order; NaN where the unmasked code is not positive
-    auc_random: torch.Tensor  # [N], seeded random order
-    curves: torch.Tensor  # [N, steps + 1]
-    curves_random: torch.Tensor  # [N, steps + 1]
-
-
-def deletion_test(
-    model: nn.Module,
-    sae: SparseAutoencoder,
-    images_nchw: torch.Tensor,
-    features_n: Sequence[int] | torch.Tensor,
-    saliency_nhw: torch.Tensor,
-    *,
-    steps: int,
-    seed: int,
-    batch_size: int = 64,
-) -> DeletionResult:
-    """Deletion AUC of each image's saliency map for its own feature, and of a random order."""
-    _check_images(images_nchw)
-    n, _, height, width = images_nchw.shape
-    if tuple(saliency_nhw.shape) != (n, height, width):
-        raise ValueError(
-            f"saliency must be [N, H, W] = {(n, height, width)}, got {tuple(saliency_nhw.shape)}"
-        )
-    num_pixels = height * width
-    order = saliency_order(saliency_nhw.cpu())
-    feats = _check_deletion_inputs(images_nchw, features_n, order)
-    counts = deletion_counts(num_pixels, steps)
-    codes = partial(_deletion_codes, model, sae, images_nchw, feats, batch_size=batch_size)
-    raw = codes(order, counts)
-    # Nothing deleted and everything deleted are the same images in any order: only the
-    # steps between are run for the random order (2 of every 2 * (steps + 1) passes saved).
-    inner = codes(random_order(n, num_pixels, seed=seed), counts[1:-1])
-    raw_random = torch.cat([raw[:, :1], inner, raw[:, -1:]], dim=1)
-    curves = [_relative_to_unmasked(raw), _relative_to_unmasked(raw_random)]
-    return DeletionResult(
-        auc=deletion_auc(curves[0], num_pixels),
-        auc_random=deletion_auc(curves[1], num_pixels),
-        curves=curves[0],
-        curves_random=curves[1],
-    )

@@ -1,17 +1,27 @@
-"""gradfam: for every SAE latent, its top-activating val images with Grad-FAM overlays and their
-deletion AUC (saliency order vs a random order); activation-maximisation images for the dominant
-and cross-class features.
+"""gradfam: for every SAE latent, its top-activating val images with Grad-FAM overlays;
+the deletion AUC (saliency order vs a random order) of the dominant and cross-class features and
+of a seeded sample of other latents; activation-maximisation images for the dominant and
+cross-class features.
 
-Outputs (results/gradfam/): ``latent_<l>.png`` per latent (a strip of its top images with their
-maps), ``overlay_<l>.png`` (the same with titles) and ``am_<l>.png`` per dominant or cross-class
-feature, ``latents.json`` (every latent: frequency, top images, overlay, AM, AUCs),
+Cost bounded by what is shown: the top images come from the cached val codes, each distinct
+image's forward pass is shared by every latent that shows it (``gradfam_shared``), the deletion
+test runs on a fixed number of latents (``gradfam.deletion_sample`` besides the roles) and only
+on the top images where the latent is on (elsewhere its curve is NaN), and the strips are
+composited in batches and written without one fsync each (one sync at the end).
+
+Outputs (results/gradfam/): ``latent_<l>.png`` per latent that is ever active on val (a strip
+of its top images with their maps), ``overlay_<l>.png`` (the same with titles) and ``am_<l>.png``
+per dominant or cross-class feature, ``latents.json`` (every latent: frequency, top images,
+overlay, AM, AUCs; a latent never active on val is marked ``dead``, with no images),
 ``index.json`` (the dominant and cross-class features, read by the report) and
-``gradfam.safetensors`` (top indices, maps at the layer's grid, per-image AUCs, AM images).
+``gradfam.safetensors`` (top indices, -1 for a dead latent; maps at the layer's grid; per-image
+AUCs, NaN outside the deletion test; the latents tested; AM images).
 """
 
 from __future__ import annotations
 
-import math
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,22 +29,13 @@ from tqdm.auto import tqdm
 
 from salve.config import Config
 from salve.data import normalise
-from salve.gradfam import (
-    deletion_test,
-    gradfam_pairs,
-    select_layer,
-    top_activating,
-    upsample_normalise,
-)
+from salve.faithfulness import deletion_latents, latent_deletion_aucs, top_images
+from salve.gradfam import gradfam_shared, select_layer, upsample_normalise
 from salve.io import save_tensors, write_bytes
 from salve.models import penultimate
 from salve.runtime import seed_everything
-from salve.visualize import (
-    activation_maximisation_batch,
-    image_png,
-    overlay_grid_png,
-    overlay_strip_png,
-)
+from salve.strips import strip_pngs
+from salve.visualize import activation_maximisation_batch, image_png, overlay_grid_png
 from tasks import STAGES
 from tasks.artifacts import (
     load_activations,
@@ -47,7 +48,7 @@ from tasks.artifacts import (
 from tasks.common import write_metrics
 from tasks.records import GradfamIndex, GradfamLatents, GradfamMetrics, write_record
 
-# Latent/image pairs whose maps and deletion curves are computed together (bounds memory).
+# Latent/image pairs whose deletion curves (or strips) are computed together (bounds memory).
 PAIRS_PER_CHUNK = 256
 
 
@@ -57,8 +58,7 @@ def _finite_mean(values: torch.Tensor) -> float | None:
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
-    g = cfg.gradfam
-    seed = cfg.common.seed
+    g, seed = cfg.gradfam, cfg.common.seed
     seed_everything(seed, num_threads=cfg.common.num_threads)
     classes = load_dataset_meta(root)["classes"]
     ranking = load_ranking(root)
@@ -66,136 +66,208 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     sae, _ = load_sae(root)
     norm = sidecar["normalisation"]
     mean, std = tuple(norm["mean"]), tuple(norm["std"])
-    images, _ = open_split(root, "val")  # each latent's top rows are read
+    images, _ = open_split(root, "val")  # the top rows are read
     acts, labels = load_activations(root, "val")
     codes = sae.encode_batched(acts)
     size = int(images.shape[-1])
-    n_latents = int(codes.shape[1])
     layer = select_layer(model, size, g.layer)
+    roles = _roles(ranking, classes)
+    spec = STAGES["gradfam"]
+    out = spec.folder(root)
 
+    live = (codes != 0).any(dim=0)  # a dead latent has no top images
+    top = top_images(codes, g.top_k)
+    top[~live] = -1
+    transform = lambda batch: normalise(batch, mean, std)  # noqa: E731 - one line, used twice
+    maps_lkhw = _top_maps(model, sae, images, codes, top, live, layer, g.batch_size, transform)
+    tested = deletion_latents(list(roles), live, g.deletion_sample, seed)
+    auc_lk, auc_random_lk = latent_deletion_aucs(
+        model,
+        sae,
+        images,
+        codes,
+        top,
+        maps_lkhw,
+        tested,
+        transform=transform,
+        steps=g.deletion_steps,
+        seed=seed,
+        batch_size=g.batch_size,
+        pairs_per_chunk=PAIRS_PER_CHUNK,
+        progress=progress,
+    )
+    am_feats = sorted(roles) if g.am_steps > 0 else []
+    am_images, am_codes = _activation_maximisation(cfg, model, sae, am_feats, size, mean, std)
+    _write_images(
+        out, images, labels, codes, top, maps_lkhw, roles, classes, am_images, am_feats, progress
+    )
+
+    header = {"image_size": size, "layer": layer.name, "map_grid": list(layer.grid)}
+    latents = _latent_records(codes, labels, classes, top, am_codes, auc_lk, auc_random_lk)
+    write_record(spec.path(root, "latents"), GradfamLatents, header | {"latents": latents})
+    index = _index_records(roles, latents, codes, top)
+    write_record(spec.path(root, "index"), GradfamIndex, header | {"features": index})
+    tensors = {
+        "top": top,
+        "maps": maps_lkhw,
+        "deletion_auc": auc_lk,
+        "deletion_auc_random": auc_random_lk,
+        "deletion_latents": torch.tensor(tested, dtype=torch.long),
+        "am_features": torch.tensor(am_feats, dtype=torch.long),
+    }
+    if am_feats:
+        tensors["am"] = am_images
+    save_tensors(spec.path(root, "tensors"), tensors)
+    summary = _summary(latents, index, tested, am_feats, g.top_k, layer)
+    write_metrics(root, "gradfam", GradfamMetrics, summary)
+    return summary
+
+
+def _roles(ranking: dict, classes: list[str]) -> dict[int, str]:
+    """The dominant and cross-class features, each with what it is shown as."""
     roles = {d["feature"]: f"dominant: {d['name']}" for d in ranking["dominant"]}
     for c in ranking["cross_class"]:
         names = ", ".join(classes[k] for k in c["classes"])
         roles.setdefault(c["feature"], f"cross-class: {names}")
+    return roles
 
-    spec = STAGES["gradfam"]
-    out = spec.folder(root)
-    top = torch.stack([top_activating(codes, lat, g.top_k) for lat in range(n_latents)])  # [L, k]
-    k = int(top.shape[1])
+
+def _top_maps(model, sae, images, codes, top, live, layer, batch_size, transform) -> torch.Tensor:
+    """Maps of every live latent's top images at the layer's grid, [L, k, h, w]: one forward
+    pass per distinct image."""
+    n_latents, k = top.shape
+    alive = torch.nonzero(live).flatten()
     maps_lkhw = torch.zeros(n_latents, k, *layer.grid)
-    auc_lk = torch.full((n_latents, k), math.nan, dtype=torch.float64)
-    auc_random_lk = torch.full_like(auc_lk, math.nan)
-    per_chunk = max(1, PAIRS_PER_CHUNK // k)
+    rows, feats = top[alive].flatten(), alive.repeat_interleave(k)
+    maps = gradfam_shared(
+        model,
+        sae,
+        images,
+        rows,
+        feats,
+        layer=layer,
+        batch_size=batch_size,
+        transform=transform,
+        on_hint=codes[rows, feats] != 0,  # groups images by backward rows, nothing else
+    )
+    maps_lkhw[alive] = maps.view(len(alive), k, *layer.grid).float()
+    return maps_lkhw
+
+
+def _write_images(
+    out, images, labels, codes, top, maps_lkhw, roles, classes, am_images, am_feats, progress
+) -> None:
+    """Strips of every live latent, titled figures of the roles, AM images; images an earlier
+    run (another SAE width) left are removed; one filesystem sync at the end."""
+    size, k = int(images.shape[-1]), int(top.shape[1])
     zoom = max(1, 128 // size)
-    starts = range(0, n_latents, per_chunk)
-    for l0 in tqdm(starts, desc="gradfam", disable=not progress, leave=False):
-        lats = torch.arange(l0, min(l0 + per_chunk, n_latents))
-        idx = top[lats].flatten()
-        feats = lats.repeat_interleave(k)
-        x = normalise(images[idx], mean, std)
-        grid_maps = gradfam_pairs(model, sae, x, feats, layer=layer, batch_size=g.batch_size)
-        maps_lkhw[lats] = grid_maps.reshape(len(lats), k, *layer.grid).float().cpu()
-        saliency = upsample_normalise(grid_maps[:, None].float(), size)[:, 0]
-        faith = deletion_test(
-            model,
-            sae,
-            x,
-            feats,
-            saliency,
-            steps=g.deletion_steps,
-            seed=seed * 1_000_003 + l0,
-            batch_size=g.batch_size,
+    alive = torch.nonzero(top[:, 0] >= 0).flatten()
+    written: set[str] = set()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, data: bytes) -> None:
+        write_bytes(out / name, data, fsync=False)
+        written.add(name)
+
+    per_chunk = max(1, PAIRS_PER_CHUNK // k)
+    chunks = range(0, len(alive), per_chunk)
+    for c0 in tqdm(chunks, desc="gradfam strips", disable=not progress, leave=False):
+        lats = alive[c0 : c0 + per_chunk]
+        saliency = upsample_normalise(maps_lkhw[lats].flatten(0, 1)[:, None], size)[:, 0]
+        tiles = images[top[lats].flatten()]
+        pngs = strip_pngs(
+            tiles.view(len(lats), k, *tiles.shape[1:]),
+            saliency.view(len(lats), k, size, size),
+            scale=zoom,
         )
-        auc_lk[lats] = faith.auc.view(len(lats), k)
-        auc_random_lk[lats] = faith.auc_random.view(len(lats), k)
-        for j, lat in enumerate(lats.tolist()):
-            rows, sal = top[lat], saliency[j * k : (j + 1) * k].cpu()
-            write_bytes(out / f"latent_{lat}.png", overlay_strip_png(images[rows], sal, scale=zoom))
+        for j, (lat, png) in enumerate(zip(lats.tolist(), pngs, strict=True)):
+            put(f"latent_{lat}.png", png)
             if lat in roles:  # the report's figure: with class and code over each image
+                rows = top[lat]
                 titles = [f"{classes[int(labels[i])]} z={float(codes[i, lat]):.2f}" for i in rows]
-                figure = overlay_grid_png(images[rows], sal, titles, ncols=k, cell_inches=1.5)
-                write_bytes(out / f"overlay_{lat}.png", figure)
-
-    am_feats = sorted(roles) if g.am_steps > 0 else []
-    am_images, am_codes = _activation_maximisation(cfg, model, sae, am_feats, size, mean, std)
+                sal = saliency[j * k : (j + 1) * k]
+                put(
+                    f"overlay_{lat}.png",
+                    overlay_grid_png(images[rows], sal, titles, ncols=k, cell_inches=1.5),
+                )
     for f, am in zip(am_feats, am_images, strict=True):
-        write_bytes(out / f"am_{f}.png", image_png(am, scale=zoom))
+        put(f"am_{f}.png", image_png(am, scale=zoom))
+    for p in out.glob("*.png"):
+        if p.name not in written and re.fullmatch(r"(latent|overlay|am)_\d+\.png", p.name):
+            p.unlink()
+    if hasattr(os, "sync"):
+        os.sync()
 
+
+def _latent_records(codes, labels, classes, top, am_codes, auc_lk, auc_random_lk) -> list[dict]:
+    """latents.json's entry per latent."""
     latents = []
-    for lat in range(n_latents):
-        has_am = lat in am_codes
+    frequency = (codes != 0).double().mean(dim=0)
+    for lat in range(codes.shape[1]):
+        has_am, dead = lat in am_codes, bool(top[lat, 0] < 0)
+        shown = [] if dead else top[lat].tolist()
         latents.append(
             {
                 "latent": lat,
-                "frequency": float((codes[:, lat] != 0).double().mean()),
+                "frequency": float(frequency[lat]),
+                "dead": dead,
                 "top": [
-                    {
-                        "index": int(i),
-                        "class": classes[int(labels[i])],
-                        "code": float(codes[i, lat]),
-                    }
-                    for i in top[lat]
+                    {"index": i, "class": classes[int(labels[i])], "code": float(codes[i, lat])}
+                    for i in shown
                 ],
-                "overlay": f"latent_{lat}.png",
+                "overlay": None if dead else f"latent_{lat}.png",
                 "am": f"am_{lat}.png" if has_am else None,
                 "am_code": am_codes[lat] if has_am else None,
                 "deletion_auc": _finite_mean(auc_lk[lat]),
                 "deletion_auc_random": _finite_mean(auc_random_lk[lat]),
             }
         )
-    header = {"image_size": size, "layer": layer.name, "map_grid": list(layer.grid)}
-    write_record(spec.path(root, "latents"), GradfamLatents, header | {"latents": latents})
+    return latents
 
+
+def _index_records(roles: dict[int, str], latents: list[dict], codes, top) -> list[dict]:
+    """index.json's entry per dominant or cross-class feature, with its AM ratio."""
     index = []
     for f, role in roles.items():
         entry = latents[f]
-        index.append(
-            {
-                "feature": f,
-                "role": role,
-                "top_indices": top[f].tolist(),
-                "top_classes": [t["class"] for t in entry["top"]],
-                "overlay": f"overlay_{f}.png",
-                "top_code_mean": float(codes[top[f], f].mean()),
-                "deletion_auc": entry["deletion_auc"],
-                "deletion_auc_random": entry["deletion_auc_random"],
-            }
-            | ({"am": entry["am"], "am_code": entry["am_code"]} if entry["am"] else {})
-        )
-    for e in index:  # the AM image's code against the feature's top val images
-        if "am_code" in e:
-            e["am_ratio"] = _am_ratio(e["am_code"], e["top_code_mean"])
-    write_record(spec.path(root, "index"), GradfamIndex, header | {"features": index})
+        shown = top[f][top[f] >= 0]  # none for a latent never active on val
+        record = {
+            "feature": f,
+            "role": role,
+            "top_indices": shown.tolist(),
+            "top_classes": [t["class"] for t in entry["top"]],
+            "overlay": f"overlay_{f}.png" if len(shown) else None,
+            "top_code_mean": float(codes[shown, f].mean()) if len(shown) else None,
+            "deletion_auc": entry["deletion_auc"],
+            "deletion_auc_random": entry["deletion_auc_random"],
+        }
+        if entry["am"]:  # the AM image's code against the feature's top val images
+            record |= {"am": entry["am"], "am_code": entry["am_code"]}
+            record["am_ratio"] = _am_ratio(entry["am_code"], record["top_code_mean"])
+        index.append(record)
+    return index
 
-    tensors = {
-        "top": top,
-        "maps": maps_lkhw,
-        "deletion_auc": auc_lk,
-        "deletion_auc_random": auc_random_lk,
-        "am_features": torch.tensor(am_feats, dtype=torch.long),
-    }
-    if am_feats:
-        tensors["am"] = am_images
-    save_tensors(spec.path(root, "tensors"), tensors)
 
-    per_latent = [(e["deletion_auc"], e["deletion_auc_random"]) for e in latents]
+def _summary(latents, index, tested, am_feats, top_k, layer) -> dict:
+    """metrics/gradfam.json."""
+    per_latent = [(latents[t]["deletion_auc"], latents[t]["deletion_auc_random"]) for t in tested]
     scored = [(a, r) for a, r in per_latent if a is not None and r is not None]
-    summary = {
+    return {
         "features": len(index),
-        "latents": n_latents,
+        "latents": len(latents),
+        "dead_latents": sum(e["dead"] for e in latents),
         "am_images": len(am_feats),
         "am_features": len(am_feats),
         "am_activating": _am_activating(index),
-        "top_k": g.top_k,
+        "top_k": top_k,
         "layer": layer.name,
         "map_grid": list(layer.grid),
+        "deletion_latents": tested,
         "deletion_auc": sum(a for a, _ in scored) / len(scored) if scored else None,
         "deletion_auc_random": sum(r for _, r in scored) / len(scored) if scored else None,
         "maps_no_better_than_random": sum(a >= r for a, r in scored),
-        "latents_without_auc": n_latents - len(scored),
+        "latents_without_auc": len(tested) - len(scored),
     }
-    write_metrics(root, "gradfam", GradfamMetrics, summary)
-    return summary
 
 
 def _activation_maximisation(

@@ -216,10 +216,14 @@ class GradfamMetrics(TypedDict):
     top_k: int
     layer: str
     map_grid: list[int]
-    deletion_auc: float | None
+    deletion_auc: float | None  # the mean over deletion_latents (per-latent means)
     deletion_auc_random: float | None
-    maps_no_better_than_random: int
-    latents_without_auc: int
+    maps_no_better_than_random: int  # of deletion_latents
+    latents_without_auc: int  # of deletion_latents: none of its top images has its code on
+    # the roles and gradfam.deletion_sample others; latents never active on val; optional as
+    # above (a gradfam.json from before them, restored from DVC's cache, still reads)
+    deletion_latents: NotRequired[list[int]]
+    dead_latents: NotRequired[int]
     # the AM features (dominant and cross-class) and how many of their AM images have a code
     # above the mean code of the feature's top val images; optional as above
     am_features: NotRequired[int]

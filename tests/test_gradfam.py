@@ -11,21 +11,27 @@ import pytest
 import torch
 from torch import nn
 
-from salve.gradfam import (
+from salve.faithfulness import (
     deletion_auc,
     deletion_counts,
     deletion_curves,
+    deletion_latents,
     deletion_test,
+    random_order,
+    saliency_order,
+    top_activating,
+    top_images,
+)
+from salve.gradfam import (
+    _image_batches,
     feature_maps,
     gradfam_autograd,
     gradfam_closed_form,
     gradfam_maps,
     gradfam_pairs,
+    gradfam_shared,
     layer_candidates,
-    random_order,
-    saliency_order,
     select_layer,
-    top_activating,
     upsample_normalise,
     vit_grid,
 )
@@ -235,6 +241,78 @@ def test_pairs_match_the_grid_with_closed_form_and_autograd(resnet_case):
     assert torch.allclose(auto, diagonal, atol=1e-5)
     with pytest.raises(ValueError, match="4 features for 5 images"):
         gradfam_pairs(model, sae, images, feats[:4], layer="layer4")
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "linear"])
+@pytest.mark.parametrize("layer", ["layer3", "layer4"])  # autograd (3 x 3 at 96 px); pooled
+def test_shared_maps_are_the_pairs_maps_bit_for_bit(kind, layer):
+    """One forward per distinct image (uint8 rows, normalised per batch), pairs grouped by image
+    into backward slots, off latents skipped: by autograd the same bits as gradfam_pairs on each
+    pair. The closed form is taken pair by pair, so its bits do not depend on which pairs share
+    a batch (gradfam_pairs' einsum over a batch's features does, by an ulp: compared to 1e-12)."""
+    from salve.data import IMAGENET_MEAN, IMAGENET_STD, normalise
+
+    model = _resnet().eval()
+    sae = _sae(512, kind, d_latent=40, **({"k": 6} if kind == "topk" else {}))
+    with torch.no_grad():
+        sae.encoder.bias.fill_(0.05)
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (9, 3, 96, 96), generator=gen, dtype=torch.uint8)
+    rows = torch.randint(0, 9, (40,), generator=gen)  # repeats: up to 8 pairs on one image
+    feats = torch.randint(0, 40, (40,), generator=gen)
+    rows[:3], feats[:3] = 4, torch.tensor([7, 7, 7])  # the same pair three times
+
+    def norm(x):
+        return normalise(x, IMAGENET_MEAN, IMAGENET_STD).double()
+
+    old = gradfam_pairs(model, sae, norm(images[rows]), feats, layer=layer, batch_size=4)
+    if layer == "layer4":
+        fmaps = feature_maps(model, norm(images), layer)
+        one_by_one = [
+            gradfam_closed_form(fmaps[r : r + 1], sae, [f])[0, 0]
+            for r, f in zip(rows.tolist(), feats.tolist(), strict=True)
+        ]
+        assert torch.allclose(old, torch.stack(one_by_one), rtol=0, atol=1e-12)
+        old = torch.stack(one_by_one)
+    hint = torch.rand(40, generator=gen) > 0.5  # groups images only: the maps do not change
+    for batch_size, pair_rows, on_hint in [(4, 4, None), (3, 256, hint), (32, 1, None)]:
+        new = gradfam_shared(
+            model, sae, images, rows, feats, layer=layer, batch_size=batch_size,
+            transform=norm, pair_rows=pair_rows, on_hint=on_hint,
+        )  # fmt: skip
+        assert new.dtype == old.dtype and torch.equal(new, old)
+    on = sae.encode(penultimate(model, norm(images)))[rows, feats] != 0
+    assert old.amax() > 0 and (kind == "linear" or (~on).any())
+    assert (old[~on] == 0).all()
+    assert gradfam_shared(model, sae, images, [], [], layer=layer).shape == (0, *old.shape[1:])
+    with pytest.raises(ValueError, match="3 features for 2 image rows"):
+        gradfam_shared(model, sae, images, [0, 1], [0, 1, 2], layer=layer)
+
+
+def test_shared_maps_for_vit_tokens():
+    model = _vit(image_size=32)
+    sae = _sae(768, "relu", d_latent=12)
+    torch.manual_seed(6)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    rows, feats = torch.tensor([0, 2, 2, 1, 0]), torch.tensor([5, 5, 11, 0, 3])
+    old = gradfam_pairs(model, sae, images[rows], feats, batch_size=2)
+    new = gradfam_shared(model, sae, images, rows, feats, batch_size=2)
+    assert new.shape == (5, 2, 2) and torch.allclose(new, old, atol=1e-12, rtol=0)
+
+
+def test_image_batches_group_like_counts_and_leave_no_single_image():
+    def sizes(counts, batch_size):
+        return _image_batches(torch.tensor(counts, dtype=torch.float64), batch_size)
+
+    assert sizes([9, 8, 7, 6, 5, 4, 3, 3, 1, 1, 1], 4) == [3, 2, 3, 3]  # 7 >= 3/4 * 9; 6 is not
+    assert sizes([50, 1, 1, 1], 8) == [2, 2]  # two at least, then the rest
+    assert sizes([1] * 9, 4) == [4, 3, 2]
+    assert sizes([3], 4) == [1] and sizes([2, 2], 1) == [1, 1]
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 60):
+        counts = sorted(torch.randint(0, 20, (n,), generator=gen).tolist(), reverse=True)
+        got = sizes(counts, 7)
+        assert sum(got) == n and max(got) <= 7 and (n == 1 or min(got) > 1)
 
 
 def test_autograd_leaves_model_and_sae_untouched(resnet_case):
@@ -477,6 +555,15 @@ def test_deletion_auc_of_the_true_saliency_computed_by_hand():
     assert result.curves_random[0].tolist() == pytest.approx(by_hand, abs=1e-12)
     assert float(result.auc_random[0]) == pytest.approx(_trapezoid(by_hand), abs=1e-12)
     assert float(result.auc[0]) < float(result.auc_random[0])
+    # the random orders may be given instead of drawn from the seed
+    given = deletion_test(
+        model, sae, images, [0], saliency, steps=4, seed=0, random_orders=torch.tensor([perm])
+    )
+    assert torch.equal(given.curves_random, result.curves_random)
+    with pytest.raises(ValueError, match="one feature and one order"):
+        deletion_test(
+            model, sae, images, [0], saliency, steps=4, seed=0, random_orders=torch.tensor([[0]])
+        )
 
 
 def test_deletion_beats_random_on_average_and_reverse_order_is_worst():
@@ -570,46 +657,129 @@ def _fake_root(tmp_path: Path) -> Path:
 
 def test_stage_writes_every_latent(tmp_path):
     from salve.config import from_dict
+    from salve.io import load_tensors
     from tasks import gradfam as stage
 
     root = _fake_root(tmp_path)
     params = {
         "common": {"device": "cpu"},
         "data": {"image_size": 32},
-        "gradfam": {"top_k": 2, "am_steps": 2, "deletion_steps": 4, "batch_size": 8},
+        "gradfam": {
+            "top_k": 2,
+            "am_steps": 2,
+            "deletion_steps": 4,
+            "batch_size": 8,
+            "deletion_sample": 2,
+        },
     }
-    summary = stage.run(from_dict(params), root, progress=False)
     out = root / "results" / "gradfam"
+    out.mkdir(parents=True)
+    (out / "latent_99.png").write_bytes(b"left by a run at another SAE width")
+    summary = stage.run(from_dict(params), root, progress=False)
+    assert not (out / "latent_99.png").exists()
     latents = json.loads((out / "latents.json").read_text())
     assert latents["image_size"] == 32 and latents["layer"] == "layer2"  # layer3 is 2x2 at 32 px
     assert latents["map_grid"] == [4, 4]
     entries = latents["latents"]
     assert [e["latent"] for e in entries] == list(range(8))
-    for e in entries:
+    dead = entries[7]  # never active on val: no images, marked
+    assert dead["dead"] and dead["frequency"] == 0.0 and dead["top"] == []
+    assert dead["overlay"] is None and dead["deletion_auc"] is None
+    assert not (out / "latent_7.png").exists()
+    live = [e for e in entries if not e["dead"]]
+    assert len(live) == 7 and all(e["frequency"] > 0 for e in live)
+    for e in live:
         assert len(e["top"]) == 2 and (out / e["overlay"]).is_file()
         assert e["top"][0]["code"] >= e["top"][1]["code"]
         assert e["top"][0]["class"] in ("a", "b", "c")
         assert (e["am"] is not None) == (e["latent"] in (2, 3, 5))
-    dead = entries[7]
-    assert dead["frequency"] == 0.0 and dead["deletion_auc"] is None
-    alive = [e for e in entries if e["deletion_auc"] is not None]
-    assert alive and all(math.isfinite(e["deletion_auc"]) for e in alive)
+    # the deletion test: the three roles and two other live latents, no more
+    metrics = json.loads((root / "metrics" / "gradfam.json").read_text())
+    assert metrics == summary
+    tested = metrics["deletion_latents"]
+    assert set(tested) >= {2, 3, 5} and len(tested) == 5 and 7 not in tested
+    assert tested == sorted(tested)
+    scored = [e for e in entries if e["deletion_auc"] is not None]
+    assert {e["latent"] for e in scored} <= set(tested)
+    assert scored and all(math.isfinite(e["deletion_auc"]) for e in scored)
     index = json.loads((out / "index.json").read_text())
     assert [f["feature"] for f in index["features"]] == [2, 5, 3]
     assert all(
         (out / f["overlay"]).is_file() and (out / f["am"]).is_file() for f in index["features"]
     )
-    metrics = json.loads((root / "metrics" / "gradfam.json").read_text())
-    assert metrics == summary
     assert metrics["map_grid"] == [4, 4] and metrics["layer"] == "layer2"
-    assert metrics["latents_without_auc"] >= 1 and metrics["am_images"] == 3
+    assert metrics["dead_latents"] == 1 and metrics["am_images"] == 3
+    assert metrics["latents_without_auc"] == len(tested) - len(scored)
     assert metrics["deletion_auc"] == pytest.approx(
-        sum(e["deletion_auc"] for e in alive) / len(alive)
+        sum(e["deletion_auc"] for e in scored) / len(scored)
     )
-    scored = [e for e in alive if e["deletion_auc_random"] is not None]
     worse = sum(e["deletion_auc"] >= e["deletion_auc_random"] for e in scored)
     assert metrics["maps_no_better_than_random"] == worse
+    t = load_tensors(out / "gradfam.safetensors")
+    assert t["deletion_latents"].tolist() == tested
+    assert (t["top"][7] == -1).all() and (t["maps"][7] == 0).all()
+    untested = [lat for lat in range(8) if lat not in tested]
+    assert torch.isnan(t["deletion_auc"][untested]).all()
     # the stage is deterministic: a second run writes the same bytes
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     stage.run(from_dict(params), root, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+
+def test_stage_maps_and_strips_are_those_of_each_latent_alone(tmp_path):
+    """The shared pass gives every latent's top images the maps gradfam_pairs gives them one
+    latent at a time, and its strips the pixels of overlay_strip_png."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from salve.config import from_dict
+    from salve.data import normalise
+    from salve.io import load_tensors
+    from salve.visualize import overlay_strip_png
+    from tasks import gradfam as stage
+    from tasks.artifacts import load_model, load_sae, open_split
+
+    root = _fake_root(tmp_path)
+    params = {"common": {"device": "cpu"}, "data": {"image_size": 32}}
+    params["gradfam"] = {"top_k": 3, "am_steps": 0, "deletion_steps": 2, "deletion_sample": 0}
+    stage.run(from_dict(params), root, progress=False)
+    out = root / "results" / "gradfam"
+    t = load_tensors(out / "gradfam.safetensors")
+    model, sidecar = load_model(root)
+    sae, _ = load_sae(root)
+    images, _ = open_split(root, "val")
+    mean, std = sidecar["normalisation"]["mean"], sidecar["normalisation"]["std"]
+    peaks = t["maps"][:7].flatten(2).amax(2)
+    assert (peaks == 0).any() and (peaks > 0).any()  # tiles copied and tiles blended
+    for lat in range(7):
+        rows = t["top"][lat]
+        x = normalise(images[rows], mean, std)
+        maps = gradfam_pairs(model, sae, x, [lat] * 3, layer="layer2")
+        assert torch.equal(t["maps"][lat], maps.float())
+        saliency = upsample_normalise(maps[:, None].float(), 32)[:, 0]
+        expected = overlay_strip_png(images[rows], saliency, scale=4)
+        pixels = [
+            np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+            for png in (expected, (out / f"latent_{lat}.png").read_bytes())
+        ]
+        assert pixels[0].shape == pixels[1].shape == (128, 3 * 128 + 2 * 2, 3)
+        assert (pixels[0] == pixels[1]).all()
+
+
+def test_top_images_and_the_deletion_sample():
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.relu(torch.randn(30, 12, generator=gen)).round(decimals=1)  # ties
+    top = top_images(codes, 4)
+    assert top.tolist() == [top_activating(codes, f, 4).tolist() for f in range(12)]
+    assert top_images(codes, 99).shape == (12, 30)
+    live = torch.ones(12, dtype=torch.bool)
+    live[[0, 5]] = False
+    picked = deletion_latents([3, 9], live, 4, seed=1)
+    assert len(picked) == 6 and {3, 9} <= set(picked) and not {0, 5} & set(picked)
+    assert picked == deletion_latents([3, 9], live, 4, seed=1) == sorted(picked)
+    assert picked != deletion_latents([3, 9], live, 4, seed=2)
+    assert deletion_latents([3, 9], live, 100, seed=1) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert deletion_latents([3, 5], live, 0, seed=1) == [3]  # a role never active: no test
