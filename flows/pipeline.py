@@ -1,9 +1,10 @@
 """The SALVE pipeline as one Prefect flow: each stage is a task named after it, in a DAG.
 
 DVC decides what is stale (tasks.runner); Prefect runs, retries, logs and shows. Stages that do
-not depend on each other (edit, alpha_crit and gradfam, after rank) run concurrently, each
-submitted with `wait_for` its upstream stages, so the UI shows the DAG; their DVC bookkeeping
-still happens one operation at a time (tasks.runner). A stage that was skipped or restored ends
+not depend on each other (edit, alpha_crit and gradfam, after rank) are submitted as independent
+tasks, each with `wait_for` its upstream stages, so the UI shows the DAG; they compute one at a
+time on every core (``COMPUTE``), and their DVC bookkeeping happens one operation at a time
+(tasks.runner). A stage that was skipped or restored ends
 in a Completed state named "Skipped" or "Restored", so the UI tells them from a real run ("Ran").
 A stage is retried once only after a lost connection; anything else would fail the same way
 again (bad data, a quality gate, a full disk, a bug) and is reported at once. Task results are
@@ -12,6 +13,7 @@ not persisted (summaries are small dicts, and no tensors ever enter Prefect's re
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -29,6 +31,13 @@ from tasks.runner import pipeline_lock, run_stage
 STATE_NAMES = {"ran": "Ran", "skipped": "Skipped", "restored": "Restored"}
 # Stages whose independent fits run as concurrent tasks on Dask (flows/fanout.py).
 FANOUT_STAGES = ("evaluate",)
+# One stage computes at a time. Each wants every core (torch's pool is sized to the machine, the
+# local Dask cluster starts a single-threaded worker per core): side by side, gradfam beside
+# evaluate's two workers kept four threads busy on two cores. And torch's thread count is
+# process state that stages set (seed_everything; evaluate's single-threaded probes), on which a
+# stage's float reductions depend, so two stages in this process cannot each keep their own.
+# The DAG still shows them as independent, and Prefect still submits them as such.
+COMPUTE = threading.Lock()
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -54,7 +63,8 @@ def _retry_transient(task, task_run, state) -> bool:
 def stage_task(name: str, root: str, params: str, force: bool, progress: bool):
     cfg = load(params)
     kwargs = {"map_fn": dask_map} if name in FANOUT_STAGES else {}
-    outcome = run_stage(name, cfg, Path(root), force=force, progress=progress, **kwargs)
+    with COMPUTE:
+        outcome = run_stage(name, cfg, Path(root), force=force, progress=progress, **kwargs)
     get_run_logger().info("stage %s %s in %.2f s", outcome.name, outcome.status, outcome.seconds)
     print(outcome.line(), flush=True)
     return Completed(name=STATE_NAMES[outcome.status], message=outcome.line(), data=outcome.row())
