@@ -26,8 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
+from salve.errors import SalveUserError
 
-class ArtifactError(RuntimeError):
+
+class ArtifactError(SalveUserError, RuntimeError):
     """A stored artifact is missing, truncated or not what the stage expects."""
 
 
@@ -138,6 +140,22 @@ def save_tensors(
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        if metadata:
+            _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's metadata in key order: safetensors writes it from a hash map, in an
+    order that changes from run to run, so the same tensors and metadata gave other bytes."""
+    with open(path, "rb+") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) > n:  # not the compact JSON safetensors writes: leave the file as it is
+            return
+        fh.seek(8)
+        fh.write(raw + b" " * (n - len(raw)))
 
 
 def load_tensors(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[str, torch.Tensor]:

@@ -501,3 +501,24 @@ def test_tensor_rows_refuse_a_file_replaced_under_them(tmp_path: Path) -> None:
         TensorRows(p, "images")
     with pytest.raises(ValueError, match="0-dim"):
         TensorRows(p, "scalar")
+
+
+def test_metadata_comes_out_in_one_order(tmp_path):
+    """safetensors writes metadata from a hash map: the same tensors and metadata gave other
+    bytes from run to run (the steered model's file). Saved in key order, they are identical."""
+    from safetensors import safe_open
+
+    from salve.io import load_tensors, save_tensors
+
+    tensors = {"w": torch.arange(6.0).view(2, 3)}
+    meta = {f"key_{i:02d}": f"value {i} ü" for i in range(16)}
+    blobs = set()
+    for i in range(6):
+        path = tmp_path / f"m{i}.safetensors"
+        shuffled = dict(sorted(meta.items(), key=lambda kv: (hash((i, kv[0])), kv[0])))
+        save_tensors(path, tensors, metadata=shuffled)
+        blobs.add(path.read_bytes())
+        assert torch.equal(load_tensors(path)["w"], tensors["w"])
+        with safe_open(str(path), "pt") as fh:
+            assert fh.metadata() == meta
+    assert len(blobs) == 1
