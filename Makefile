@@ -106,6 +106,8 @@ lint: $(DEV_STAMP)
 format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+# The study's DVC stages (study/dvc.yaml) after `make run`: DVC skips or restores what is up to
+# date, so a second `make study` recomputes nothing (docs/PIPELINE.md, "The study").
 study: $(STAMP)
 	$(VENV)/bin/salve study
 

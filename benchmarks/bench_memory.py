@@ -171,9 +171,10 @@ def make_project(root: Path, folder: Path, args: argparse.Namespace) -> Path:
     """A bare project: params.yaml and a seeded untrained checkpoint where finetune puts it."""
     import torch
 
-    from salve.config import Config, yaml_dump
+    from salve.config import Config
     from salve.data import IMAGENET_MEAN, IMAGENET_STD
     from salve.models import build_model, save_checkpoint
+    from salve.params_file import yaml_dump
     from tasks import STAGES
 
     if root.exists():

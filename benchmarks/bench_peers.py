@@ -431,7 +431,8 @@ def bench_peers(
 ) -> dict[str, Any]:
     """Every peer comparison; ``extract`` is the extraction benchmark's result when it ran in
     this run (else it is measured here with ``extract_sizes``)."""
-    from salve.runtime import cpu_contention, kernel_settings
+    from flows.contention import cpu_contention
+    from salve.runtime import kernel_settings
 
     out: dict[str, Any] = {
         "load_average_before": [round(x, 2) for x in os.getloadavg()],

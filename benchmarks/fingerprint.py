@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from salve.download import file_checksums
-from tasks import STAGES
+from tasks import STAGE_ORDER, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "fingerprint.json"
@@ -30,7 +30,7 @@ RECORD = ROOT / "benchmarks" / "fingerprint.json"
 def fingerprint(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every stage's tensors and metrics file, sorted by path."""
     files: set[Path] = set()
-    for spec in STAGES.values():
+    for spec in (STAGES[name] for name in STAGE_ORDER):  # the pipeline's, not the study's
         files.update((root / spec.out_dir).glob("**/*.safetensors"))
         files.add(root / spec.metrics_file)
     return {

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from salve.config import Config, apply_overrides, fill_missing
+from salve.config import Config
+from salve.params_file import apply_overrides, fill_missing
 from tasks import STAGE_ORDER, STAGES
 from tasks.runner import StageOutcome, exit_code_reporting_errors
 
@@ -39,11 +40,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Config]:
     added = fill_missing(params)
     if added:
         print(f"params.yaml: added missing keys with their defaults: {', '.join(added)}")
-    from salve.runtime import cpu_contention
+    from flows.contention import cpu_contention
 
     check = os.environ.get("SALVE_CPU_CHECK", "1") != "0"  # 0: the tests, which run side by side
     busy = check and cpu_contention(threads=cfg.common.num_threads or None)
-    if busy:  # torch's threads then compete with other work: say so (README, "Side by side")
+    # torch's threads then compete with other work: say so (docs/PIPELINE.md, "Side by side")
+    if busy:
         logging.getLogger("salve").warning(busy)
     return root, cfg
 
@@ -194,19 +196,21 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
-    from tasks.dvcfile import render_dvc_yaml
+    from tasks.dvcfile import render_all
 
-    text = render_dvc_yaml()
-    path = Path(args.root) / "dvc.yaml"
+    rendered = {Path(args.root) / rel: text for rel, text in render_all().items()}
     if args.check:
-        if not path.exists() or path.read_text() != text:
-            print("dvc.yaml is out of date: run `salve dvc-yaml`", file=sys.stderr)
-            return 1
-        return 0
+        stale = [p for p, text in rendered.items() if not p.exists() or p.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date: run `salve dvc-yaml`", file=sys.stderr)
+        return 1 if stale else 0
     from salve.io import write_text
 
-    write_text(path, text)
-    print(f"wrote {path}")
+    for path, text in rendered.items():
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, text)
+            print(f"wrote {path}")
     return 0
 
 
@@ -285,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rerun even if up to date")
     s.set_defaults(func=cmd_stage)
 
-    d = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from the stage registry")
-    d.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date")
+    d = sub.add_parser(
+        "dvc-yaml", help="regenerate dvc.yaml and study/dvc.yaml from the stage registry"
+    )
+    d.add_argument("--check", action="store_true", help="exit 1 if either is out of date")
     d.set_defaults(func=cmd_dvc_yaml)
 
     pd = sub.add_parser("params-doc", help="print the parameter reference as Markdown")

@@ -56,7 +56,7 @@ def _json(text: str | None) -> dict | None:
 
 
 def load_revision(root: Path, label: str, sha: str):
-    from salve.compare import RevisionData
+    from salve.present.compare.page import RevisionData
 
     return RevisionData(
         label=label,
@@ -85,7 +85,7 @@ def _strip(latent: int) -> str:
 def _lock_stages(text: str | None) -> dict:
     from ruamel.yaml import YAMLError
 
-    from salve.config import yaml_load
+    from salve.params_file import yaml_load
 
     try:
         lock = yaml_load(text) if text else {}
@@ -116,7 +116,7 @@ def load_features(root: Path, label: str, sha: str, page_dir: Path | None = None
     import torch
     from safetensors.torch import load as load_safetensors
 
-    from salve.compare import FeatureSide
+    from salve.present.compare.features import FeatureSide
     from salve.sae import sae_from_tensors
 
     stages = _lock_stages(read_text_at(root, sha, "dvc.lock"))
@@ -163,7 +163,8 @@ def _browser(
 
     The workspace's own browser when the revision's is the same file (or the revision is the
     workspace); else the revision's, read from DVC's cache and written beside the page
-    (``revisions/<sha>/``, with its report, so the browser's links work); else a sentence."""
+    (``revisions/<sha>/``, with its report and pictures, so the browser's links work); else a
+    sentence."""
     here = root / BROWSER
     if sha == WORKSPACE or (
         data.get(BROWSER) and here.is_file() and here.read_bytes() == data[BROWSER]
@@ -177,11 +178,19 @@ def _browser(
             f" && dvc checkout`, or `dvc exp apply {label}` for an experiment) and open {BROWSER}"
         )
     from salve.io import write_bytes
+    from salve.present.latent_browser import page_images
 
     folder = page_dir / "revisions" / sha[:12]
     for rel in (BROWSER, REPORT):
         if data.get(rel):
             write_bytes(folder / Path(rel).name, data[rel])
+    # Its pictures are files beside it (reports/latest/latents/): copied with it.
+    out_dir = Path(BROWSER).parent
+    pictures = [(out_dir / src).as_posix() for src in page_images(data[BROWSER].decode())]
+    got = read_bytes_at(root, sha, pictures) if pictures else {}
+    for rel, blob in got.items():
+        if blob:
+            write_bytes(folder / Path(rel).relative_to(out_dir), blob)
     return os.path.relpath(folder / Path(BROWSER).name, page_dir), ""
 
 
@@ -214,7 +223,8 @@ def shared_val_images(root: Path, sha_a: str, sha_b: str, fa, fb) -> bool:
 def feature_matches(root: Path, revs: tuple[tuple[str, str], tuple[str, str]], page_dir=None):
     """Load both revisions' features and match them: ``revs`` is ((label, sha), (label, sha)).
     Returns the two RevisionData-ready FeatureSides and the FeatureMatches."""
-    from salve.compare import RevisionData, match_features
+    from salve.present.compare.features import match_features
+    from salve.present.compare.page import RevisionData
 
     (la, sa), (lb, sb) = revs
     fa, fb = load_features(root, la, sa, page_dir), load_features(root, lb, sb, page_dir)
@@ -240,7 +250,7 @@ def feature_matches(root: Path, revs: tuple[tuple[str, str], tuple[str, str]], p
 def dominant_survival(root: Path, rev_a: str, rev_b: str = WORKSPACE) -> str:
     """One Markdown line: how many classes' dominant features in ``rev_a`` survived in
     ``rev_b`` (the nightly artifact's)."""
-    from salve.compare import features_markdown
+    from salve.present.compare.features import features_markdown
 
     root = find_root(root)
     sha_a = resolve_revision(root, rev_a)
@@ -267,8 +277,8 @@ def default_output(root: Path, rev_a: str, rev_b: str) -> Path:
 
 def compare(root: Path, rev_a: str, rev_b: str, out: Path | None = None) -> Path:
     """Write the comparison page of ``rev_a`` and ``rev_b``; returns its path."""
-    from salve.compare import build_compare_page
     from salve.io import write_text
+    from salve.present.compare.page import build_compare_page
     from tasks.keymetrics import metrics_files
 
     root = find_root(root)
@@ -298,7 +308,7 @@ def diff_text(
     root: Path, rev: str = "HEAD", *, show_all: bool = False, markdown: bool = False
 ) -> str:
     """`salve diff`: REV against the workspace, as terminal text (or Markdown)."""
-    from salve.compare import metrics_diff_markdown, metrics_diff_text
+    from salve.present.compare.text import metrics_diff_markdown, metrics_diff_text
     from tasks.keymetrics import metrics_files
 
     root = find_root(root)
@@ -321,7 +331,7 @@ def exps_text(
     root: Path, rev: str = "HEAD", num: int = 1, all_commits: bool = False, markdown: bool = False
 ) -> str:
     """`salve exps`: the experiments of ``num`` commits from ``rev`` by their key metrics."""
-    from salve.compare import experiments_table
+    from salve.present.compare.experiments import experiments_table
     from tasks.keymetrics import key_metrics, val_samples
 
     rows = experiments(root, rev=rev, num=num, all_commits=all_commits)

@@ -1,8 +1,8 @@
 """Ctrl-C and SIGTERM during `salve run`/`salve stage`: stop within seconds, say what was cut off.
 
-Measured before: an 88-line traceback, and in 2 of 3 tries the process still hung 120 s later
-(Ctrl-C also killed the temporary Prefect API server, and the client kept retrying it). Now the
-signal handler prints one line naming the interrupted stage and how the rerun resumes, stops the
+Left to Prefect, an interrupt gives a long traceback and can leave the process hanging (Ctrl-C
+also kills the temporary Prefect API server, and the client keeps retrying it). So the signal
+handler prints one line naming the interrupted stage and how the rerun resumes, stops the
 child processes (the temporary API server, Dask workers), and exits at once with 128 + signal
 number, without Prefect's shutdown. DVC's bookkeeping for a stage (run-cache restore, commit) is
 a critical section (tasks.runner): an interrupt arriving inside it takes effect right after it,

@@ -1,5 +1,8 @@
 """Nightly rerun: `dvc pull` -> the pipeline (as a subflow) -> `dvc push` -> what changed.
 
+With ``with_study`` (`salve schedule --with-study`) the study's stages (flows/study.py) run
+after the pipeline, before the push, and their key metrics join the artifact.
+
 Served on a schedule by `salve schedule` (flows/schedule.py) or deployed to a work pool from
 prefect.yaml. Pull and push happen only when a DVC remote is configured (the repository's default
 remote, or the one named by `remote`). The markdown artifact `salve-nightly-metrics-diff`
@@ -141,7 +144,8 @@ def render_report(
 ) -> tuple[str, int, str]:
     """The artifact's Markdown, the number of metrics changed since HEAD, and the parameter
     changes in one line (the likely cause)."""
-    from salve.compare import metrics_diff_markdown, param_rows
+    from salve.present.compare.metrics import param_rows
+    from salve.present.compare.text import metrics_diff_markdown
     from tasks.keymetrics import headline, key_metrics, metrics_files
 
     errors = diff.get("errors", {})
@@ -192,8 +196,11 @@ def render_report(
 
 
 @flow(name="salve-nightly", persist_result=False)
-def nightly(root: str = ".", remote: str | None = None, push: bool = True) -> dict:
-    """Pull, rerun what is stale, push, and publish what changed since the last commit."""
+def nightly(
+    root: str = ".", remote: str | None = None, push: bool = True, with_study: bool = False
+) -> dict:
+    """Pull, rerun what is stale (the study's stages too with ``with_study``), push, and
+    publish what changed since the last commit."""
     log = get_run_logger()
     root_path = Path(root).resolve()
     if not (root_path / "dvc.yaml").exists():
@@ -205,6 +212,10 @@ def nightly(root: str = ".", remote: str | None = None, push: bool = True) -> di
         if name is None:
             log.info("no DVC remote configured: skipping dvc pull and dvc push")
         rows = pipeline(root=str(root_path), progress=False)
+        if with_study:  # flows/study.py: its stages through the same runner, as a subflow
+            from flows.study import run_study
+
+            rows = rows + run_study(root_path, check_fresh=False)["stages"]
         pushed = dvc_push(str(root_path), name) if name and push else None
         diff = metrics_and_params_diff(str(root_path))
         markdown, changed, cause = render_report(root_path, diff, rows, pulled, pushed)

@@ -82,7 +82,7 @@ def _check_cron(expr: str, timezone: str) -> str | None:
 
 def prefect_yaml_deployments(root: Path) -> dict[str, str]:
     """Deployment name -> flow entrypoint declared in ``root``/prefect.yaml (empty if none)."""
-    from salve.config import yaml_load
+    from salve.params_file import yaml_load
 
     path = root / "prefect.yaml"
     if not path.is_file():
@@ -164,7 +164,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     nightly.serve(
         name=args.name,
         schedule=schedule,
-        parameters={"root": str(root), "remote": args.remote, "push": not args.no_push},
+        parameters={
+            "root": str(root),
+            "remote": args.remote,
+            "push": not args.no_push,
+            "with_study": args.with_study,
+        },
         limit=1,  # one run at a time: overlapping runs would share the workspace and DVC cache
         description=f"SALVE nightly rerun of {root}",
         tags=["salve"],
@@ -213,5 +218,10 @@ def add_schedule_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="DVC remote to pull from and push to (default: the repository's default remote)",
     )
     s.add_argument("--no-push", action="store_true", help="do not `dvc push` after the run")
+    s.add_argument(
+        "--with-study",
+        action="store_true",
+        help="also run the study's stages (`salve study`) after the pipeline, before the push",
+    )
     s.set_defaults(func=cmd_schedule)
     return s

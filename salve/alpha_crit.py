@@ -375,3 +375,126 @@ def check_flips_on_real_model(model, images_u8, labels, col, grid, flips, norm) 
     ok_zero = (flips == 0) & lost
     ok_flip = torch.isfinite(flips) & (flips > 0) & keep & lost
     return ok_inf | ok_zero | ok_flip
+
+
+# --- the alpha_crit stage's analysis ----------------------------------------------------------
+
+
+def estimate_all(
+    acts_nm: torch.Tensor,
+    labels_n: torch.Tensor,
+    weight_km: torch.Tensor,
+    bias_k: torch.Tensor,
+    w_dec_ml: torch.Tensor,
+    dominant_k: torch.Tensor,
+    grid: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Every estimator's alpha_crit per sample [N], each sample's class's dominant feature
+    suppressed (float64 head and decoder in)."""
+    acts64 = acts_nm.double()
+    cols_nm = w_dec_ml[:, dominant_k[labels_n]].T  # each sample's class's dominant column
+    w_nm, b_n = class_rows(weight_km, bias_k, labels_n)
+    est = {
+        "linear": alpha_linear(acts64, w_nm, b_n, cols_nm),
+        "exact": alpha_exact(acts64, w_nm, b_n, cols_nm),
+        "brentq": alpha_brentq(acts64, w_nm, b_n, cols_nm),
+        "empirical": torch.full((len(labels_n),), math.nan, dtype=F64),
+    }
+    for k in range(len(dominant_k)):
+        idx = torch.nonzero(labels_n == k).flatten()
+        if len(idx):
+            est["empirical"][idx] = alpha_empirical(
+                acts64[idx], labels_n[idx], weight_km, bias_k, w_dec_ml[:, dominant_k[k]], grid,
+                "paper",
+            )  # fmt: skip
+    return est
+
+
+def verify_on_real_model(
+    model, images_u8, labels_n, w_dec_ml, dominant_k, grid, empirical_n, samples: int, norm
+) -> dict[str, int]:
+    """How many of the first ``samples`` val images (spread over the classes) the whole edited
+    model confirms the cached empirical flip of (:func:`check_flips_on_real_model`)."""
+    verify = {"checked": 0, "agree": 0}
+    if not samples:
+        return verify
+    per_class = max(1, math.ceil(samples / len(dominant_k)))
+    for k in range(len(dominant_k)):
+        chosen = torch.nonzero(labels_n == k).flatten()[:per_class]
+        if not len(chosen):
+            continue
+        col = w_dec_ml[:, dominant_k[k]]
+        ok = check_flips_on_real_model(
+            model, images_u8[chosen], labels_n[chosen], col.float(), grid, empirical_n[chosen],
+            norm,
+        )  # fmt: skip
+        verify["checked"] += len(chosen)
+        verify["agree"] += int(ok.sum())
+    return verify
+
+
+def sample_rows(
+    est: dict[str, torch.Tensor],
+    labels_n: torch.Tensor,
+    dominant_k: torch.Tensor,
+    nonneg_n: torch.Tensor,
+    classes: Sequence[str],
+) -> list[dict]:
+    """plots/alpha_crit/samples.csv: one row per val sample."""
+    return [
+        {"index": i, "class": classes[int(labels_n[i])], "feature": int(dominant_k[labels_n[i]])}
+        | {f"alpha_{name}": float(est[name][i]) for name in ESTIMATORS}
+        | {"all_terms_nonnegative": bool(nonneg_n[i])}
+        for i in range(len(labels_n))
+    ]
+
+
+def alpha_crit_metrics(
+    est: dict[str, torch.Tensor],
+    labels_n: torch.Tensor,
+    nonneg_n: torch.Tensor,
+    roots_n: torch.Tensor,
+    a_cfg: AlphaCritConfig,
+    classes: Sequence[str],
+    verify: dict[str, int],
+) -> dict[str, Any]:
+    """metrics/alpha_crit.json: per-class distributions and how the estimators agree."""
+    num_classes = len(classes)
+    single = (roots_n == 1) & torch.isfinite(est["brentq"])
+    lin_le_exact = est["linear"] <= est["exact"] + 1e-9
+    summaries = {name: summarise(est[name], labels_n, num_classes) for name in ESTIMATORS}
+    return {
+        "units": "absolute alpha of the paper's rule (decoder columns as fitted)",
+        "empirical_grid": {
+            "min": a_cfg.grid_min,
+            "max": a_cfg.grid_max,
+            "steps": a_cfg.grid_steps,
+            "spacing": a_cfg.grid_spacing,
+        },
+        "per_class": {
+            classes[k]: {name: summaries[name][k] for name in ESTIMATORS}
+            for k in range(num_classes)
+        },
+        "median_exact": _median(est["exact"]),
+        "fraction_all_terms_nonnegative": float(nonneg_n.double().mean()),
+        "linear_le_exact_when_nonnegative": _fraction(lin_le_exact[nonneg_n]),
+        "linear_le_exact_overall": _fraction(lin_le_exact),
+        "fraction_single_root": float((roots_n == 1).double().mean()),
+        "fraction_multiple_roots": float((roots_n > 1).double().mean()),
+        "exact_vs_brentq_max_abs_diff_single_root": (
+            float((est["exact"][single] - est["brentq"][single]).abs().max())
+            if single.any()
+            else None
+        ),
+        "real_model_checked": verify["checked"],
+        "real_model_agree": verify["agree"],
+    }
+
+
+def _median(values: torch.Tensor) -> float | None:
+    finite = values[torch.isfinite(values)]
+    return float(finite.median()) if len(finite) else None
+
+
+def _fraction(mask: torch.Tensor) -> float | None:
+    return float(mask.double().mean()) if len(mask) else None

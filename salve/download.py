@@ -24,17 +24,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from salve.errors import SalveUserError
+
 CHUNK = 1 << 20
 USER_AGENT = "salve-download/0.1 (+python urllib)"
 # HTTP statuses worth retrying; any other 4xx is the caller's mistake and fails at once.
 _RETRY_STATUSES = {408, 425, 429}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SalveUserError, RuntimeError):
     """A download failed after every attempt (network error or checksum mismatch)."""
 
 
-class UnsafeArchiveError(RuntimeError):
+class UnsafeArchiveError(SalveUserError, RuntimeError):
     """An archive member would escape the target folder or is not a plain file/dir/link."""
 
 

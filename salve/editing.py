@@ -1,7 +1,8 @@
 """Permanent head edits along an SAE feature's decoder column, and their closed-form evaluation.
 
 The classifier head is linear: ``logits = a @ W.T + b`` with ``W`` [K, M], ``b`` [K] and ``a`` the
-exact head input. A feature's decoder column ``c`` [M] edits ``W`` in one of two ways:
+exact head input. A feature's decoder column ``c`` [M] edits ``W`` by one of two rules, each a
+class registered by mode name in :mod:`salve.head_rules`:
 
 - ``"paper"`` (SALVE): ``w'_ij = w_ij * max(0, 1 + s * alpha * |c_j|)``. One factor per activation
   dimension, shared by all classes, so no weight ever changes sign. The bias never moves.
@@ -23,7 +24,7 @@ formulas (``salve.alpha_crit``) are derived for exactly that form; a centred var
 different method.
 
 API: the weight-level functions (:func:`edit_head`, :func:`edited_weights`, :func:`invert_edit`)
-return the weight alone when called without ``bias_k``, as before, and an :class:`EditedHead`
+return the weight alone when called without ``bias_k`` and an :class:`EditedHead`
 ``(weight, bias)`` when ``bias_k`` is given. A centre needs the bias (the edit moves it). The
 logit-level functions take the bias anyway and accept ``centre_m`` as a keyword.
 
@@ -40,65 +41,23 @@ turn ``-0.0`` into ``+0.0``); the bias is returned untouched in that case too.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Literal, NamedTuple, overload
+from typing import overload
 
 import torch
 
-Sign = int | Literal["suppress", "enhance"]
-Mode = Literal["paper", "projection"]
-Alpha = float | Sequence[float] | torch.Tensor
+from salve.head_rules import (
+    Alpha,
+    EditedHead,
+    HeadRule,
+    Mode,
+    Sign,
+    alphas64,
+    head_rule,
+    resolve_sign,
+)
 
-_SIGN_NAMES = {"suppress": -1, "enhance": 1}
-_MODES = ("paper", "projection")
 # Elements of the [A, n, K] logit block (plus [A, K, M] edited weights) per chunk over samples.
 _CHUNK_BUDGET = 1 << 22
-
-
-class EditedHead(NamedTuple):
-    """An edited linear head: ``weight`` [K, M] (or [A, K, M]) and ``bias`` [K] (or [A, K])."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-
-def resolve_sign(sign: Sign) -> int:
-    """Map ``-1``/``"suppress"`` to -1 and ``+1``/``"enhance"`` to +1; anything else is an error."""
-    if isinstance(sign, str):
-        key = sign.strip().lower()
-        if key not in _SIGN_NAMES:
-            raise ValueError(f"sign must be 'suppress' or 'enhance', got {sign!r}")
-        return _SIGN_NAMES[key]
-    if isinstance(sign, bool) or sign not in (-1, 1):
-        raise ValueError(f"sign must be -1, +1, 'suppress' or 'enhance', got {sign!r}")
-    return int(sign)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-
-
-def _alphas64(alpha: Alpha) -> torch.Tensor:
-    """Alpha(s) as float64; strengths are finite and >= 0 (the sign gives the direction)."""
-    out = torch.as_tensor(alpha, dtype=torch.float64)
-    if not bool(torch.isfinite(out).all()) or bool((out < 0).any()):
-        raise ValueError("alpha must be finite and >= 0 (use sign for the direction)")
-    return out
-
-
-def paper_factors(col_m: torch.Tensor, alpha: Alpha, sign: Sign) -> torch.Tensor:
-    """Per-dimension column factors ``max(0, 1 + s * alpha * |c_j|)`` in float64.
-
-    ``alpha`` may be a scalar (returns [M]) or a 1-D grid [A] (returns [A, M]). At alpha = 0 every
-    factor is exactly 1.0, so multiplying by it is the identity bit for bit.
-    """
-    s = resolve_sign(sign)
-    abs_m = col_m.detach().to(torch.float64).abs()
-    alpha_t = _alphas64(alpha)
-    if alpha_t.dim() > 1:
-        raise ValueError("alpha must be a scalar or a 1-D grid")
-    scaled = alpha_t.unsqueeze(-1) * abs_m if alpha_t.dim() == 1 else alpha_t * abs_m
-    return (1.0 + s * scaled).clamp_min(0.0)
 
 
 def _cols_and_alphas(
@@ -112,7 +71,7 @@ def _cols_and_alphas(
         raise ValueError(
             f"cols must be [M] or [F, M] with M={weight_km.shape[1]}, got {tuple(cols.shape)}"
         )
-    alphas_f = _alphas64(alpha)
+    alphas_f = alphas64(alpha)
     if alphas_f.dim() == 0:
         alphas_f = alphas_f.expand(cols_fm.shape[0])
     if alphas_f.shape != (cols_fm.shape[0],):
@@ -120,20 +79,14 @@ def _cols_and_alphas(
     return cols_fm, alphas_f
 
 
-def _unit(col_m: torch.Tensor) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(col_m)
-    if not bool(norm > 0):
-        raise ValueError("projection edit needs a non-zero decoder column")
-    return col_m / norm
-
-
 def _centre64(
     centre_m: torch.Tensor | None,
     bias_k: torch.Tensor | None,
     weight_km: torch.Tensor,
-    mode: str,
+    rule: HeadRule,
 ) -> torch.Tensor | None:
-    """The centre as float64 [M] where it applies (projection), None otherwise; checks shapes."""
+    """The centre as float64 [M] where the rule uses one (projection), None otherwise; checks
+    shapes."""
     if bias_k is not None and tuple(bias_k.shape) != (weight_km.shape[0],):
         raise ValueError(f"bias_k must be [K={weight_km.shape[0]}], got {tuple(bias_k.shape)}")
     if centre_m is None:
@@ -148,7 +101,7 @@ def _centre64(
     centre64 = centre_m.detach().to(torch.float64)
     if not bool(torch.isfinite(centre64).all()):
         raise ValueError("centre_m must be finite")
-    return centre64 if mode == "projection" else None
+    return centre64 if rule.centred else None
 
 
 @overload
@@ -201,34 +154,11 @@ def edit_head(
     the bias moves to ``b + (W - W') centre``, the composite of the sequential centred edits; the
     paper rule returns the bias unchanged (see the module docstring).
     """
-    _check_mode(mode)
+    rule = head_rule(mode)
     s = resolve_sign(sign)
     cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
-    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
-    w64 = weight_km.detach().to(torch.float64)
-    if mode == "paper":
-        factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
-        for col_m, a in zip(cols_fm, alphas_f, strict=True):
-            factor_m = factor_m * paper_factors(col_m, a, s)
-        edited = (w64 * factor_m).to(weight_km.dtype)
-        return edited if bias_k is None else EditedHead(edited, bias_k.detach().clone())
-    b64 = None if bias_k is None else bias_k.detach().to(torch.float64)
-    moved = False
-    for col_m, a in zip(cols_fm, alphas_f, strict=True):
-        if a == 0:  # skip: adding +0.0 would turn -0.0 weights into +0.0
-            continue
-        d_m = _unit(col_m)
-        wd_k = w64 @ d_m
-        if centre64 is not None and b64 is not None:
-            # (W_t - W_{t+1}) c = -s a (W_t d)(d . c); summed over steps: (W - W') c.
-            b64 = b64 - (s * a) * (wd_k * torch.dot(d_m, centre64))
-            moved = True
-        w64 = w64 + (s * a) * torch.outer(wd_k, d_m)
-    edited = w64.to(weight_km.dtype)
-    if bias_k is None:
-        return edited
-    bias = b64.to(bias_k.dtype) if moved and b64 is not None else bias_k.detach().clone()
-    return EditedHead(edited, bias)
+    centre64 = _centre64(centre_m, bias_k, weight_km, rule)
+    return rule.edit(weight_km, cols_fm, alphas_f, s, bias_k, centre64)
 
 
 @overload
@@ -274,38 +204,11 @@ def invert_edit(
     order; ``1 + s a == 0`` is singular and raises. With ``bias_k`` (the edited bias) and
     ``centre_m``, the bias moves back by ``(W - W') centre`` step by step.
     """
-    _check_mode(mode)
+    rule = head_rule(mode)
     s = resolve_sign(sign)
     cols_fm, alphas_f = _cols_and_alphas(cols, alpha, weight_km)
-    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
-    w64 = weight_km.detach().to(torch.float64)
-    if mode == "paper":
-        factor_m = torch.ones(weight_km.shape[1], dtype=torch.float64)
-        for col_m, a in zip(cols_fm, alphas_f, strict=True):
-            factor_m = factor_m * paper_factors(col_m, a, s)
-        if bool((factor_m == 0).any()):
-            raise ValueError("edit clamped some factors to 0: it cannot be inverted")
-        restored = (w64 / factor_m).to(weight_km.dtype)
-        return restored if bias_k is None else EditedHead(restored, bias_k.detach().clone())
-    b64 = None if bias_k is None else bias_k.detach().to(torch.float64)
-    moved = False
-    for col_m, a in zip(reversed(cols_fm), reversed(alphas_f), strict=True):
-        if a == 0:
-            continue
-        denom = 1.0 + s * a
-        if denom == 0:
-            raise ValueError("projection edit with 1 + s*alpha == 0 is singular")
-        d_m = _unit(col_m)
-        w64 = w64 - (s * a / denom) * torch.outer(w64 @ d_m, d_m)
-        if centre64 is not None and b64 is not None:
-            # b_t = b_{t+1} - (W_t - W_{t+1}) c = b_{t+1} + s a (W_t d)(d . c)
-            b64 = b64 + (s * a) * ((w64 @ d_m) * torch.dot(d_m, centre64))
-            moved = True
-    restored = w64.to(weight_km.dtype)
-    if bias_k is None:
-        return restored
-    bias = b64.to(bias_k.dtype) if moved and b64 is not None else bias_k.detach().clone()
-    return EditedHead(restored, bias)
+    centre64 = _centre64(centre_m, bias_k, weight_km, rule)
+    return rule.invert(weight_km, cols_fm, alphas_f, s, bias_k, centre64)
 
 
 @overload
@@ -349,36 +252,14 @@ def edited_weights(
     Vectorised over the grid (broadcast, no loop), float64 then one rounding to the weight dtype.
     With ``bias_k``: an :class:`EditedHead` whose bias is [A, K] (moved only when centred).
     """
-    _check_mode(mode)
+    rule = head_rule(mode)
     s = resolve_sign(sign)
-    alphas = _alphas64(alphas_a).reshape(-1)
+    alphas = alphas64(alphas_a).reshape(-1)
     col64 = col_m.detach().to(torch.float64)
     if col64.shape != (weight_km.shape[1],):
         raise ValueError(f"col_m must be [M={weight_km.shape[1]}], got {tuple(col_m.shape)}")
-    centre64 = _centre64(centre_m, bias_k, weight_km, mode)
-    n_alpha = len(alphas)
-    biases_ak = None if bias_k is None else bias_k.detach().unsqueeze(0).expand(n_alpha, -1).clone()
-    w64 = weight_km.detach().to(torch.float64)
-    if mode == "paper":
-        factor_am = paper_factors(col64, alphas, s)
-        edited = (w64.unsqueeze(0) * factor_am.unsqueeze(1)).to(weight_km.dtype)
-        return edited if biases_ak is None else EditedHead(edited, biases_ak)
-    if bool((alphas == 0).all()):
-        edited = weight_km.detach().unsqueeze(0).expand(n_alpha, -1, -1).clone()
-        return edited if biases_ak is None else EditedHead(edited, biases_ak)
-    d_m = _unit(col64)
-    wd_k = w64 @ d_m
-    is_zero_a11 = (alphas == 0).view(-1, 1, 1)
-    step_a11 = (s * alphas).view(-1, 1, 1)
-    edited64 = w64.unsqueeze(0) + step_a11 * torch.outer(wd_k, d_m).unsqueeze(0)
-    edited = torch.where(is_zero_a11, w64.unsqueeze(0), edited64).to(weight_km.dtype)
-    if biases_ak is None or bias_k is None:
-        return edited
-    if centre64 is not None:
-        b64 = bias_k.detach().to(torch.float64)
-        moved_ak = b64 - step_a11[:, :, 0] * (wd_k * torch.dot(d_m, centre64))
-        biases_ak = torch.where(is_zero_a11[:, :, 0], biases_ak, moved_ak.to(bias_k.dtype))
-    return EditedHead(edited, biases_ak)
+    centre64 = _centre64(centre_m, bias_k, weight_km, rule)
+    return rule.grid(weight_km, col64, alphas, s, bias_k, centre64)
 
 
 def _logit_chunks(
@@ -430,7 +311,7 @@ def edited_logits(
     Computed in the promoted dtype of ``acts_nm`` and ``weight_km``. ``centre_m`` centres the
     projection edit (the edited bias is applied per alpha).
     """
-    alphas = _alphas64(alphas_a).reshape(-1)
+    alphas = alphas64(alphas_a).reshape(-1)
     dtype = torch.promote_types(acts_nm.dtype, weight_km.dtype)
     out = torch.empty(len(alphas), acts_nm.shape[0], weight_km.shape[0], dtype=dtype)
     for start, stop, block in _logit_chunks(
@@ -453,7 +334,7 @@ def edited_predictions(
     centre_m: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Argmax predictions [A, N] (int64) of the edited head, without holding all logits."""
-    alphas = _alphas64(alphas_a).reshape(-1)
+    alphas = alphas64(alphas_a).reshape(-1)
     out = torch.empty(len(alphas), acts_nm.shape[0], dtype=torch.int64)
     for start, stop, block in _logit_chunks(
         acts_nm, weight_km, bias_k, col_m, alphas, sign, mode, chunk_size, centre_m
@@ -547,6 +428,12 @@ SUPPRESSED_BELOW = 0.10
 SELECTIVE_WITHIN = 0.03
 
 
+def evaluated_classes(base_accuracy_k: torch.Tensor, min_base_accuracy: float) -> list[int]:
+    """Classes at or above ``min_base_accuracy`` before any edit: a class the classifier fails
+    cannot be suppressed, and at 0 % before any edit it would count as a success."""
+    return [c for c, acc in enumerate(base_accuracy_k.tolist()) if acc >= min_base_accuracy]
+
+
 def head_unchanged(weight_km: torch.Tensor, bias_k: torch.Tensor, edited: EditedHead) -> bool:
     """True when an edited head equals the original (weight and bias, value for value)."""
     return torch.equal(edited.weight, weight_km) and torch.equal(edited.bias, bias_k)
@@ -563,20 +450,15 @@ def why_unchanged(weight_km: torch.Tensor, col_m: torch.Tensor, mode: str) -> st
         )
     if not bool(c.any()):
         return "the feature's decoder column is all zero (a dead latent)"
-    if mode == "paper" and not bool(w[:, c != 0].any()):
-        return "the head's weight is zero in every dimension the feature's decoder column uses"
-    if mode == "projection" and not bool((w @ c).any()):
-        return "the head's weight is orthogonal to the feature's decoder direction (W d = 0)"
-    return "the change is below the floating-point resolution of the head's weights"
+    reason = head_rule(mode).unchanged_reason(w, c)
+    return reason or "the change is below the floating-point resolution of the head's weights"
 
 
 def alpha_scale(col_m: torch.Tensor, unit: str, mode: str) -> float:
     """Multiplier from configured alpha to the rule's alpha. For the paper rule, per_feature
     makes alpha = 1 zero the column's largest |c_j| exactly, so grids mean the same for every
     feature. The projection edit uses the unit direction: alpha = 1 removes the component."""
-    if mode == "paper" and unit == "per_feature":
-        return 1.0 / float(col_m.abs().max())
-    return 1.0
+    return head_rule(mode).alpha_scale(col_m, unit)
 
 
 def edit_targets(ranking: dict, targets: str) -> list[dict]:

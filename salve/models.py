@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salve.errors import SalveUserError
 from salve.tv import import_torchvision
 
 # The builder name a model was made from; set by build_model (a module does not know its name).
@@ -34,11 +35,11 @@ _ARCH_ATTR = "_salve_arch"
 STEERED_FORMAT = "salve-steered-classifier"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(SalveUserError, RuntimeError):
     """Pretrained weights were asked for but cannot be obtained."""
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(SalveUserError, ValueError):
     """A finetune.weights file is missing, unreadable or does not fit the architecture/classes."""
 
 

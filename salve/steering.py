@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salve.editing import Sign, resolve_sign
+from salve.head_rules import Sign, resolve_sign
 from salve.models import STEERED_FORMAT, arch_of, arch_spec, classifier_from_state, head_path
 from salve.sae import SparseAutoencoder, build_sae
 

@@ -25,15 +25,16 @@ from tqdm.auto import tqdm
 
 from salve.config import FinetuneConfig
 from salve.data import normalise
+from salve.errors import SalveUserError
 from salve.io import TensorRows
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(SalveUserError, RuntimeError):
     """The loss became NaN/inf or exploded; the stage fails and earlier artifacts stay as they
     were."""
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(SalveUserError, RuntimeError):
     """The fine-tuned classifier is too weak to explain; the message names the weak classes."""
 
 
@@ -66,7 +67,7 @@ class EpochRecord:
 
 # finetune.min_steps "auto": 4 epochs of the built-in digits (1,438 train images) reach 99.7 %
 # val accuracy; 360 steps (8 epochs) left 768-image 6-class folders at 59-66 %, where 960 steps
-# reached 96 % (README, "On image folders the defaults were not tuned on").
+# reached 96 % (docs/METHOD.md, "Method choices").
 AUTO_MIN_STEPS = {"digits": 360}
 AUTO_MIN_STEPS_OTHER = 960
 
@@ -373,3 +374,41 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> N
         state.setdefault(int(idx), {})[key] = value
     sd["state"] = state
     optimizer.load_state_dict(sd)
+
+
+def as_is_state(model, val_x, val_y, num_classes: int, mean, std, device) -> TrainState:
+    """The given model explained as it is (``finetune.epochs: 0``): one epoch-0 record with its
+    val accuracy and nothing trained."""
+    pred = predict(model, val_x, mean, std, device=device)
+    record = EpochRecord(
+        epoch=0,
+        train_loss=float("nan"),
+        train_accuracy=float("nan"),
+        val_accuracy=float((pred == val_y).double().mean()),
+        lr=0.0,
+        seconds=0.0,
+        val_class_accuracy=class_accuracy(pred, val_y, num_classes),
+    )
+    return TrainState([record], 0, None)
+
+
+def finetune_summary(
+    state: TrainState, best: EpochRecord, f: FinetuneConfig, n_train: int, val_class: dict, device
+) -> dict:
+    """metrics/finetune.json: the kept epoch's numbers, and whether early stopping ended it."""
+    last = state.history[-1]
+    budget = epoch_budget(n_train, f)
+    return {
+        "arch": f.arch,
+        "val_accuracy": best.val_accuracy,
+        "best_epoch": state.best_epoch,
+        "epochs_run": last.epoch,
+        "last_val_accuracy": last.val_accuracy,
+        "epoch_budget": budget,
+        "stopped_early": last.epoch < budget,
+        "train_accuracy": best.train_accuracy,
+        "train_loss": best.train_loss,
+        "min_class_val_accuracy": min(best.val_class_accuracy),
+        "val_class_accuracy": val_class,
+        "device": str(device),
+    }

@@ -102,5 +102,6 @@ def import_torchvision() -> ModuleType:
     return torchvision
 
 
-# Importing this module makes a later `import torchvision` work (README, "Using a checkpoint").
+# Importing this module makes a later `import torchvision` work (docs/PIPELINE.md, "torchvision
+# on a CPU-only torch").
 import_torchvision()

@@ -3,7 +3,10 @@ library, writes declared outputs atomically and returns a small JSON-able summar
 
 `STAGES` is the single description of the DAG and of every path a stage reads or writes:
 `dvc.yaml` is generated from it (`salve dvc-yaml`, checked by a test), and stages find their
-files through it (`STAGES["rank"].path(root, "ranking")`), never as literals. A stage's code
+files through it (`STAGES["rank"].path(root, "ranking")`), never as literals. The pipeline's
+stages (`STAGE_ORDER`, what `salve run` and a plain `dvc repro` run) go to `dvc.yaml`; the
+study's (`STUDY_ORDER`, what `salve study` runs: docs/METHOD.md's open questions, on the
+pipeline's outputs) go to `study/dvc.yaml` (docs/PIPELINE.md, "The study"). A stage's code
 dependencies are not listed here: they are derived from its module's imports (tasks/deps.py).
 """
 
@@ -44,6 +47,7 @@ class StageSpec:
     inputs: tuple[str, ...] = ()  # user-supplied files and folders (DVC dependencies)
     out: str = ""  # the stage's output folder; results/<name> unless set
     reads_metrics: bool = False  # depends on the upstream stages' metrics and plots files
+    dvcfile: str = "dvc.yaml"  # the dvc.yaml that declares it (its lock file lies beside it)
 
     @property
     def out_dir(self) -> str:
@@ -56,6 +60,16 @@ class StageSpec:
     @property
     def plot_files(self) -> list[str]:
         return [f"plots/{self.name}/{p}" for p in self.plots.values()]
+
+    @property
+    def dvc_target(self) -> str:
+        """The stage as DVC names it: ``name`` in ./dvc.yaml, else ``path/dvc.yaml:name``."""
+        return self.name if self.dvcfile == "dvc.yaml" else f"{self.dvcfile}:{self.name}"
+
+    @property
+    def lock_file(self) -> str:
+        """The dvc.lock that records it (beside its dvc.yaml)."""
+        return str(Path(self.dvcfile).with_name("dvc.lock"))
 
     def folder(self, root: Path) -> Path:
         return Path(root) / self.out_dir
@@ -164,13 +178,75 @@ STAGES: dict[str, StageSpec] = {
     )
 }
 
-STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
-
-
-def producer_of(rel_path: str) -> str | None:
-    """The stage whose outputs hold ``rel_path`` (repository-relative), if any."""
-    for spec in STAGES.values():
-        owned = [spec.out_dir, spec.metrics_file, *spec.plot_files]
-        if any(rel_path == p or rel_path.startswith(p + "/") for p in owned):
-            return spec.name
-    return None
+STUDY_DVC_YAML = "study/dvc.yaml"
+COMMON_SEED = ("common.seed", "common.reproducible")
+STUDY_EDIT_PARAMS = (
+    "sae",
+    "evaluate.projection_alpha",
+    "evaluate.paper_alpha",
+    "edit.min_base_accuracy",
+    *COMMON_SEED,
+)
+# The study (flows/study.py, `salve study`): one stage per open question of docs/METHOD.md, and
+# the page that shows them. Each reads the pipeline's outputs; its numbers depend on exactly the
+# parameters listed (study.workers only says where they are computed).
+STUDY_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        "study_adversarial",
+        (
+            *(
+                f"study.{k}"
+                for k in (
+                    "attack_per_class",
+                    "attack_steps",
+                    "attack_bisection_steps",
+                    "attack_targets",
+                    "eps_max_linf",
+                    "eps_max_l2",
+                    "bootstrap",
+                )
+            ),
+            *COMMON_SEED,
+        ),
+        upstream=("fetch", "finetune", "extract", "alpha_crit"),
+        files={"record": "record.json"},
+        dvcfile=STUDY_DVC_YAML,
+    ),
+    StageSpec(
+        "study_sae_variants",
+        (
+            *(
+                f"study.{k}"
+                for k in ("seeds", "target_l0", "match_l0_fits", "aux_l1", "l1_l2_ratio")
+            ),
+            *STUDY_EDIT_PARAMS,
+        ),
+        upstream=("fetch", "finetune", "extract", "fit_sae"),
+        files={"record": "record.json"},
+        dvcfile=STUDY_DVC_YAML,
+    ),
+    StageSpec(
+        "study_deeper_layer",
+        ("study.deeper_layer", "study.deeper_alpha", *STUDY_EDIT_PARAMS),
+        upstream=("fetch", "finetune", "extract", "fit_sae", "rank"),
+        files={"record": "record.json"},
+        dvcfile=STUDY_DVC_YAML,
+    ),
+    StageSpec(
+        "study_report",
+        (),
+        upstream=("fetch", "study_adversarial", "study_sae_variants", "study_deeper_layer"),
+        files={"page": "index.html"},
+        out="reports/study",
+        dvcfile=STUDY_DVC_YAML,
+    ),
+)
+STAGE_ORDER: tuple[str, ...] = tuple(STAGES)  # the pipeline, in DAG order
+STAGES.update((s.name, s) for s in STUDY_STAGES)
+STUDY_ORDER: tuple[str, ...] = tuple(s.name for s in STUDY_STAGES)
+# The question each study stage answers, as flows/study.py and the study page name it.
+STUDY_PARTS: dict[str, str] = {
+    "adversarial": "study_adversarial",
+    "sae_variants": "study_sae_variants",
+    "deeper_layer": "study_deeper_layer",
+}

@@ -1,5 +1,5 @@
 """Loading what upstream stages wrote: one place, each loader naming the stage to run when its
-file is missing (a deleted upstream output used to give a bare `[Errno 2]`)."""
+file is missing (rather than a bare `[Errno 2]`)."""
 
 from __future__ import annotations
 

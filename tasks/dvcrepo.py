@@ -26,8 +26,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from salve.errors import SalveUserError
+
 if TYPE_CHECKING:
-    from salve.compare import ExperimentRow
+    from salve.present.compare.experiments import ExperimentRow
 
 log = logging.getLogger("salve")
 
@@ -35,7 +37,7 @@ WORKSPACE = "workspace"  # DVC's name for the working tree in diffs
 GIT_TIMEOUT_S = 60
 
 
-class DvcError(RuntimeError):
+class DvcError(SalveUserError, RuntimeError):
     """A DVC operation salve depends on failed; the message names the operation and the cause."""
 
 
@@ -251,8 +253,10 @@ def restore_recorded_outputs(root: Path, name: str) -> list[str]:
 
     import yaml
 
+    from tasks import STAGES
+
     root = Path(root)
-    lock_path = root / "dvc.lock"
+    lock_path = root / (STAGES[name].lock_file if name in STAGES else "dvc.lock")
     try:
         recorded = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
         outs = recorded["stages"][name].get("outs", [])
@@ -293,10 +297,14 @@ def restore_recorded_outputs(root: Path, name: str) -> list[str]:
 
 
 def stale_stages(root: Path, stages: Sequence[str]) -> list[str]:
-    """The stages among ``stages`` that DVC finds out of date (`dvc status`), in that order."""
+    """The stages among ``stages`` that DVC finds out of date (`dvc status`), in that order
+    (a study stage, declared in study/dvc.yaml, is asked about as DVC names it)."""
+    from tasks import STAGES
+
+    targets = {s: STAGES[s].dvc_target if s in STAGES else s for s in stages}
     with locked_repo(root) as repo:
-        status = repo.status(targets=list(stages))
-    return [s for s in stages if s in status]
+        status = repo.status(targets=list(targets.values()))
+    return [s for s in stages if targets[s] in status]
 
 
 def commit(root: Path, stage: str) -> None:
@@ -448,7 +456,7 @@ def _data(results: dict | None) -> dict[str, dict]:
 
 
 def _flat_params(params: dict[str, dict]) -> dict[str, Any]:
-    from salve.compare import flatten
+    from salve.present.compare.experiments import flatten
 
     out: dict[str, Any] = {}
     for file, values in params.items():
@@ -471,7 +479,7 @@ def experiments(
 ) -> list[ExperimentRow]:
     """The workspace, the baseline commits (``num`` first-parent commits from ``rev``, or every
     commit) and their DVC experiments, as `dvc exp show` lists them."""
-    from salve.compare import ExperimentRow
+    from salve.present.compare.experiments import ExperimentRow
 
     root = find_root(root)
     with locked_repo(root) as repo:

@@ -16,12 +16,11 @@ from salve.runtime import resolve_device, seed_everything
 from salve.train import (
     EpochRecord,
     TrainState,
-    class_accuracy,
-    epoch_budget,
+    as_is_state,
+    finetune_summary,
     load_optimizer_tensors,
     make_optimizer,
     optimizer_tensors,
-    predict,
     resolve_augment,
     resolve_min_steps,
     train_classifier,
@@ -108,18 +107,8 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     resume_path = _resume_path(root)
     resumed_from = None
     if f.epochs == 0:
-        pred = predict(model, val_x, IMAGENET_MEAN, IMAGENET_STD, device=device)
-        record = EpochRecord(
-            epoch=0,
-            train_loss=float("nan"),
-            train_accuracy=float("nan"),
-            val_accuracy=float((pred == val_y).double().mean()),
-            lr=0.0,
-            seconds=0.0,
-            val_class_accuracy=class_accuracy(pred, val_y, num_classes),
-        )
-        state = TrainState([record], 0, None)
-        best = record
+        state = as_is_state(model, val_x, val_y, num_classes, IMAGENET_MEAN, IMAGENET_STD, device)
+        best = state.history[0]
     else:
         optimizer = make_optimizer(model, f)
         fingerprint = _fingerprint(cfg, root)
@@ -146,7 +135,6 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         model.load_state_dict(state.best_state)
         best = state.history[state.best_epoch - 1]
     model.eval().cpu()
-    last = state.history[-1]
     val_class = dict(zip(classes, best.val_class_accuracy, strict=True))
     sidecar = {
         "classes": classes,
@@ -161,21 +149,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     resume_path.unlink(missing_ok=True)
     rows = [{k: r.as_dict()[k] for k in PLOT_COLUMNS} for r in state.history]
     write_plot(root, "finetune", "epochs", rows)
-    budget = epoch_budget(len(train_y), f)
-    summary = {
-        "arch": f.arch,
-        "val_accuracy": best.val_accuracy,
-        "best_epoch": state.best_epoch,
-        "epochs_run": last.epoch,
-        "last_val_accuracy": last.val_accuracy,
-        "epoch_budget": budget,
-        "stopped_early": last.epoch < budget,
-        "train_accuracy": best.train_accuracy,
-        "train_loss": best.train_loss,
-        "min_class_val_accuracy": min(best.val_class_accuracy),
-        "val_class_accuracy": val_class,
-        "device": str(device),
-    }
+    summary = finetune_summary(state, best, f, len(train_y), val_class, device)
     # A resumed run gives the same bytes as an uninterrupted one: where it resumed is a fact of
     # this run, like the epoch times, not of the result.
     seconds = [r.seconds for r in state.history]

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from salve.config import Config
 from salve.data import normalise
 from salve.faithfulness import deletion_latents, latent_deletion_aucs, top_images
-from salve.gradfam import gradfam_shared, select_layer, upsample_normalise
+from salve.feature_layers import select_layer
+from salve.feature_vis import activation_maximisation_batch
+from salve.gradfam import gradfam_shared, upsample_normalise
 from salve.io import save_tensors, write_bytes
 from salve.models import penultimate
+from salve.present.images import image_png, overlay_grid_png
+from salve.present.strips import strip_pngs
 from salve.runtime import seed_everything
-from salve.strips import strip_pngs
-from salve.visualize import activation_maximisation_batch, image_png, overlay_grid_png
 from tasks import STAGES
 from tasks.artifacts import (
     load_activations,

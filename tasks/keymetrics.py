@@ -27,12 +27,13 @@ floors do not answer.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from salve.compare import KeyMetric, lookup
-from tasks import STAGE_ORDER, STAGES
+from salve.present.compare.experiments import lookup
+from salve.present.compare.metrics import KeyMetric
+from salve.present.kit import fmt
+from tasks import STAGE_ORDER, STAGES, STUDY_ORDER
 
 HALF_VAL_SAMPLE = 0.5  # accuracy-like floors: this many val samples (divided by N_val)
 FLOAT32_RELATIVE = 1e-4
@@ -136,8 +137,58 @@ KEY_METRICS_BY_STAGE: dict[str, tuple[KeyMetric, ...]] = {
     "report": (),
 }
 
+# The study's stages (study/dvc.yaml, `salve study`): apart, so the report (which shows the
+# pipeline's) need not know them; `salve compare`, `salve diff` and the nightly show both.
+STUDY_KEY_METRICS_BY_STAGE: dict[str, tuple[KeyMetric, ...]] = {
+    "study_adversarial": (
+        _continuous(
+            "study_adversarial",
+            "linf.spearman",
+            "Spearman: alpha_crit vs L-inf flip size",
+            "rho_linf",
+            "higher",
+        ),
+        _continuous(
+            "study_adversarial",
+            "l2.spearman",
+            "Spearman: alpha_crit vs L2 flip size",
+            "rho_l2",
+            "higher",
+        ),
+    ),
+    "study_sae_variants": (
+        _per_sample(
+            "study_sae_variants",
+            "variants.topk.methods.salve_projection.specificity_mean.mean",
+            "top-k SAE: projection specificity (seed mean)",
+            "topk_spec",
+            "higher",
+        ),
+        _per_sample(
+            "study_sae_variants",
+            "variants.relu.methods.salve_projection.specificity_mean.mean",
+            "ReLU SAE: projection specificity (seed mean)",
+            "relu_spec",
+            "higher",
+        ),
+    ),
+    "study_deeper_layer": (
+        _per_sample(
+            "study_deeper_layer",
+            "summary.difference.efficacy.mean",
+            "backbone minus head edit: efficacy (class mean)",
+            "deep_eff",
+        ),
+    ),
+    "study_report": (),
+}
+assert list(STUDY_KEY_METRICS_BY_STAGE) == list(STUDY_ORDER)
+
 KEY_METRICS: tuple[KeyMetric, ...] = tuple(
-    km for stage in STAGE_ORDER for km in KEY_METRICS_BY_STAGE.get(stage, ())
+    km
+    for by_stage in (KEY_METRICS_BY_STAGE, STUDY_KEY_METRICS_BY_STAGE)
+    for kms in by_stage.values()
+    for km in kms
 )
 VAL_SAMPLES = (STAGES["fetch"].metrics_file, "val_samples")
 
@@ -165,27 +216,18 @@ def key_metrics(n_val: int | None = None) -> tuple[KeyMetric, ...]:
     )
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}"
-    return str(value)
-
-
 def headline(stage: str, metrics: Mapping[str, Any]) -> str:
     """A stage's key numbers as ``"k=v, k=v"`` for its line on the terminal (those its metrics
     lack are left out; "" for a stage without key metrics)."""
     parts = []
-    for km in KEY_METRICS_BY_STAGE.get(stage, ()):
+    for km in KEY_METRICS_BY_STAGE.get(stage) or STUDY_KEY_METRICS_BY_STAGE.get(stage, ()):
         value = lookup(metrics, km.key)
         if value is not None and not isinstance(value, Mapping | list):
-            parts.append(f"{km.name}={_short(value)}")
+            parts.append(f"{km.name}={fmt(value)}")
     return ", ".join(parts)
 
 
 def metrics_files() -> list[str]:
-    """Every stage's metrics file, in DAG order (the order of groups in comparisons)."""
-    return [STAGES[s].metrics_file for s in STAGE_ORDER]
+    """Every stage's metrics file, in DAG order, the study's last (the order of groups in
+    comparisons)."""
+    return [STAGES[s].metrics_file for s in (*STAGE_ORDER, *STUDY_ORDER)]

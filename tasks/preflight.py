@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from salve.config import WEIGHT_KEYWORDS, Config, ConfigError
+from salve.errors import SalveUserError
 from tasks.common import resolve_user_path
 
 # Class counts of the built-in and downloadable sources.
 KNOWN_CLASS_COUNTS = {"digits": 10, "imagenette": 10, "cifar100": 100}
 
 
-class InputError(ValueError):
+class InputError(SalveUserError, ValueError):
     """A user-supplied file or folder is unusable; the message names the parameter to change."""
 
 
@@ -179,7 +180,7 @@ def _close(name: str, choices: list[str]) -> str:
 
 def _gradfam_choices(skel, size: int, layer: str) -> str:
     """The feature maps Grad-FAM can read (stages, and a ViT's encoder blocks), and auto's pick."""
-    from salve.gradfam import layer_candidates, select_layer
+    from salve.feature_layers import layer_candidates, select_layer
 
     found = layer_candidates(skel, size)
     if not found:
@@ -201,7 +202,7 @@ def _gradfam_choices(skel, size: int, layer: str) -> str:
 
 def check_gradfam_layer(cfg: Config, skel) -> None:
     """``gradfam.layer`` resolves on the model as the gradfam stage resolves it."""
-    from salve.gradfam import select_layer
+    from salve.feature_layers import select_layer
     from salve.models import arch_spec
 
     layer, arch, size = cfg.gradfam.layer, cfg.finetune.arch, cfg.data.image_size

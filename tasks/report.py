@@ -1,10 +1,13 @@
 """report: the run report (reports/latest/index.html) and the latent browser (latents.html).
 
 Loads the upstream stages' results, metrics and plots files into plain data and hands them to
-`salve.report.build_report` and `salve.latent_browser.build_latents_page`; figures are embedded
-PNGs, so each page opens offline on its own. The report requires every input it shows (a missing
-file or key is an error); the latent browser is optional in a partial workspace and says which
-stage to run for each source it lacks.
+`salve.present.report.build_report` and `salve.present.latent_browser.build_latents_page`. The
+report embeds its figures (one file that opens offline); the latent browser, with a picture or
+two per latent (thousands at a realistic SAE width), links its pictures instead: they are copied
+from results/gradfam into ``latents/`` beside it, in this stage's output folder, so the page
+and its pictures move together. The report requires every input it shows (a missing file or key
+is an error); the latent browser is optional in a partial workspace and says which stage to run
+for each source it lacks.
 
 The page is a DVC output: identical results must give an identical page (the same hash), so it
 shows no stage times, git revision or host (those stay in `.salve/runs/`, `.salve/timings/` and
@@ -15,18 +18,21 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 from ruamel.yaml import YAMLError
 
-from salve.config import Config, yaml_load
-from salve.figures import ESTIMATORS
-from salve.io import ArtifactError, load_tensors, read_json, write_text
-from salve.latent_browser import LatentSources, build_latents_page
-from salve.report import ReportInputs, build_report
+from salve.config import Config
+from salve.io import ArtifactError, load_tensors, read_json, write_bytes, write_text
+from salve.params_file import yaml_load
+from salve.present.figures import ESTIMATORS
+from salve.present.latent_browser import LatentSources, build_latents_page
+from salve.present.report import ReportInputs, build_report
 from tasks import STAGE_ORDER, STAGES
 from tasks.artifacts import load_dataset_meta, load_ranking, require
 from tasks.common import write_metrics
+from tasks.keymetrics import KEY_METRICS_BY_STAGE
 from tasks.records import (
     AlphaCritMetrics,
     EditLatents,
@@ -50,6 +56,13 @@ def report_path(root: Path) -> Path:
 def latents_path(root: Path) -> Path:
     """The latent browser, next to the report (the flow links it)."""
     return STAGES["report"].path(root, "latents")
+
+
+LATENT_IMAGES = "latents"  # the browser's pictures, a folder beside it
+
+
+def latent_images_dir(root: Path) -> Path:
+    return latents_path(root).parent / LATENT_IMAGES
 
 
 def read_csv_rows(path: Path) -> list[dict]:
@@ -162,6 +175,7 @@ def load_inputs(root: Path) -> ReportInputs:
         alpha_values=alpha_values(root, len(classes)),
         evaluate_metrics=_metrics(root, "evaluate", EvaluateMetrics),
         extra_params=extra_params,
+        key_metrics=KEY_METRICS_BY_STAGE,
     )
 
 
@@ -171,7 +185,8 @@ def _optional(path: Path, read):
 
 def load_latent_sources(root: Path) -> LatentSources:
     """What the latent browser shows; a source whose stage has not run is None (the page names
-    the stage to run)."""
+    the stage to run). Its pictures are named by their place beside the page
+    (``copy_latent_images`` puts them there)."""
     root = Path(root)
     classes = [str(c) for c in load_dataset_meta(root)["classes"]]
     rank, gradfam_stage, edit = STAGES["rank"], STAGES["gradfam"], STAGES["edit"]
@@ -187,7 +202,7 @@ def load_latent_sources(root: Path) -> LatentSources:
         class_means=_optional(means_path, read_class_means),
         ranking=_optional(ranking_path, lambda p: read_record(p, Ranking, "rank")),
         gradfam=gradfam,
-        gradfam_images=gradfam_images(root, gradfam) if gradfam else {},
+        gradfam_images=gradfam_image_srcs(root, gradfam) if gradfam else {},
         edit=_optional(edit_path, lambda p: read_record(p, EditLatents, "edit")),
         hints={
             "class_means": missing(means_path, "rank"),
@@ -198,11 +213,47 @@ def load_latent_sources(root: Path) -> LatentSources:
     )
 
 
+def gradfam_image_srcs(root: Path, gradfam: dict) -> dict[str, str]:
+    """Each picture the gradfam index names, by file name: its src from the browser page. A
+    file the index names must exist."""
+    folder = STAGES["gradfam"].folder(root)
+    out = {}
+    for entry in gradfam["latents"]:
+        for name in (entry["overlay"], entry["am"]):
+            if not name:
+                continue
+            if Path(name).name != name:
+                raise ArtifactError(f"{folder}: image name {name!r} is not a plain file name")
+            if not (folder / name).is_file():
+                raise ArtifactError(f"{folder / name}: not found. Rerun the gradfam stage.")
+            out[name] = f"{LATENT_IMAGES}/{name}"
+    return out
+
+
+def copy_latent_images(root: Path, srcs: dict[str, str]) -> int:
+    """Copy the browser's pictures from results/gradfam beside it (pictures an earlier run left
+    are removed); one filesystem sync at the end, not one fsync per file. Returns how many."""
+    source, dest = STAGES["gradfam"].folder(root), latent_images_dir(root)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = {Path(src).name for src in srcs.values()}
+    for stale in dest.iterdir():
+        if stale.name not in wanted:
+            stale.unlink()
+    for name in sorted(wanted):
+        # A new file each time (atomic rename), never a write through a link into DVC's cache.
+        write_bytes(dest / name, (source / name).read_bytes(), fsync=False)
+    if wanted and hasattr(os, "sync"):
+        os.sync()
+    return len(wanted)
+
+
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     root = Path(root)
     text, stats = build_report(load_inputs(root))
     write_text(report_path(root), text)
-    browser, browser_stats = build_latents_page(load_latent_sources(root))
+    sources = load_latent_sources(root)
+    copy_latent_images(root, dict(sources.gradfam_images))
+    browser, browser_stats = build_latents_page(sources)
     write_text(latents_path(root), browser)
     summary = {
         "figures": stats["figures"],

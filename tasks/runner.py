@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from salve.config import Config
+from salve.errors import SalveUserError
 from salve.io import TEMP_NAME, read_json, remove_temp_files, write_json
 from tasks import STAGES
 from tasks.dvcrepo import dvc_repo, holding_dvc_lock, restore_from_run_cache, stage_is_fresh
@@ -54,7 +55,7 @@ def dvc_bookkeeping() -> Iterator[None]:
             INTERRUPT.pending()
 
 
-class PipelineBusyError(RuntimeError):
+class PipelineBusyError(SalveUserError, RuntimeError):
     """Another pipeline run holds this repository."""
 
 
@@ -73,7 +74,7 @@ def exit_code_reporting_errors(
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except user_errors() as exc:
+    except (SalveUserError, FileNotFoundError) as exc:  # the message names the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
@@ -135,35 +136,6 @@ def describe_environment_error(exc: BaseException) -> str | None:
             return f"{_final_name(where)}: {fix}" if where else fix
         current = current.__cause__ or current.__context__
     return None
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message already names the problem and the fix: shown as one line, no
-    traceback (exit code 1). ConfigError is separate (exit code 2)."""
-    from salve.data import DatasetError
-    from salve.download import DownloadError, UnsafeArchiveError
-    from salve.io import ArtifactError
-    from salve.models import WeightsFileError, WeightsUnavailableError
-    from salve.runtime import KernelModeError
-    from salve.train import DivergenceError, QualityGateError
-    from tasks.dvcrepo import DvcError
-    from tasks.preflight import InputError
-
-    return (
-        DvcError,
-        InputError,
-        KernelModeError,
-        ArtifactError,
-        DatasetError,
-        DownloadError,
-        UnsafeArchiveError,
-        DivergenceError,
-        QualityGateError,
-        WeightsUnavailableError,
-        WeightsFileError,
-        PipelineBusyError,
-        FileNotFoundError,
-    )
 
 
 @dataclass
@@ -305,13 +277,14 @@ def _run_stage_locked(
     name: str, cfg: Config, root: Path, t0: float, force: bool, progress: bool, stage_kwargs: dict
 ) -> StageOutcome:
     INTERRUPT.running[name] = t0
+    target = STAGES[name].dvc_target  # `name`, or `study/dvc.yaml:name` for a study stage
     try:
         with _DVC_LOCK, dvc_repo(root) as repo:
-            fresh = not force and stage_is_fresh(repo, name)
+            fresh = not force and stage_is_fresh(repo, target)
             restored = False
             if not fresh and not force:
                 with dvc_bookkeeping():
-                    restored = restore_from_run_cache(repo, name)
+                    restored = restore_from_run_cache(repo, target)
         if fresh:
             status = "skipped"
         elif restored:
@@ -324,7 +297,7 @@ def _run_stage_locked(
             module.run(cfg, root, progress=progress, **stage_kwargs)
             with _DVC_LOCK, dvc_bookkeeping(), dvc_repo(root) as repo:
                 prune_stale_outputs(STAGES[name].folder(root), started)
-                repo.commit(name, force=True)
+                repo.commit(target, force=True)
             status = "ran"
     finally:
         INTERRUPT.running.pop(name, None)

@@ -34,7 +34,7 @@ from salve.runtime import pin_cpu_kernels  # noqa: E402
 
 pin_cpu_kernels(True)
 
-from salve.config import yaml_dump  # noqa: E402
+from salve.params_file import yaml_dump  # noqa: E402
 
 # Small enough to run the whole pipeline in well under a minute on 2 CPU cores.
 TINY_PARAMS = {

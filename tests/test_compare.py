@@ -21,18 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from salve.compare import (
-    ExperimentRow,
-    KeyMetric,
-    experiments_table,
-    key_metric_changes,
-    metrics_diff_markdown,
-    metrics_diff_text,
-    text_table,
-)
-from salve.config import yaml_dump, yaml_load
+from salve.params_file import yaml_dump, yaml_load
+from salve.present.compare.experiments import ExperimentRow, experiments_table
+from salve.present.compare.metrics import KeyMetric, key_metric_changes
+from salve.present.compare.text import metrics_diff_markdown, metrics_diff_text, text_table
 from tasks import STAGE_ORDER, STAGES
 from tests.conftest import REPO, copy_project, dvc, git
+from tests.test_report import latent_data
 from tests.test_report_browser import chromium  # noqa: F401 - the session fixture
 
 WIDTH = 100
@@ -54,12 +49,15 @@ def salve(root: Path, *args: str, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def test_key_metrics_are_declared_per_stage_in_dag_order():
-    from tasks.keymetrics import KEY_METRICS, KEY_METRICS_BY_STAGE
+    from tasks import STUDY_ORDER
+    from tasks.keymetrics import KEY_METRICS, KEY_METRICS_BY_STAGE, STUDY_KEY_METRICS_BY_STAGE
 
     assert list(KEY_METRICS_BY_STAGE) == list(STAGE_ORDER)
-    flat = [km for s in STAGE_ORDER for km in KEY_METRICS_BY_STAGE[s]]
+    assert list(STUDY_KEY_METRICS_BY_STAGE) == list(STUDY_ORDER)
+    by_stage = KEY_METRICS_BY_STAGE | STUDY_KEY_METRICS_BY_STAGE
+    flat = [km for s in (*STAGE_ORDER, *STUDY_ORDER) for km in by_stage[s]]
     assert list(KEY_METRICS) == flat
-    for stage, kms in KEY_METRICS_BY_STAGE.items():
+    for stage, kms in by_stage.items():
         assert len(kms) <= 4, f"{stage}: a headline is a few numbers"
         assert all(km.file == STAGES[stage].metrics_file for km in kms)
     keys = [(km.file, km.key) for km in KEY_METRICS]
@@ -622,7 +620,8 @@ def test_compare_head_with_itself_matches_every_feature_with_cosine_1(two_revisi
 def width_revisions(built_project_template: Path, tmp_path_factory) -> dict:
     """The built project, then a commit with sae.width 32 -> 16: fit_sae, rank, gradfam and
     report rerun (what the page reads; the other stages are not needed for it)."""
-    from salve.config import apply_overrides, load
+    from salve.config import load
+    from salve.params_file import apply_overrides
     from tasks.runner import run_stage
 
     root = copy_project(built_project_template, tmp_path_factory.mktemp("width") / "project")
@@ -671,12 +670,15 @@ def test_compare_a_width_change_pairs_latents_as_scipy_does(width_revisions: dic
         assert r["links"][1] == f"../latest/latents.html#latent-{r['data-b']}"
     copy = page.parent / "revisions" / sha_a[:12]
     browser = (copy / "latents.html").read_text(encoding="utf-8")
-    assert browser.count("data-latent=") == 32 and (copy / "index.html").is_file()
+    entries = latent_data(browser)["entries"]
+    assert len(entries) == 32 and (copy / "index.html").is_file()
+    pictures = {x[k] for x in entries for k in ("overlay", "am") if x[k]}
+    assert pictures and all((copy / src).is_file() for src in pictures)  # copied with it
     assert "of A&#39;s 32 and B&#39;s 16 latents" in section and "<img" in section
 
 
 def _side(decoder, codes=None, dominant=(0, 1), outputs=None):
-    from salve.compare import FeatureSide
+    from salve.present.compare.features import FeatureSide
 
     return FeatureSide(
         decoder_ml=decoder,
@@ -698,7 +700,8 @@ def test_a_retrained_backbone_is_matched_by_its_codes_or_not_at_all():
     """Decoder cosines of SAEs on two backbones compare two spaces: never printed. The codes on
     the same val images are correlated instead; without them the page says no match is
     possible and prints none."""
-    from salve.compare import RevisionData, build_compare_page, features_markdown, match_features
+    from salve.present.compare.features import features_markdown, match_features
+    from salve.present.compare.page import RevisionData, build_compare_page
 
     g = torch.Generator().manual_seed(0)
     codes = torch.relu(torch.randn(60, 4, generator=g, dtype=torch.float64))
@@ -745,7 +748,8 @@ def test_a_retrained_backbone_is_matched_by_its_codes_or_not_at_all():
 
 
 def test_same_activations_match_by_decoder_and_check_by_codes():
-    from salve.compare import RevisionData, features_markdown, match_features
+    from salve.present.compare.features import features_markdown, match_features
+    from salve.present.compare.page import RevisionData
 
     dec = _orthonormal(12, 4, 3)
     g = torch.Generator().manual_seed(3)

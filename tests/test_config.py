@@ -11,18 +11,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from salve.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    fill_missing,
-    from_dict,
-    load,
-    parse_override,
-    section_fields,
-    sections,
-    yaml_load,
-)
+from salve.config import Config, ConfigError, from_dict, load, section_fields, sections
+from salve.params_file import apply_overrides, fill_missing, parse_override, yaml_load
 
 REPO = Path(__file__).resolve().parents[1]
 

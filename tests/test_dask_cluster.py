@@ -153,14 +153,20 @@ TINY_ATTACKS = [
 
 
 def study_part(root: Path, part: str) -> str:
-    from flows.study import STUDY_JSON, run_study
+    """The study stage of ``part`` run with its jobs on Dask: its record and metrics bytes."""
+    import importlib
 
-    out = run_study(root, parts=[part], force=[part], workers=2, check_fresh=False)
-    assert out["status"] == {part: "ran"}
-    study = json.loads((root / STUDY_JSON).read_text())
-    # its numbers, their settings and the fingerprint of its inputs (not when, nor how long)
-    kept = {k: study["parts"][part][k] for k in ("fingerprint", "settings")}
-    return json.dumps({"record": study[part], "part": kept}, sort_keys=True)
+    from flows.fanout import dask_map
+    from salve.config import load
+    from tasks import STAGES, STUDY_PARTS
+
+    stage = STUDY_PARTS[part]
+    importlib.import_module(f"tasks.{stage}").run(
+        load(root / "params.yaml"), root, progress=False, map_fn=dask_map
+    )
+    spec = STAGES[stage]
+    files = (spec.path(root, "record"), spec.metrics_path(root))
+    return json.dumps([p.read_text() for p in files])
 
 
 @pytest.mark.slow
@@ -169,7 +175,8 @@ def test_an_existing_cluster_gives_the_local_clusters_bytes(
 ) -> None:
     import tasks.evaluate as stage
     from flows.fanout import DASK_ADDRESS_ENV, dask_map
-    from salve.config import apply_overrides, load
+    from salve.config import load
+    from salve.params_file import apply_overrides
 
     laps = {"start": time.perf_counter()}
     root = copy_project(built_project_template, tmp_path / "project")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import docs
+from flows import docs, docs_drift, docs_study
 from salve.config import load, params_markdown
 from tasks.dvcfile import render_dvc_yaml
 
@@ -43,7 +43,8 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_registry():
 
 
 def test_repository_params_yaml_is_valid_and_complete():
-    from salve.config import Config, yaml_load
+    from salve.config import Config
+    from salve.params_file import yaml_load
 
     load(REPO / "params.yaml")
     raw = yaml_load((REPO / "params.yaml").read_text())
@@ -67,7 +68,7 @@ def test_results_page_shows_the_metrics_it_is_rendered_from():
     """The rendered numbers are the metrics files' numbers, through the report's formatter."""
     import json
 
-    from salve.report import fmt
+    from salve.present.kit import fmt
 
     d = docs.load_inputs(REPO)
     page = docs.results_markdown(d)
@@ -142,8 +143,8 @@ def test_a_study_older_than_the_pipeline_is_flagged():
             }
         }
     }
-    assert "older than the pipeline" in docs._study_staleness(study, {"val_l0": 11.7})
-    assert docs._study_staleness(study, {"val_l0": 11.2}) is None
+    assert "older than the pipeline" in docs_study.study_staleness(study, {"val_l0": 11.7})
+    assert docs_study.study_staleness(study, {"val_l0": 11.2}) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,35 +153,35 @@ def test_a_study_older_than_the_pipeline_is_flagged():
 
 
 def test_hand_written_docs_have_not_drifted():
-    pages = docs.hand_written_pages(REPO)
+    pages = docs_drift.hand_written_pages(REPO)
     assert REPO / "README.md" in pages and REPO / "docs/OPERATIONS.md" in pages
-    problems = docs.drift(REPO)
+    problems = docs_drift.drift(REPO)
     assert problems == [], "\n".join(problems)
 
 
 def test_wrong_parameter_keys_are_found():
-    schema = docs.schema_keys()
+    schema = docs_drift.schema_keys()
     planted = (
         "Cross-class needs `rank.min_class_mean`.\n"
         "The ViT tap is `gradfam.vit_tap`.\n"
         "```bash\nsalve run --set sae.widht=128\n```\n"
         "Saved edits: `edit.nothing_*`.\n"
     )
-    found = docs.wrong_keys(planted, schema)
+    found = docs_drift.wrong_keys(planted, schema)
     assert [p.split(":", 1)[0] for p in found] == ["1", "2", "4", "6"], found
     assert "`rank.min_class_mean` is not a parameter" in found[0]
     assert "min_mean_fraction" in found[0]  # names what the section has
 
 
 def test_right_keys_and_look_alikes_pass():
-    schema = docs.schema_keys()
+    schema = docs_drift.schema_keys()
     fine = (
         "`sae.width`, `-S edit.mode=paper`, `edit.checkpoint_*`, --set common.num_threads=1, "
         "rank.min_mean_fraction. Files: `metrics/rank.json`, `sae.json`, tasks/evaluate.py. "
         "Dotted code: cfg.sae.anything, salve.evaluate.shift_images, flows.study. "
         "Sentences end with data. Next."
     )
-    assert docs.wrong_keys(fine, schema) == []
+    assert docs_drift.wrong_keys(fine, schema) == []
 
 
 def test_broken_links_are_found():
@@ -199,7 +200,7 @@ def test_broken_links_are_found():
             "`[not a link either](nowhere.md)`",
         ]
     )
-    found = docs.broken_links(planted, doc, REPO)
+    found = docs_drift.broken_links(planted, doc, REPO)
     assert [p.split(":", 1)[0] for p in found] == ["1", "2", "3", "4", "5"], found
     assert "outside the repository" in found[0] and "does not exist" in found[1]
     assert "has no heading #no-such-heading" in found[2]
@@ -207,9 +208,9 @@ def test_broken_links_are_found():
 
 def test_links_to_git_ignored_files_are_found():
     doc = REPO / "README.md"
-    found = docs.broken_links("[page](docs/METHOD.md)", doc, REPO, ignored=lambda p: True)
+    found = docs_drift.broken_links("[page](docs/METHOD.md)", doc, REPO, ignored=lambda p: True)
     assert len(found) == 1 and "ignored by git" in found[0]
-    ignored = docs.git_ignored(REPO)
+    ignored = docs_drift.git_ignored(REPO)
     assert not ignored(REPO / "README.md")
     assert ignored(REPO / ".salve" / "logs" / "run.log")  # .gitignore: .salve/
 
@@ -218,18 +219,18 @@ def test_same_page_anchors_and_heading_slugs():
     page = (
         "# Top\n\n## The study (`salve study`)\n\n## Top\n\n[up](#top) [again](#top-1) [x](#nope)"
     )
-    found = docs.broken_links(page, REPO / "README.md", REPO)
+    found = docs_drift.broken_links(page, REPO / "README.md", REPO)
     assert len(found) == 1 and "#nope" in found[0]
-    assert docs.slug("Beyond one machine: work pools and workers") == (
+    assert docs_drift.slug("Beyond one machine: work pools and workers") == (
         "beyond-one-machine-work-pools-and-workers"
     )
-    assert docs.slug("The study (`salve study`)") == "the-study-salve-study"
+    assert docs_drift.slug("The study (`salve study`)") == "the-study-salve-study"
 
 
 def test_wrong_shell_commands_are_found():
     from flows.cli import build_parser
 
-    targets = docs.makefile_targets((REPO / "Makefile").read_text())
+    targets = docs_drift.makefile_targets((REPO / "Makefile").read_text())
     planted = "\n".join(
         [
             "```bash",
@@ -253,7 +254,7 @@ def test_wrong_shell_commands_are_found():
             "```",
         ]
     )
-    found = docs.wrong_commands(planted, build_parser(), targets, REPO)
+    found = docs_drift.wrong_commands(planted, build_parser(), targets, REPO)
     assert [p.split(":", 1)[0] for p in found] == ["2", "3", "4", "5", "6"], found
     assert "invalid choice: 'runn'" in found[0]
     assert "--stagez" in found[1]
@@ -262,18 +263,18 @@ def test_wrong_shell_commands_are_found():
 
 
 def test_shell_lines_split_into_simple_commands():
-    assert docs.simple_commands("A=1 salve run && (cd x; make test) | tee log 2>&1 &") == [
+    assert docs_drift.simple_commands("A=1 salve run && (cd x; make test) | tee log 2>&1 &") == [
         ["salve", "run"],
         ["cd", "x"],
         ["make", "test"],
         ["tee", "log"],
     ]
     with pytest.raises(ValueError):
-        docs.simple_commands('salve run --set "unclosed')
+        docs_drift.simple_commands('salve run --set "unclosed')
 
 
 def test_makefile_targets_expand_variables():
-    targets = docs.makefile_targets((REPO / "Makefile").read_text())
+    targets = docs_drift.makefile_targets((REPO / "Makefile").read_text())
     assert {"run", "test", "lint", "study", "bench", ".venv/.installed"} <= targets
     assert ".PHONY" not in targets
 

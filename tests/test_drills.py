@@ -45,8 +45,9 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from salve.config import apply_overrides, load
+from salve.config import load
 from salve.io import TEMP_NAME, load_tensors, read_json, save_tensors
+from salve.params_file import apply_overrides
 from tasks.runner import dvc_repo, run_stage
 from tests.conftest import REPO, TINY_PARAMS, dvc, make_project
 from tests.test_config import FIELD_IDS, FIELDS, _out_of_range, _wrong_types

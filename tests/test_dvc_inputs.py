@@ -23,9 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 def dvc_yaml_stages(root: Path) -> dict:
-    from salve.config import yaml_load
+    from salve.params_file import yaml_load
 
-    return yaml_load((root / "dvc.yaml").read_text())["stages"]
+    stages = {}
+    for name in ("dvc.yaml", "study/dvc.yaml"):  # the pipeline's and the study's
+        if (root / name).exists():
+            stages |= yaml_load((root / name).read_text())["stages"]
+    return stages
 
 
 def project_modules_found_by_modulefinder(stage: str) -> set[str]:

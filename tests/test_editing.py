@@ -18,11 +18,11 @@ from salve.editing import (
     edited_weights,
     head_unchanged,
     invert_edit,
-    paper_factors,
     resolve_sign,
     selectivity,
     why_unchanged,
 )
+from salve.head_rules import paper_factors
 
 F64 = torch.float64
 MODES = ("paper", "projection")

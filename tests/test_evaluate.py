@@ -10,24 +10,26 @@ import pytest
 import torch
 
 from salve.evaluate import (
-    METHODS,
     METRICS,
     SHIFTS,
-    LeaceBasis,
     ShiftedRows,
-    build_edit,
     cross_class_accuracy_change,
     evaluate_seed,
     feature_stability,
-    fit_leace,
     mean_ci95,
     prediction_metrics,
     probe_recovery,
-    random_other_latent,
-    random_unit_direction,
     seed_free_probes,
     shift_images,
     summarise_methods,
+)
+from salve.methods import (
+    METHODS,
+    LeaceBasis,
+    build_edit,
+    fit_leace,
+    random_other_latent,
+    random_unit_direction,
     zero_row_edit,
 )
 
@@ -439,7 +441,7 @@ def test_seed_free_probes_are_what_evaluate_seed_computes_itself() -> None:
 def test_a_job_with_a_fitted_sae_uses_it_and_the_others_fit_their_seed(monkeypatch) -> None:
     # evaluate's first seed is the pipeline's own SAE (fitted with common.seed by fit_sae): its
     # job carries that SAE and fits nothing; the other seeds fit one each, with their seed.
-    import tasks.evaluate as stage
+    import salve.evaluate.stage as stage
     from salve.config import SaeConfig
     from salve.sae import fit_sae
 
@@ -501,7 +503,8 @@ def _clipped(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def test_salve_steer_row_against_a_hand_representation() -> None:
-    from salve.evaluate import SAE_METHODS, per_class_accuracy
+    from salve.evaluate import per_class_accuracy
+    from salve.methods import SAE_METHODS
 
     k, m = 3, 5
     x_train, y_train = _blobs(150, m, k, seed=16)

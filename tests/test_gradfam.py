@@ -22,6 +22,7 @@ from salve.faithfulness import (
     top_activating,
     top_images,
 )
+from salve.feature_layers import layer_candidates, select_layer, vit_grid
 from salve.gradfam import (
     _image_batches,
     feature_maps,
@@ -30,13 +31,10 @@ from salve.gradfam import (
     gradfam_maps,
     gradfam_pairs,
     gradfam_shared,
-    layer_candidates,
-    select_layer,
     upsample_normalise,
-    vit_grid,
 )
 from salve.models import build_model, head_of, penultimate
-from salve.sae import SparseAutoencoder
+from salve.sae import ReluSAE, SparseAutoencoder, build_sae
 
 
 def _resnet(size_classes: int = 5, seed: int = 0) -> torch.nn.Module:
@@ -51,7 +49,7 @@ def _vit(image_size: int = 32, seed: int = 0) -> torch.nn.Module:
 
 def _sae(d_in: int, kind: str, d_latent: int = 48, seed: int = 1, **kw) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    return SparseAutoencoder(d_in, d_latent, kind, **kw).double()
+    return build_sae(kind, d_in, d_latent, **kw).double()
 
 
 def _output_of(model, name, images):
@@ -117,7 +115,7 @@ def test_mobilenet_grids_for_auto_and_a_named_layer():
     auto = select_layer(model, 64)
     assert (auto.name, auto.grid) == ("features.8", (4, 4))
     assert select_layer(model, 64, "features.3").grid == (8, 8)
-    sae = SparseAutoencoder(head_of(model).in_features, 6, "linear").eval()
+    sae = build_sae("linear", head_of(model).in_features, 6).eval()
     images = torch.randn(2, 3, 64, 64)
     assert gradfam_maps(model, sae, images, [0, 1]).shape == (2, 2, 4, 4)
     maps = gradfam_maps(model, sae, images, [0, 1], layer="features.3")
@@ -149,7 +147,7 @@ def test_swin_grid_is_read_channels_last():
     assert (auto.name, auto.grid, auto.layout, auto.channels) == ("features.5", (4, 4), "nhwc", 384)
     pooled = select_layer(model, 64, "pooled")
     assert pooled.pooled and pooled.grid == (2, 2)
-    sae = SparseAutoencoder(768, 4, "linear").eval()
+    sae = build_sae("linear", 768, 4).eval()
     images = torch.randn(1, 3, 64, 64)
     maps = gradfam_maps(model, sae, images, [0, 1, 2])
     assert maps.shape == (1, 3, 4, 4) and maps.amax() > 0
@@ -335,7 +333,7 @@ def _hook_counts(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-class _ExplodingSAE(SparseAutoencoder):
+class _ExplodingSAE(ReluSAE):
     def encode(self, acts_nm):
         raise RuntimeError("boom inside encode")
 
@@ -357,7 +355,7 @@ def test_hooks_removed_after_success_and_exception(arch):
         gradfam_autograd(model, _sae(d, "relu"), images, [0], layer=layer)
         assert _hook_counts(model) == 0
         torch.manual_seed(0)
-        bad = _ExplodingSAE(d, 8, "relu").double()
+        bad = _ExplodingSAE(d, 8).double()
         model.train()
         for fn in (gradfam_autograd, gradfam_pairs):
             with pytest.raises(RuntimeError, match="boom inside encode"):
@@ -502,7 +500,7 @@ class _ThresholdNet(nn.Module):
 
 def _threshold_case():
     model = _ThresholdNet().eval()
-    sae = SparseAutoencoder(2, 2, "linear").double().eval()
+    sae = build_sae("linear", 2, 2).double().eval()
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         sae.encoder.bias.zero_()
@@ -633,7 +631,7 @@ def _fake_root(tmp_path: Path) -> Path:
     )
     acts = extract_activations(model, images, IMAGENET_MEAN, IMAGENET_STD, progress=False)
     save_tensors(res / "extract" / "val.safetensors", {"acts": acts, "labels": labels})
-    sae = SparseAutoencoder(512, 8, "relu")
+    sae = build_sae("relu", 512, 8)
     with torch.no_grad():
         sae.decoder.bias.copy_(acts.mean(0))
         sae.encoder.bias.fill_(0.01)
@@ -737,7 +735,7 @@ def test_stage_maps_and_strips_are_those_of_each_latent_alone(tmp_path):
     from salve.config import from_dict
     from salve.data import normalise
     from salve.io import load_tensors
-    from salve.visualize import overlay_strip_png
+    from salve.present.images import overlay_strip_png
     from tasks import gradfam as stage
     from tasks.artifacts import load_model, load_sae, open_split
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from salve.config import yaml_load
+from salve.params_file import yaml_load
 from tests.conftest import REPO, copy_project, dvc, git
 
 pytest_plugins = ["tests.prefect_server"]
@@ -114,7 +114,14 @@ def test_every_params_section_feeds_a_stage() -> None:
         for entry in stage.get("params", [])
         for p in (entry if isinstance(entry, dict) else {entry: None})
     }
-    from salve.config import FLOW_ONLY_SECTIONS
+    from salve.config import STUDY_SECTIONS
 
-    assert sorted(set(params) - declared - set(FLOW_ONLY_SECTIONS)) == []
-    assert declared.isdisjoint(FLOW_ONLY_SECTIONS)  # a flow-only section in a stage is a mistake
+    study = {
+        p.split(".")[0]
+        for stage in yaml_load((REPO / "study" / "dvc.yaml").read_text())["stages"].values()
+        for entry in stage.get("params", [])
+        for p in (entry if isinstance(entry, dict) else {entry: None})
+    }
+    assert sorted(set(params) - declared - set(STUDY_SECTIONS)) == []
+    assert declared.isdisjoint(STUDY_SECTIONS)  # the pipeline reruns on no study parameter
+    assert set(STUDY_SECTIONS) <= study

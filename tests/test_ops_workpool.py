@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from salve.config import yaml_load
+from salve.params_file import yaml_load
 from tests.conftest import REPO, copy_project, dvc
 from tests.prefect_server import PREFECT, log_tail, stage_rows, start_process, stop_process
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from salve.config import apply_overrides, load
+from salve.config import load
+from salve.params_file import apply_overrides
 from tasks import STAGE_ORDER
 from tasks.runner import run_stage
 from tests.conftest import TINY_PARAMS, copy_project, dvc, make_project, write_params

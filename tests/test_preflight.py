@@ -146,7 +146,7 @@ def test_gradfam_layers_the_stage_would_refuse(project, layer, size, says):
     ("layer", "size"), [("layer3", 32), ("layer2.1", 32), ("layer4", 64), ("pooled", 64)]
 )
 def test_gradfam_layers_the_stage_accepts(project, layer, size):
-    from salve.gradfam import select_layer
+    from salve.feature_layers import select_layer
     from salve.models import skeleton
 
     cfg = _with(load(project / "params.yaml"), gradfam={"layer": layer}, data={"image_size": size})

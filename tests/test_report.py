@@ -6,6 +6,7 @@ import base64
 import copy
 import csv
 import io
+import json
 import math
 import subprocess
 import sys
@@ -17,21 +18,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from salve.compare import (
-    COMPARE_SECTIONS,
+from salve.config import load
+from salve.io import read_json, write_json
+from salve.params_file import apply_overrides
+from salve.present.compare.metrics import (
     KeyMetric,
-    RevisionData,
-    build_compare_page,
     looks_like_identifier,
     metric_change,
-    metrics_diff_markdown,
     other_metric_groups,
 )
-from salve.config import apply_overrides, load
-from salve.figures import mpl_text
-from salve.io import read_json, write_json
-from salve.latent_browser import LatentSources, bar_chart, build_latents_page
-from salve.report import REPORT_SECTIONS, ReportInputError, build_report, fmt
+from salve.present.compare.page import COMPARE_SECTIONS, RevisionData, build_compare_page
+from salve.present.compare.text import metrics_diff_markdown
+from salve.present.figures import mpl_text
+from salve.present.kit import ReportInputError, fmt
+from salve.present.latent_browser import DATA_OPEN, LatentSources, build_latents_page
+from salve.present.report import REPORT_SECTIONS, build_report
 from tasks.runner import run_stage
 from tests.conftest import git, run_pipeline
 
@@ -94,6 +95,12 @@ def assert_self_contained(text: str, scripts: int = 0, pages=SIBLING_PAGES) -> i
                 im.load()  # decodes every pixel: a truncated PNG raises here
                 assert im.width > 0 and im.height > 0
     return images
+
+
+def latent_data(page: str) -> dict:
+    """The latent browser's entries, as its script reads them (the JSON inside the page)."""
+    start = page.index(DATA_OPEN) + len(DATA_OPEN)
+    return json.loads(page[start : page.index("</script>", start)])
 
 
 def escaped(text: str) -> str:
@@ -232,24 +239,6 @@ def test_formatting_and_matplotlib_text():
     assert fmt(0.123456) == "0.1235" and fmt(True) == "yes" and fmt(3) == "3"
     assert mpl_text("$x$") == r"\$x\$"
     assert len(mpl_text("x" * 100, 10)) == 10
-
-
-def test_bar_chart_geometry():
-    """Signed values: zero in the middle, heights proportional to |value| / max |value|."""
-    b = bar_chart([1.0, -2.0, 0.5, math.nan], ["a", "b", "c", "d"])
-    half = b.baseline
-    assert half == 22.0  # 44 px chart, zero in the middle
-    heights = [r.height for r in b.bars]
-    assert heights == [11.0, 22.0, 5.5]  # nan: no bar
-    assert [r.cls for r in b.bars] == ["pos", "neg", "pos"]
-    assert [r.x for r in b.bars] == [0.5, 24.5, 48.5] and b.width == 4 * 24 + 1  # 24 px a class
-    assert b.bars[0].y == half - 11.0 and b.bars[1].y == half
-    assert [t for _, t in b.ticks] == ["0", "1", "2", "3"]
-    up = bar_chart([2.0, 1.0], ["a", "b"], highlight=0)
-    assert up.baseline == 44.0 and [r.height for r in up.bars] == [44.0, 22.0]
-    assert up.bars[0].cls == "top pos"
-    fixed = bar_chart([0.25], ["a"], limit=1.0)  # the accuracy-change scale: ±1
-    assert fixed.baseline == 22.0 and fixed.bars[0].height == 5.5
 
 
 def test_metric_change_direction_and_judgement_are_separate():
@@ -433,18 +422,23 @@ def test_latent_browser_from_synthetic_sources(tmp_path: Path):
     oracle = write_latent_sources(tmp_path, classes, 10)
     text, stats = build_latents_page(load_latent_sources(tmp_path))
     assert stats == {"latents": 10, "images": 8 + 4, "missing_sources": 0}
-    assert assert_self_contained(text, scripts=1) == 12
+    assert assert_self_contained(text, scripts=2) == 0  # pictures are files, drawn by the script
     assert escaped(EVIL_CLASS) in text and EVIL_CLASS not in text
-    tags = [a for t, a in parse_tags(text) if "data-latent" in a]
-    assert [int(a["data-latent"]) for a in tags] == list(range(10))
-    by = {int(a["data-latent"]): a for a in tags}
-    assert by[0]["data-frequency"] == ""  # no Grad-FAM entry: sorts last
-    assert float(by[5]["data-frequency"]) == oracle["frequency"][5]
+    data = latent_data(text)
+    assert data["classes"] == classes
+    by = {x["latent"]: x for x in data["entries"]}
+    assert [x["latent"] for x in data["entries"]] == list(range(10))
+    assert by[0]["frequency"] is None and by[0]["overlay"] is None  # no Grad-FAM: sorts last
+    assert by[5]["frequency"] == oracle["frequency"][5]
+    assert by[5]["overlay"] == "latents/latent_5.png"
+    assert [j for j in by if by[j]["am"]] == [2, 4, 6, 8]
     for j in range(10):  # suppression effect: the largest drop over classes
-        assert float(by[j]["data-effect"]) == pytest.approx(-oracle["change"][j].min())
-        assert float(by[j]["data-max-mean"]) == pytest.approx(np.abs(oracle["mu"][:, j]).max())
+        assert by[j]["effect"] == pytest.approx(-oracle["change"][j].min())
+        assert by[j]["max_mean"] == pytest.approx(np.abs(oracle["mu"][:, j]).max())
+        assert by[j]["top_class"] == int(np.abs(oracle["mu"][:, j]).argmax())
+        assert [float(v) for v in by[j]["change"]] == pytest.approx(oracle["change"][j], abs=1e-4)
         expected = {k for k in range(4) if j in class_filter_oracle(oracle, k)}
-        assert set(map(int, by[j]["data-classes"].split())) == expected
+        assert set(by[j]["classes"]) == expected
     assert "dominant: cat" in text and "cross-class: cat, owl" in text
 
 
@@ -455,7 +449,7 @@ def test_latent_browser_names_the_stage_for_each_missing_source(tmp_path: Path):
     text, stats = build_latents_page(load_latent_sources(tmp_path))
     assert stats["latents"] == 5 and stats["missing_sources"] == 2
     assert "run `salve stage gradfam`" in text and "run `salve stage edit`" in text
-    assert len([a for t, a in parse_tags(text) if "data-latent" in a]) == 5
+    assert len(latent_data(text)["entries"]) == 5
     empty = LatentSources(
         classes=["a"],
         class_means=None,
@@ -600,8 +594,19 @@ def test_report_stage_writes_a_self_contained_page(built_project: Path):
     browser = (root / LATENTS).read_text(encoding="utf-8")
     width = load(root / "params.yaml").sae.width
     assert metrics["latents"] == width
-    assert len([a for t, a in parse_tags(browser) if "data-latent" in a]) == width
-    assert_self_contained(browser, scripts=1)
+    entries = latent_data(browser)["entries"]
+    assert [x["latent"] for x in entries] == list(range(width))
+    assert_self_contained(browser, scripts=2)
+    # Its pictures are files beside it, the gradfam stage's bytes, and only those.
+    shown = {x[k] for x in entries for k in ("overlay", "am") if x[k]}
+    assert shown and all(s.startswith("latents/") for s in shown)
+    beside = {f"latents/{p.name}" for p in (root / LATENTS).parent.joinpath("latents").iterdir()}
+    assert beside == shown
+    gradfam_dir = root / "results" / "gradfam"
+    for s in shown:
+        assert (root / LATENTS).parent.joinpath(s).read_bytes() == (
+            gradfam_dir / s.split("/", 1)[1]
+        ).read_bytes()
     assert 'href="latents.html"' in text and 'href="index.html"' in browser
 
     # Nothing changed since: DVC finds the stage fresh and the page is left alone.
@@ -692,7 +697,7 @@ def test_compare_workspace_must_be_second(built_project: Path):
 def test_report_opens_with_the_key_metrics(built_project_template: Path):
     """Before the provenance tables: every key metric (tasks/keymetrics.py, as `salve compare`
     leads with them), valued as the stage's metrics file has it."""
-    from salve.compare import lookup
+    from salve.present.compare.experiments import lookup
     from tasks.keymetrics import KEY_METRICS
     from tasks.report import load_inputs
 

@@ -1,7 +1,8 @@
 """The pages opened offline in headless Chromium (selenium): the report renders with no console
 error, requests nothing but itself, decodes every image and shows every section; the latent
-browser does the same and its inline script sorts and filters; the compare page shows the
-parameter change and every key metric on its first screen.
+browser requests nothing but itself and its pictures beside it, and its inline script sorts,
+filters and pages every latent (4096 open in under 5 s); the compare page shows the parameter
+change and every key metric on its first screen.
 
 Needs Debian's `chromium` and `chromium-driver`; when they are missing and this runs as root
 with apt-get, they are installed first (bounded in time), otherwise the test is skipped.
@@ -18,11 +19,12 @@ import time
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
 import pytest
 
-from salve.compare import build_compare_page
-from salve.latent_browser import build_latents_page
-from salve.report import REPORT_SECTIONS
+from salve.present.compare.page import build_compare_page
+from salve.present.latent_browser import build_latents_page
+from salve.present.report import REPORT_SECTIONS
 from tests.test_report import (
     EVIL_CLASS,
     KEYS,
@@ -210,14 +212,64 @@ def open_offline(driver, url: str) -> None:
     )
 
 
-def assert_quiet_and_offline(driver, url: str) -> None:
-    """No console error; no request but the page itself (data: URIs are not fetched)."""
+def assert_quiet_and_offline(driver, url: str, beside: str | None = None) -> None:
+    """No console error; no request but the page itself (data: URIs are not fetched) and files
+    under ``beside`` (a file: URL of a folder next to the page)."""
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not severe, severe
     urls = requested_urls(driver.get_log("performance"))
     assert unquote(url) in map(unquote, urls), urls  # the log did record the page
-    external = [u for u in urls if not u.startswith("data:") and unquote(u) != unquote(url)]
+    external = [
+        u
+        for u in urls
+        if not u.startswith("data:")
+        and unquote(u) != unquote(url)
+        and not (beside and unquote(u).startswith(unquote(beside) + "/"))
+    ]
     assert not external, external
+
+
+def open_browser(driver, url: str) -> None:
+    """Load the latent browser ``url`` (logs of the start page drained) and the pictures of the
+    page it draws."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get("about:blank")
+    driver.get_log("performance")
+    driver.get_log("browser")
+    driver.get(url)
+    WebDriverWait(driver, PAGE_TIMEOUT_S).until(
+        lambda d: d.execute_script("return document.readyState === 'complete';")
+    )
+    load_drawn_images(driver)
+
+
+def load_drawn_images(driver) -> None:
+    """Fetch the lazy pictures of the drawn page now (off-screen ones wait for a scroll) and
+    wait until each has loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script(
+        "document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; });"
+    )
+    WebDriverWait(driver, PAGE_TIMEOUT_S).until(
+        lambda d: d.execute_script("return Array.from(document.images).every(i => i.complete);")
+    )
+
+
+def write_browser(root: Path, classes: list[str], num_latents: int) -> tuple[Path, dict, dict]:
+    """The synthetic sources, the page and its pictures beside it, as the report stage writes
+    them. Returns (page, the oracle, the page's stats)."""
+    from tasks.report import copy_latent_images, load_latent_sources
+
+    oracle = write_latent_sources(root, classes, num_latents)
+    sources = load_latent_sources(root)
+    page = root / LATENTS
+    page.parent.mkdir(parents=True, exist_ok=True)
+    copy_latent_images(root, dict(sources.gradfam_images))
+    text, stats = build_latents_page(sources)
+    page.write_text(text, encoding="utf-8")
+    return page, oracle, stats
 
 
 def assert_images_decoded(driver) -> int:
@@ -239,15 +291,9 @@ def test_latent_browser_sorts_and_filters_in_chromium(chromium, tmp_path: Path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    from tasks.report import load_latent_sources
-
     classes = ["cat", "dog", EVIL_CLASS, "owl"]
     num_latents = 12
-    oracle = write_latent_sources(tmp_path, classes, num_latents)
-    text, stats = build_latents_page(load_latent_sources(tmp_path))
-    page = tmp_path / LATENTS
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(text, encoding="utf-8")
+    page, oracle, stats = write_browser(tmp_path, classes, num_latents)
     url = page.resolve().as_uri()
     freq, change = oracle["frequency"], oracle["change"]
 
@@ -255,7 +301,7 @@ def test_latent_browser_sorts_and_filters_in_chromium(chromium, tmp_path: Path):
     profile.mkdir()
     driver = start_driver(profile)
     try:
-        open_offline(driver, url)
+        open_browser(driver, url)
         assert assert_images_decoded(driver) == stats["images"] > 0
         assert len(driver.find_elements(By.CSS_SELECTOR, "[data-latent]")) == num_latents
         body = driver.find_element(By.TAG_NAME, "body").text
@@ -299,10 +345,105 @@ def test_latent_browser_sorts_and_filters_in_chromium(chromium, tmp_path: Path):
         sort.select_by_value("latent")
         assert visible() == list(range(num_latents))
 
+        # The bars: one per class, height |value| / the largest |value| of 44 px (22 when a
+        # value is negative: zero in the middle); the
+        # accuracy change on a fixed ±1 scale with zero in the middle.
+        heights = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#latent-5 svg.bars')).map("
+            "s => Array.from(s.querySelectorAll('rect')).map(r => [r.getAttribute('class'),"
+            " Number(r.getAttribute('height'))]));"
+        )
+        mu = oracle["mu"][:, 5]
+        half = 22 if (mu < 0).any() else 44  # a negative mean: zero in the middle
+        means, drops = heights
+        expect = half * np.abs(mu) / np.abs(mu).max()
+        assert [h for _, h in means] == pytest.approx(list(expect), abs=0.05)
+        assert means[int(np.abs(mu).argmax())][0].startswith("top ")
+        assert [h for _, h in drops] == pytest.approx(list(22 * np.abs(change[5])), abs=0.05)
+
         screenshot = driver.get_screenshot_as_png()
         (page.parent / "latents.png").write_bytes(screenshot)
         LATENTS_SCREENSHOT_COPY.write_bytes(screenshot)
-        assert_quiet_and_offline(driver, url)
+        assert_quiet_and_offline(driver, url, beside=(page.parent / "latents").resolve().as_uri())
+    finally:
+        driver.quit()
+
+
+PAGER = (
+    "const b = document.querySelector('#pager-top'); return [b.querySelector('input').value,"
+    " b.querySelector('.prev').disabled, b.querySelector('.next').disabled];"
+)
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
+def test_latent_browser_pages_every_latent_in_chromium(chromium, tmp_path: Path):
+    """More latents than one page: every latent is reachable page by page, sorting covers all
+    of them (not just the drawn page), a #latent-<l> link opens the page that holds l, and the
+    pictures each page shows load from the files beside it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from salve.present.latent_browser import PAGE_SIZE
+
+    num_latents = 2 * PAGE_SIZE + 7
+    page, oracle, _ = write_browser(tmp_path, ["cat", "dog", "owl"], num_latents)
+    url = page.resolve().as_uri()
+    freq = oracle["frequency"]
+    driver = start_driver(tmp_path / "profile")
+    try:
+        open_browser(driver, url)
+
+        def walk() -> list[int]:
+            seen = []
+            while True:
+                load_drawn_images(driver)
+                assert assert_images_decoded(driver) > 0
+                drawn = driver.execute_script(VISIBLE_LATENTS)
+                assert 0 < len(drawn) <= PAGE_SIZE
+                seen += drawn
+                if driver.execute_script(PAGER)[2]:
+                    return seen
+                driver.find_element(By.CSS_SELECTOR, "#pager-top .next").click()
+
+        assert driver.execute_script(PAGER) == ["1", True, False]
+        assert walk() == list(range(num_latents))
+        assert driver.find_element(By.ID, "shown").text == str(num_latents)
+        Select(driver.find_element(By.ID, "sort")).select_by_value("frequency")
+        assert driver.execute_script(PAGER)[0] == "1"  # a new order starts at its first page
+        assert walk() == sorted(freq, key=lambda j: (-freq[j], j)) + [0, 1]
+
+        # In the frequency order the last latents come first: a link goes to its page there.
+        driver.get(url + "#latent-1")  # no frequency: the last page
+        assert driver.execute_script(PAGER) == ["3", False, True]
+        assert 1 in driver.execute_script(VISIBLE_LATENTS)
+        driver.get("about:blank")
+        driver.get(url + f"#latent-{PAGE_SIZE + 3}")  # a fresh page: index order, page 2
+        assert driver.execute_script(PAGER) == ["2", False, False]
+        assert PAGE_SIZE + 3 in driver.execute_script(VISIBLE_LATENTS)
+        assert_quiet_and_offline(driver, url, beside=(page.parent / "latents").resolve().as_uri())
+    finally:
+        driver.quit()
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
+def test_latent_browser_with_4096_latents_draws_one_page(chromium, tmp_path: Path):
+    """A paper-scale SAE (#25): 4096 latents, the page holds no picture bytes and draws one page
+    of entries, so opening it does not grow with the width (its time is a benchmark's
+    business, not a test's)."""
+    from salve.present.latent_browser import PAGE_SIZE
+
+    num_latents = 4096
+    page, _, stats = write_browser(tmp_path, ["cat", "dog", "owl", "fox", "elk"], num_latents)
+    assert stats["latents"] == num_latents
+    assert page.stat().st_size < 8 * 2**20, page.stat().st_size
+    driver = start_driver(tmp_path / "profile")
+    try:
+        driver.get("about:blank")
+        open_browser(driver, page.resolve().as_uri())
+        assert driver.execute_script(VISIBLE_LATENTS) == list(range(PAGE_SIZE))
+        assert driver.find_element("id", "shown").text == str(num_latents)
+        drawn = driver.execute_script("return document.querySelectorAll('img').length;")
+        assert 0 < drawn <= PAGE_SIZE * 8, drawn  # one page's pictures, not 4096 latents'
     finally:
         driver.quit()
 

@@ -60,7 +60,7 @@ def test_checkpoints_byte_identical(two_runs) -> None:
 def test_every_dvc_output_identical(two_runs) -> None:
     """Sidecars, plots and the report too: nothing in a DVC-tracked output records where or when
     it was made (that is the run record's, .salve/runs/), so dvc.lock records the same hashes."""
-    from salve.config import yaml_load
+    from salve.params_file import yaml_load
 
     a, b = two_runs
     for folder in ("results", "metrics", "plots", "reports"):

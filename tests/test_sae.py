@@ -69,7 +69,7 @@ def _settings(kind: str, **kw) -> SaeConfig:
 
 def _random_sae(kind: str, d: int = 6, width: int = 8, seed: int = 0, k: int = 3):
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(d, width, kind, k=k if kind in ("topk", "batchtopk") else 0)
+    sae = build_sae(kind, d, width, k=k if kind in ("topk", "batchtopk") else 0)
     with torch.no_grad():
         sae.decoder.bias.normal_()
         sae.encoder.bias.normal_(std=0.3)
@@ -83,7 +83,7 @@ def _random_sae(kind: str, d: int = 6, width: int = 8, seed: int = 0, k: int = 3
 
 
 def _identity_linear_sae(d: int, dtype=torch.float32) -> SparseAutoencoder:
-    sae = SparseAutoencoder(d, d, "linear").to(dtype)
+    sae = build_sae("linear", d, d).to(dtype)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.eye(d))
         sae.decoder.weight.copy_(torch.eye(d))
@@ -113,7 +113,7 @@ def test_perfect_reconstruction_metrics() -> None:
 def test_mean_predictor_has_fvu_exactly_one(batch_size: int) -> None:
     g = _gen(2)
     a = torch.randn(50, 5, generator=g, dtype=F64) * 3 + 10
-    sae = SparseAutoencoder(5, 4, "relu").to(F64)
+    sae = build_sae("relu", 5, 4).to(F64)
     with torch.no_grad():
         sae.decoder.weight.zero_()
         sae.decoder.bias.copy_(a.mean(dim=0))
@@ -130,7 +130,7 @@ def test_mean_predictor_has_fvu_exactly_one(batch_size: int) -> None:
 
 def _relu_1d() -> SparseAutoencoder:
     """x_hat = relu(x): exact for x >= 0, zero otherwise."""
-    sae = SparseAutoencoder(1, 1, "relu").to(F64)
+    sae = build_sae("relu", 1, 1).to(F64)
     with torch.no_grad():
         sae.encoder.weight.fill_(1.0)
         sae.decoder.weight.fill_(1.0)
@@ -167,7 +167,7 @@ def test_fvu_is_batch_size_invariant_on_random_data() -> None:
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_l0_and_dead_fraction_hand_case(batch_size: int) -> None:
-    sae = SparseAutoencoder(2, 3, "relu")
+    sae = build_sae("relu", 2, 3)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
         sae.encoder.bias.zero_()
@@ -185,7 +185,7 @@ def test_l0_and_dead_fraction_hand_case(batch_size: int) -> None:
 
 
 def _tiny_sae(kind: str, w_enc, w_dec, k: int = 0) -> SparseAutoencoder:
-    sae = SparseAutoencoder(2, 2, kind, k=k).to(F64)
+    sae = build_sae(kind, 2, 2, k=k).to(F64)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.tensor(w_enc, dtype=F64))
         sae.decoder.weight.copy_(torch.tensor(w_dec, dtype=F64))
@@ -407,11 +407,11 @@ def test_non_finite_loss_raises_divergence(acts, monkeypatch) -> None:
 
 def test_unknown_kind_and_bad_k() -> None:
     with pytest.raises(ValueError, match="unknown SAE kind"):
-        SparseAutoencoder(4, 4, "gated")
+        build_sae("gated", 4, 4)
     with pytest.raises(ValueError, match="k <= d_latent"):
-        SparseAutoencoder(4, 4, "topk", k=5)
+        build_sae("topk", 4, 4, k=5)
     with pytest.raises(ValueError, match="k <= d_latent"):
-        SparseAutoencoder(4, 4, "batchtopk", k=0)
+        build_sae("batchtopk", 4, 4, k=0)
 
 
 def test_loss_weights_are_the_config_weights_in_raw_loss_units() -> None:
@@ -437,7 +437,6 @@ def test_registry_builds_every_kind_and_round_trips(kind: str, tmp_path: Path) -
     assert type(built) is SAE_KINDS[kind] and isinstance(built, SparseAutoencoder)
     assert (built.kind, built.d_in, built.d_latent) == (kind, 6, 8)
     assert getattr(built, "k", None) == (3 if kind in ("topk", "batchtopk") else None)
-    assert type(SparseAutoencoder(6, 8, kind, k=3)) is SAE_KINDS[kind]  # the single-class call
     sae = _random_sae(kind).eval()
     if kind == "batchtopk":
         sae.batchtopk_threshold.fill_(0.3)
@@ -475,15 +474,12 @@ def test_a_description_that_disagrees_with_the_weights_is_refused() -> None:
         sae_from_tensors(sae_tensors(topk), topk.describe() | {"activation": "relu"})
 
 
-def test_sidecars_without_a_description_still_load() -> None:
-    """Earlier files held a zero batchtopk_threshold for every kind and a sidecar kind and k."""
+def test_sidecars_without_a_description_load_by_kind() -> None:
+    """A sidecar that names only the kind and k rebuilds the same SAE."""
     relu = _random_sae("relu").eval()
-    legacy = sae_tensors(relu) | {"batchtopk_threshold": torch.zeros(())}
-    back = sae_from_tensors(legacy, "relu", 8)
+    back = sae_from_tensors(sae_tensors(relu), "relu", 8)
     x = torch.randn(10, 6, generator=_gen(9))
     assert torch.equal(back.encode(x), relu.encode(x))
-    with pytest.raises(ValueError, match="non-zero batchtopk_threshold.*batchtopk"):
-        sae_from_tensors(legacy | {"batchtopk_threshold": torch.tensor(0.5)}, "relu")
 
 
 def _codes_from_file(tensors: dict, rule: dict, a: torch.Tensor) -> torch.Tensor:

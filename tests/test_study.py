@@ -15,23 +15,21 @@ from torch import nn
 from salve.config import SaeConfig
 from salve.data import normalise
 from salve.sae import quality_metrics
-from salve.study import (
-    SAE_VARIANTS,
-    edit_block_output,
-    edited_accuracy,
-    fit_variant,
+from salve.study.adversarial import (
     input_box,
-    match_l0_by_l1,
     minimal_perturbation,
     perturbation_bracket,
     pgd_attack,
     pixel_space,
+)
+from salve.study.deeper import (
+    edit_block_output,
+    edited_accuracy,
     pooled_activations,
     resolve_block,
-    sae_variants,
-    spearman_ci,
-    spearman_ci_per_class,
 )
+from salve.study.stats import spearman_ci, spearman_ci_per_class
+from salve.study.variants import SAE_VARIANTS, fit_variant, match_l0_by_l1, sae_variants
 from salve.tv import import_torchvision
 
 F64 = torch.float64

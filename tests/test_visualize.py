@@ -11,19 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from salve.models import build_model, penultimate
-from salve.sae import SparseAutoencoder
-from salve.visualize import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from salve.data import IMAGENET_MEAN, IMAGENET_STD
+from salve.feature_vis import (
     activation_maximisation,
     activation_maximisation_batch,
-    image_png,
-    overlay_grid_png,
-    overlay_rgb,
-    overlay_strip_png,
     total_variation,
 )
+from salve.models import build_model, penultimate
+from salve.present.images import image_png, overlay_grid_png, overlay_rgb, overlay_strip_png
+from salve.sae import build_sae
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +52,7 @@ def _z(model, sae, image_chw, feature):
 def model_and_sae():
     torch.manual_seed(0)
     model = build_model("resnet18", 5)
-    sae = SparseAutoencoder(512, 16, "linear")
+    sae = build_sae("linear", 512, 16)
     return model.eval(), sae.eval()
 
 
@@ -96,7 +92,7 @@ def test_activation_maximisation_finds_a_known_optimum():
     With the default settings the AM images come close to those optima, and over 10 times the
     mean code of uniform random images."""
     model = _Pooled().eval()
-    sae = SparseAutoencoder(6, 2, "relu").eval()
+    sae = build_sae("relu", 6, 2).eval()
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 0, 0, 1.0, 1.0, 1.0]]))
         sae.encoder.bias.zero_()
@@ -177,7 +173,7 @@ def test_activation_maximisation_rejects_bad_settings(model_and_sae, key, value,
 def model_and_sae_64():
     torch.manual_seed(0)
     model = build_model("resnet18", 5).double()
-    sae = SparseAutoencoder(512, 16, "linear").double()
+    sae = build_sae("linear", 512, 16).double()
     return model.eval(), sae.eval()
 
 

@@ -36,13 +36,12 @@ from salve.data.base import (
 )
 from salve.data.decode import decode_images, iter_decoded_images, load_image
 from salve.data.folders import (
-    IMAGE_EXTENSIONS,
     IMAGENETTE_ARCHIVES,
     IMAGENETTE_CLASSES,
-    SCAN_KEYS,
     ImageFilePlan,
     plan_image_files,
 )
+from salve.data.scan import IMAGE_EXTENSIONS, SCAN_KEYS
 
 __all__ = [
     "FOLDER_SOURCES",

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from salve.errors import SalveUserError
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -24,7 +26,7 @@ FOLDER_SOURCES = ("imagenette", "imagefolder")
 logger = logging.getLogger("salve")
 
 
-class DatasetError(ValueError):
+class DatasetError(SalveUserError, ValueError):
     """The dataset (folder, archive, images) is unusable; the message names the fix."""
 
 

@@ -13,7 +13,6 @@ are unitless (decoder columns keep unit norm, which sets alpha's scale).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -30,41 +29,18 @@ WEIGHT_TENSORS = {
 }
 
 
-class _KindDispatch(type):
-    """Keeps the single-class call of earlier code working: ``SparseAutoencoder(d_in, d_latent,
-    kind, k=...)`` builds the registered class of ``kind``. A subclass of the base that names no
-    kind of its own (a test double overriding one method) is combined with that kind's class."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls.kind is not None:
-            return super().__call__(*args, **kwargs)
-        from salve.sae.registry import SAE_KINDS, sae_class
-
-        if len(args) < 3 and "kind" not in kwargs:
-            raise TypeError(
-                f"{cls.__name__} is the base of the SAE kinds and needs one: "
-                f"build_sae(kind, d_in, width, k=...) with kind in {', '.join(SAE_KINDS)}"
-            )
-        rest = list(args)
-        kind = kwargs.pop("kind") if "kind" in kwargs else rest.pop(2)
-        target = sae_class(kind)
-        if cls is not SparseAutoencoder:
-            target = _with_kind(cls, target)
-        return target.build(*rest, **kwargs)
-
-
-@functools.cache
-def _with_kind(double: type, kind_cls: type) -> type:
-    return type(double.__name__, (double, kind_cls), {"__module__": double.__module__})
-
-
-class SparseAutoencoder(nn.Module, metaclass=_KindDispatch):
+class SparseAutoencoder(nn.Module):
     """Base of the SAE kinds; build one with ``salve.sae.build_sae`` (or a kind's class)."""
 
     kind: ClassVar[str | None] = None
     takes_k: ClassVar[bool] = False  # True for kinds that keep k latents (config's sae.k)
 
     def __init__(self, d_in: int, d_latent: int) -> None:
+        if self.kind is None:
+            raise TypeError(
+                f"{type(self).__name__} is the base of the SAE kinds and needs one: "
+                "build_sae(kind, d_in, width, k=...) or a kind's class"
+            )
         super().__init__()
         self.encoder = nn.Linear(d_in, d_latent)
         self.decoder = nn.Linear(d_latent, d_in)

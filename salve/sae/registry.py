@@ -21,8 +21,6 @@ SAE_KINDS: Mapping[str, type[SparseAutoencoder]] = MappingProxyType(
 
 # The parts of describe() that fix the computation; they must match the rebuilt module on load.
 RULE_KEYS = ("kind", "tensors", "shapes", "activation", "k", "threshold")
-# Written for every kind by salve before each kind owned its statistics (always 0 there).
-_LEGACY_BUFFER = "batchtopk_threshold"
 
 
 def sae_class(kind: str) -> type[SparseAutoencoder]:
@@ -69,20 +67,7 @@ def sae_from_tensors(
                 f"expected {[rule.get(key) for key in differ]}): the weights and their sidecar "
                 "do not belong together, or another salve version wrote them; refit the SAE"
             )
-    sae.load_state_dict(_without_legacy_buffer(sae, tensors))
+    sae.load_state_dict(dict(tensors))
     if description is not None:  # already folded into the tensors: a record, not a rule
         sae.input_scale = description.get("input_scale")
     return sae.eval()
-
-
-def _without_legacy_buffer(
-    sae: SparseAutoencoder, tensors: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    if _LEGACY_BUFFER not in tensors or _LEGACY_BUFFER in sae.state_dict():
-        return dict(tensors)
-    if bool(tensors[_LEGACY_BUFFER].any()):
-        raise ValueError(
-            f"the tensors hold a non-zero {_LEGACY_BUFFER} but describe a {sae.kind} SAE: the "
-            "weights come from a batchtopk SAE; load them with that kind"
-        )
-    return {name: t for name, t in tensors.items() if name != _LEGACY_BUFFER}

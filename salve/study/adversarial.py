@@ -132,11 +132,6 @@ def _objective(
     return true - others.amax(dim=1)
 
 
-def _per_sample_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
-
-
 def _project(
     delta: torch.Tensor,
     x: torch.Tensor,

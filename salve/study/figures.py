@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.lines import Line2D
 
-from salve.figures import _figure, _plot, figure_png, mpl_text
+from salve.present.figures import _figure, _plot, figure_png, mpl_text
 
 NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
 HEAD_COLOUR, DEEPER_COLOUR = "#457b9d", "#e63946"

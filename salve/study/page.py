@@ -2,8 +2,8 @@
 answer written from the numbers (never a fixed conclusion).
 
 Pure functions of the study record (the JSON that `salve study` writes) and the class names;
-laid out by ``salve/templates/study.html`` with the report's kit (salve/report.py). A verdict
-rests on 95 % intervals only: an interval that excludes 0 (or another kind's interval) is
+laid out by ``salve/present/templates/study.html`` with the report's kit (salve/present/kit.py).
+A verdict rests on 95 % intervals only: an interval that excludes 0 (or another kind's interval) is
 evidence, an overlapping one is not.
 """
 
@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from salve.report import Embeds, fmt, kv, render, table
+from salve.present.kit import Embeds, fmt, kv, render, table
 from salve.study.figures import deeper_figure, variants_figure, vulnerability_figure
 
 PARTS: tuple[tuple[str, str], ...] = (

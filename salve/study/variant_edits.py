@@ -1,9 +1,12 @@
 """Question 2: do other SAE kinds give more precise edits? One fit, and one row per kind.
 
 Each fit is scored twice: its quality (FVU, L0, dead fraction on val, docs/METHOD.md's definitions)
-and the edits it enables, with :func:`salve.evaluate.evaluate_seed` on the two SALVE methods
-(the centred projection and the paper's rule, along each class's dominant latent, ranked on the
-train split as the rank stage does). Rows aggregate a kind's seeds with 95 % t-intervals.
+and the edits it enables, with :func:`salve.evaluate.evaluate_seed` on the three SALVE methods
+along each class's dominant latent (ranked on the train split as the rank stage does): the
+centred projection and the paper's rule (head edits), and activation steering
+(``salve_steer``, salve/steering.py: the latent ablated with the fitted kind's own encode rule,
+as the evaluate stage measures it for the pipeline's SAE). Rows aggregate a kind's seeds with
+95 % t-intervals.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from salve.ranking import class_mean_codes, dominant_features
 from salve.sae import quality_metrics
 from salve.study.variants import fit_variant
 
-EDIT_METHODS = ("salve_projection", "salve_paper")
+EDIT_METHODS = ("salve_projection", "salve_paper", "salve_steer")
 QUALITY = ("fvu", "l0", "dead_fraction")
 
 
@@ -61,6 +64,7 @@ def fit_and_evaluate(
         seed=seed,
         methods=EDIT_METHODS,
         probe=False,
+        sae=fitted,
     )
     return {
         "seed": seed,

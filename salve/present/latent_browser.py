@@ -1,4 +1,4 @@
-"""The latent browser: one entry per SAE latent, sortable and filterable in the page itself.
+"""The latent browser: one entry per SAE latent, sortable, filterable and paged in the page itself.
 
 Each entry shows the latent's activation frequency, its class-mean code per class (a small bar
 chart), its top-activating val images with Grad-FAM overlays and its activation-maximisation
@@ -6,26 +6,35 @@ image (where the gradfam stage made them), and the change in each class's accura
 latent alone is suppressed (where the edit stage measured it). Sources are optional: the page
 says what to run for each one it lacks, and shows the rest.
 
-Bar charts are inline SVG whose geometry is computed here (the template only loops); sorting and
-filtering are a short inline script over ``data-*`` attributes. No library, no network.
+Built for thousands of latents: the entries are one JSON document inside the page (plain data,
+computed here), and a short inline script sorts and filters all of them but draws only one page
+of entries (``PAGE_SIZE``) at a time, bars as SVG and pictures as ``<img loading="lazy">``. The
+pictures are files beside the page (``LatentSources.gradfam_images`` holds their relative
+paths), not data URIs: 4096 latents at 224 px would be a page of over a gigabyte. No library,
+no network; ``#latent-<l>`` opens the page that holds latent l.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from salve.report import KV, Embeds, Image, ReportInputError, fmt, kv, render
+from salve.present.kit import ReportInputError, fmt, kv, render
 
-BAR_HEIGHT = 44  # px, the whole chart
-MAX_CHART_WIDTH = 240  # px; bars get narrower with more classes
-MAX_BAR_STEP = 24.0  # px per class at most
-MAX_TICKED_CLASSES = 20  # class indices under the bars up to this many classes
-TICK_ROOM = 11  # px below the bars for them
+PAGE_SIZE = 48  # entries drawn at a time
+DATA_OPEN = '<script type="application/json" id="latent-data">'
+# Bar-chart layout, read by the page's script (it draws the bars).
+CHART = {
+    "height": 44,  # px, the whole chart
+    "max_width": 240,  # px; bars get narrower with more classes
+    "max_step": 24.0,  # px per class at most
+    "max_ticked": 20,  # class indices under the bars up to this many classes
+    "tick_room": 11,  # px below the bars for them
+}
 
 
 @dataclass(frozen=True)
@@ -34,15 +43,17 @@ class LatentSources:
 
     ``class_means``: K x L mean code per class (rank). ``ranking``: dominant and cross-class
     roles (rank). ``gradfam``: the results/gradfam/latents.json document, with ``gradfam_images``
-    its PNGs by file name. ``edit``: the results/edit/latents.json document. ``hints``: per
-    source name (``class_means``, ``ranking``, ``gradfam``, ``edit``), what to run to get it.
+    the ``src`` of each of its PNGs by file name (a path relative to the page: the report stage
+    copies them beside it); an image not listed is not shown. ``edit``: the
+    results/edit/latents.json document. ``hints``: per source name (``class_means``,
+    ``ranking``, ``gradfam``, ``edit``), what to run to get it.
     """
 
     classes: list[str]
     class_means: list[list[float]] | None
     ranking: dict | None
     gradfam: dict | None
-    gradfam_images: dict[str, bytes] = field(default_factory=dict)
+    gradfam_images: Mapping[str, str] = field(default_factory=dict)
     edit: dict | None = None
     hints: Mapping[str, str] = field(default_factory=dict)
 
@@ -56,84 +67,23 @@ _SOURCES = {
 
 
 @dataclass(frozen=True)
-class Bar:
-    x: float
-    y: float
-    width: float
-    height: float
-    cls: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Bars:
-    """An SVG bar chart laid out in pixels; ``baseline`` is the y of value zero."""
-
-    width: float
-    height: float
-    baseline: float
-    bars: list[Bar]
-    caption: str
-    ticks: list[tuple[float, str]]  # (x, class index) under the bars, when there is room
-    tick_y: float
-
-
-@dataclass(frozen=True)
 class LatentEntry:
+    """One latent as the page's script reads it (JSON). Sort keys are numbers, None when
+    unknown (sorted last); chart values are formatted text (``fmt``), drawn and shown as is."""
+
     latent: int
-    frequency: str  # data-* sort keys: numbers as text, "" when unknown
-    max_mean: str
-    effect: str
-    classes: str  # class indices (space separated) the class filter matches
+    frequency: float | None
+    max_mean: float | None
+    effect: float | None  # the largest accuracy drop when suppressed
+    classes: list[int]  # what the class filter matches
     search: str  # lower-case text the free-text filter matches
     badges: list[str]
-    stats: KV
-    means: Bars
-    change: Bars | None
-    overlay: Image | None
-    am: Image | None
-
-
-def bar_chart(
-    values: Sequence[float],
-    labels: Sequence[str],
-    *,
-    limit: float | None = None,
-    highlight: int | None = None,
-    caption: str = "",
-) -> Bars:
-    """Bars of ``values`` scaled to ``limit`` (default: the largest |value|); zero in the middle
-    when any value is negative, else at the bottom. Non-finite values get no bar."""
-    v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    lim = limit if limit is not None else (float(np.abs(finite).max()) if finite.size else 0.0)
-    lim = lim or 1.0
-    step = max(3.0, min(MAX_BAR_STEP, MAX_CHART_WIDTH / max(len(v), 1)))
-    height = float(BAR_HEIGHT)
-    signed = limit is not None or bool((finite < 0).any())
-    base = height / 2 if signed else height
-    bars = []
-    for i, (x, name) in enumerate(zip(v.tolist(), labels, strict=True)):
-        if not math.isfinite(x):
-            continue
-        frac = min(abs(x) / lim, 1.0)
-        h = frac * (base if x >= 0 else height - base)
-        cls = ("top " if i == highlight else "") + ("pos" if x >= 0 else "neg")
-        bars.append(
-            Bar(
-                x=round(i * step + 0.5, 2),
-                y=round(base - h if x >= 0 else base, 2),
-                width=round(step - 1.0, 2),
-                height=round(h, 2),
-                cls=cls,
-                label=f"{name}: {fmt(x)}",
-            )
-        )
-    ticks = []
-    if len(v) <= MAX_TICKED_CLASSES:
-        ticks = [(round(i * step + step / 2, 2), str(i)) for i in range(len(v))]
-    total = height + (TICK_ROOM if ticks else 0)
-    return Bars(round(len(v) * step + 1, 2), total, base, bars, caption, ticks, total - 2)
+    stats: list[tuple[str, str]]
+    means: list[str]  # class-mean code per class
+    top_class: int  # the bar drawn dark
+    change: list[str] | None  # accuracy change per class when suppressed, on a fixed ±1 scale
+    overlay: str | None  # image src
+    am: str | None
 
 
 def _roles(ranking: Mapping[str, Any] | None, classes: Sequence[str]) -> dict[int, list]:
@@ -151,6 +101,12 @@ def _roles(ranking: Mapping[str, Any] | None, classes: Sequence[str]) -> dict[in
     return roles
 
 
+def _finite(x: Any) -> float | None:
+    """A sort key: the number, None when it is not finite (JSON has no NaN)."""
+    v = float(x)
+    return v if np.isfinite(v) else None
+
+
 def _entry(
     latent: int,
     mu_k: np.ndarray,
@@ -158,8 +114,7 @@ def _entry(
     roles: list,
     g: Mapping[str, Any] | None,
     e: Mapping[str, Any] | None,
-    images: Mapping[str, bytes],
-    embeds: Embeds,
+    images: Mapping[str, str],
     companion: str | None = None,
 ) -> LatentEntry:
     k_top = int(np.argmax(np.abs(mu_k)))
@@ -168,11 +123,12 @@ def _entry(
     strongest = f"{classes[k_top]}: {fmt(mu_k[k_top])}"
     stats: list[tuple[str, Any]] = [("strongest class mean", strongest)]
     search = [f"latent {latent}", f"f{latent}", classes[k_top], *badges]
-    frequency = effect = ""
+    frequency: float | None = None
+    effect: float | None = None
     overlay = am = change = None
     if g is not None:
         if g["frequency"] is not None:  # None: the older gradfam index, which had none
-            frequency = repr(float(g["frequency"]))
+            frequency = _finite(g["frequency"])
             stats.insert(0, ("activation frequency", g["frequency"]))
         top = ", ".join(
             str(t["class"]) + (f" (z {fmt(t['code'], 3)})" if t["code"] is not None else "")
@@ -187,10 +143,9 @@ def _entry(
                     f"{fmt(g['deletion_auc'])} ({fmt(g['deletion_auc_random'])})",
                 )
             )
-        overlay = embeds.image(images.get(g["overlay"]), f"Grad-FAM, top images of latent {latent}")
+        overlay = images.get(g["overlay"]) if g["overlay"] else None
         if g["am"]:
-            caption = f"activation maximisation, latent {latent}"
-            am = embeds.image(images.get(g["am"]), caption, "thumb")
+            am = images.get(g["am"])
             stats.append(("code of the AM image", g["am_code"]))
     if e is not None:
         ch = np.asarray(e["class_change"], dtype=np.float64)
@@ -201,23 +156,22 @@ def _entry(
             )
         if np.isfinite(ch).any():
             worst = int(np.nanargmin(ch))
-            effect = repr(float(-ch[worst]))
+            effect = _finite(-ch[worst])
             stats.append(("largest drop when suppressed", f"{classes[worst]}: {fmt(ch[worst])}"))
-        change = bar_chart(
-            ch, classes, limit=1.0, caption="accuracy change per class when suppressed (±1)"
-        )
+        change = [fmt(v) for v in ch.tolist()]
         if companion and e.get("companion_class_change") is not None:
             stats += _companion_stats(np.asarray(e["companion_class_change"]), classes, companion)
     return LatentEntry(
         latent=latent,
         frequency=frequency,
-        max_mean=repr(float(abs(mu_k[k_top]))),
+        max_mean=_finite(abs(mu_k[k_top])),
         effect=effect,
-        classes=" ".join(str(k) for k in sorted(class_set)),
+        classes=sorted(class_set),
         search=" ".join(search).lower(),
         badges=badges,
         stats=kv(stats),
-        means=bar_chart(mu_k, classes, highlight=k_top, caption="mean code per class"),
+        means=[fmt(v) for v in mu_k.tolist()],
+        top_class=k_top,
         change=change,
         overlay=overlay,
         am=am,
@@ -235,15 +189,14 @@ def _companion_stats(ch: np.ndarray, classes: Sequence[str], mode: str) -> list:
         return []
     worst = int(np.nanargmin(ch))
     out = [(f"largest drop when {how}", f"{classes[worst]}: {fmt(ch[worst])}")]
-    if len(classes) <= MAX_TICKED_CLASSES:
+    if len(classes) <= CHART["max_ticked"]:
         per_class = ", ".join(f"{k}: {fmt(v)}" for k, v in enumerate(ch.tolist()))
         out.append((f"accuracy change per class when {how}", per_class))
     return out
 
 
-def latents_context(src: LatentSources, *, report_page: str = "index.html") -> tuple[dict, Embeds]:
-    """The browser's template context (plain data) and what it embeds."""
-    embeds = Embeds()
+def latents_context(src: LatentSources, *, report_page: str = "index.html") -> dict:
+    """The browser's template context: plain data, the entries as one JSON document."""
     classes = src.classes
     missing = [
         f"{what}: {src.hints.get(name, 'not provided')}"
@@ -271,7 +224,6 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
                     g_by.get(latent) if src.gradfam else None,
                     e_by.get(latent) if src.edit else None,
                     src.gradfam_images,
-                    embeds,
                     src.edit.get("companion_mode") if src.edit else None,
                 )
             )
@@ -300,18 +252,41 @@ def latents_context(src: LatentSources, *, report_page: str = "index.html") -> t
         "notes": notes,
         "classes": list(enumerate(classes)),
         "entries": entries,
+        "page_size": PAGE_SIZE,
+        "data": _script_json(
+            {"classes": list(classes), "page_size": PAGE_SIZE, "chart": CHART}
+            | {"entries": [asdict(x) for x in entries]}
+        ),
     }
-    return context, embeds
+    return context
+
+
+def _script_json(obj: Any) -> str:
+    """JSON safe inside <script type="application/json">: no "</script>", no markup."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def page_images(page: str) -> list[str]:
+    """The picture paths (relative to the page) a latent browser page shows, read from its
+    JSON: what to copy beside a copy of the page."""
+    start = page.find(DATA_OPEN)
+    if start < 0:
+        return []
+    start += len(DATA_OPEN)
+    data = json.loads(page[start : page.index("</script>", start)])
+    return sorted({x[k] for x in data["entries"] for k in ("overlay", "am") if x[k]})
 
 
 def build_latents_page(
     src: LatentSources, *, report_page: str = "index.html"
 ) -> tuple[str, dict[str, int]]:
     """The latent browser page and a summary (latents listed, images, sources missing)."""
-    context, embeds = latents_context(src, report_page=report_page)
+    context = latents_context(src, report_page=report_page)
+    entries = context["entries"]
     stats = {
-        "latents": len(context["entries"]),
-        "images": embeds.images,
+        "latents": len(entries),
+        "images": sum((x.overlay is not None) + (x.am is not None) for x in entries),
         "missing_sources": len(context["missing"]),
     }
     return render("latents.html", **context), stats

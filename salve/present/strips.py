@@ -1,6 +1,6 @@
 """Latent-browser strips: a latent's top images with their Grad-FAM maps, as one PNG each.
 
-The pixels of ``salve.visualize.overlay_strip_png`` (its float64 arithmetic), composited a few
+The pixels of ``salve.present.images.overlay_strip_png`` (its float64 arithmetic), composited a few
 strips per tensor operation and encoded with fast zlib in two threads: a browser of thousands of
 latents is written in seconds instead of minutes, with the same pixels.
 """

@@ -1,35 +1,22 @@
-"""The run report and the latent browser: page contexts as plain data, laid out by Jinja2.
+"""The run report's sections: each turns the report's inputs into one section's plain data.
 
-Pure functions of plain data (lists, dicts, numbers, PNG bytes): nothing here knows where the
-pipeline keeps its artifacts; ``tasks/report.py`` loads them and calls in. Each page is built in
-two steps: small functions turn the inputs into plain data (strings, numbers, data-URI images),
-and a template in ``salve/templates`` lays it out (autoescaped, so text from data is never markup;
-``StrictUndefined``, so a misspelt field fails instead of rendering blank). Upstream keys the
-report needs are indexed directly: a renamed key raises ReportInputError naming the section and
-the key, instead of quietly blanking part of the page.
-
-Every page is one file that opens offline: figures are embedded as data URIs, CSS is inline, and
-the only script (the latent browser's sorting and filtering) is inline too.
+One function per section of ``salve.present.report.REPORT_SECTIONS`` (the metadata, headline and
+checkpoint sections stay beside the page assembly). A missing upstream key raises KeyError here,
+which the page turns into a ReportInputError naming the section.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 import numpy as np
 
-from salve.figures import (
+from salve.present.figures import (
     ESTIMATORS,
     MAX_CURVE_PANELS,
     alpha_crit_figure,
-    compact_png,
     curves_from_rows,
     edit_curves_figure,
     finetune_figure,
@@ -37,233 +24,20 @@ from salve.figures import (
     methods_figure,
     sae_loss_figure,
 )
+from salve.present.kit import Embeds, fmt, kv, table
+
+if TYPE_CHECKING:
+    from salve.present.report import ReportInputs
 
 MAX_HEATMAP_FEATURES = 128  # wider SAEs: only the features some class ranks in its top list
 MAX_PER_CLASS_COLUMNS = 30  # samples-per-class table: wider datasets skip it
-LATENTS_PAGE = "latents.html"  # the latent browser, next to the report
-
-# (id, title) of the report's sections, in page order.
-REPORT_SECTIONS: tuple[tuple[str, str], ...] = (
-    ("metadata", "Run metadata"),
-    ("training", "Data and fine-tuning"),
-    ("sae-quality", "SAE quality"),
-    ("class-feature-heatmap", "Class x feature mean codes"),
-    ("dominant-features", "Dominant features: Grad-FAM and activation maximisation"),
-    ("edit-curves", "Suppression and enhancement curves"),
-    ("cross-class", "Cross-class effects"),
-    ("baselines", "Edits against baselines"),
-    ("alpha-crit", "alpha_crit distributions"),
-    ("edited-checkpoint", "Edited checkpoint"),
-)
 
 
-class ReportInputError(ValueError):
-    """An upstream artifact lacks something the report shows (renamed key, stale format)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering kit: formatting, images, tables, the Jinja2 environment
-# --------------------------------------------------------------------------------------------
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """Short text for a number or other value: 4 significant digits, inf as ∞, None as –."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "∞" if value > 0 else "-∞"
-        return f"{value + 0.0:.{digits}g}" if value != 0 else "0"
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value, sort_keys=True, default=str)
-    return str(value)
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-@dataclass(frozen=True)
-class Image:
-    """A figure or picture for a template: ``src`` is a data URI, None when nothing was drawn."""
-
-    caption: str
-    src: str | None
-    cls: str = "fig"
-    missing: str = "not available"
-
-
-@dataclass(frozen=True)
-class Table:
-    """Rows of already formatted cells; ``code_columns`` are shown as code."""
-
-    header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    row_classes: tuple[str, ...] = ()
-    code_columns: tuple[int, ...] = ()
-
-
-KV = list[tuple[str, str]]
-
-
-def kv(items: Sequence[tuple[str, Any]]) -> KV:
-    return [(str(k), v if isinstance(v, str) else fmt(v)) for k, v in items]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], **kw: Any) -> Table:
-    """A Table whose non-string cells are formatted with fmt."""
-    cells = [tuple(v if isinstance(v, str) else fmt(v) for v in row) for row in rows]
-    return Table(tuple(header), cells, **kw)
-
-
-# Read by the pipeline's dependency scan (tasks/deps.py): the templates are part of this code.
-PACKAGE_DATA = ("templates",)
-
-
-@functools.cache
-def environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("salve", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
-def render(template: str, **context: Any) -> str:
-    return environment().get_template(template).render(**context)
-
-
-@dataclass
-class Embeds:
-    """Counts what a page embeds (the report stage's summary metrics)."""
-
-    figures: int = 0
-    images: int = 0
-
-    def figure(self, png: bytes | None, caption: str, missing: str = "not available") -> Image:
-        if png is not None:
-            self.figures += 1
-        return Image(caption, png_data_uri(png) if png is not None else None, missing=missing)
-
-    def image(self, png: bytes | None, caption: str, cls: str = "fig") -> Image | None:
-        if png is None:
-            return None
-        self.images += 1
-        return Image(caption, png_data_uri(compact_png(png)), cls=cls)
-
-
-def _section(sid: str, build: Callable[[], Any]) -> Any:
-    """Run one section's builder; a missing upstream key becomes one clear error."""
-    try:
-        return build()
-    except KeyError as exc:
-        raise ReportInputError(
-            f"report section {sid!r}: upstream data has no key {exc.args[0]!r}. The stage that "
-            "writes it changed its format or is stale: rerun it (`salve run`), or update "
-            "salve/report.py to the new format."
-        ) from exc
-
-
-# --------------------------------------------------------------------------------------------
-# The run report
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReportInputs:
-    """Everything the report shows, as loaded from the pipeline's artifacts.
-
-    ``classes`` are the display names (index order); metrics that key their entries by class
-    name use ``metric_class_names`` (the names the upstream stages saw; normally the same).
-    ``gradfam`` is a document in the format of results/gradfam/latents.json (its ``latents``
-    entries cover at least the dominant features) and ``gradfam_images`` its PNGs by file name.
-    """
-
-    classes: list[str]
-    metric_class_names: list[str]
-    dataset_info: dict
-    fetch_metrics: dict
-    finetune_epochs: list[dict]
-    finetune_metrics: dict
-    sidecars: dict[str, dict]  # stage -> model/SAE sidecar
-    sae_metrics: dict
-    sae_loss: list[dict]
-    ranking: dict
-    class_means: list[list[float]]
-    gradfam: dict
-    gradfam_images: dict[str, bytes]
-    edit_metrics: dict
-    edit_curve_rows: list[dict]
-    alpha_crit_metrics: dict
-    alpha_values: dict[str, list[list[float]]]
-    evaluate_metrics: dict
-    output_hashes: dict[str, str] = field(default_factory=dict)  # stage -> its outputs' md5
-    extra_params: dict[str, dict] = field(default_factory=dict)
-    title: str = "SALVE run report"
-    latents_page: str | None = LATENTS_PAGE  # relative link to the latent browser
-
-
-def _name(classes: Sequence[str], k: int) -> str:
+def class_name(classes: Sequence[str], k: int) -> str:
     return classes[k] if 0 <= k < len(classes) else f"class {k}"
 
 
-def _metadata(d: ReportInputs) -> dict:
-    """Provenance that is the same for the same results: the stages' output hashes (as DVC
-    recorded them), device, library versions and parameters. The page is a DVC output, so what
-    varies between identical runs (git revision, host, thread count, times) stays out of it:
-    .salve/runs/ and the run log hold that. Sidecars written before it moved still hold some of
-    it; it is not shown."""
-    stages = list(dict.fromkeys([*d.output_hashes, *d.sidecars]))
-    provenance = table(
-        ("stage", "outputs (md5 in dvc.lock)", "device"),
-        [
-            (
-                s,
-                d.output_hashes.get(s, "not in dvc.lock"),
-                str(d.sidecars[s]["device"]) if s in d.sidecars else "–",
-            )
-            for s in stages
-        ],
-        code_columns=(1,),
-    )
-    libs: dict[str, dict[str, str]] = {}
-    for s, sc in d.sidecars.items():
-        for lib, ver in sc["libraries"].items():
-            libs.setdefault(lib, {})[s] = str(ver)
-    sidecar_stages = list(d.sidecars)
-    if all(len(set(v.values())) == 1 for v in libs.values()):
-        rows = [(lib, next(iter(v.values()))) for lib, v in sorted(libs.items())]
-        libraries = table(("library", "version"), rows)
-    else:  # a sparse matrix: a stage that never recorded a library shows –
-        libraries = table(
-            ("library", *sidecar_stages),
-            [(lib, *(v.get(s, "–") for s in sidecar_stages)) for lib, v in sorted(libs.items())],
-        )
-    params: dict[str, dict] = {}
-    for sc in d.sidecars.values():
-        for sec, vals in sc["params"].items():
-            params.setdefault(sec, {}).update(vals)
-    for sec, vals in d.extra_params.items():
-        params.setdefault(sec, {}).update(vals)
-    return {
-        "provenance": provenance if stages else None,
-        "libraries": libraries if libs else None,
-        "params": [
-            (sec, table(("key", "value"), sorted(params[sec].items()))) for sec in sorted(params)
-        ],
-    }
-
-
-def _training(d: ReportInputs, embeds: Embeds) -> dict:
+def training(d: ReportInputs, embeds: Embeds) -> dict:
     info, fetch = d.dataset_info, d.fetch_metrics
     data = [
         ("source", fetch["source"]),
@@ -306,7 +80,7 @@ _SAE_ROWS = (
 _SAE_INFO = ("kind", "d_in", "d_latent", "k", "hook_point", "decoder_columns_normalised")
 
 
-def _sae(d: ReportInputs, embeds: Embeds) -> dict:
+def sae_quality(d: ReportInputs, embeds: Embeds) -> dict:
     m, sc = d.sae_metrics, d.sidecars["fit_sae"]
     return {
         "metrics": table(
@@ -319,7 +93,7 @@ def _sae(d: ReportInputs, embeds: Embeds) -> dict:
     }
 
 
-def _heatmap(d: ReportInputs, embeds: Embeds) -> dict:
+def heatmap(d: ReportInputs, embeds: Embeds) -> dict:
     m = np.asarray(d.class_means, dtype=np.float64)
     cols = list(range(m.shape[1]))
     note = None
@@ -348,7 +122,7 @@ def _heatmap(d: ReportInputs, embeds: Embeds) -> dict:
     return {"figure": embeds.figure(png, "class x feature mean codes"), "note": note}
 
 
-def _edit_entry(d: ReportInputs, k: int) -> dict | None:
+def edit_entry(d: ReportInputs, k: int) -> dict | None:
     """Class k's entry in edit_metrics["per_class"]; None when the edit stage left it out (too
     inaccurate before any edit); an error when it is neither."""
     name = d.metric_class_names[k]
@@ -360,7 +134,7 @@ def _edit_entry(d: ReportInputs, k: int) -> dict | None:
     raise KeyError(f"per_class.{name}")
 
 
-def _gradfam_note(g: Mapping[str, Any]) -> str | None:
+def gradfam_note(g: Mapping[str, Any]) -> str | None:
     if g.get("layer") is None:  # the older index format records no layer
         return None
     h, w = g["map_grid"]
@@ -371,13 +145,13 @@ def _gradfam_note(g: Mapping[str, Any]) -> str | None:
     )
 
 
-def _dominant(d: ReportInputs, embeds: Embeds) -> list[dict]:
+def dominant(d: ReportInputs, embeds: Embeds) -> list[dict]:
     entries = {int(e["latent"]): e for e in d.gradfam["latents"]}
     cards = []
     for dom in d.ranking["dominant"]:
         k, f = int(dom["class"]), int(dom["feature"])
         e = entries[f]
-        ed = _edit_entry(d, k)
+        ed = edit_entry(d, k)
         codes = [t["code"] for t in e["top"]]
         # The older gradfam index recorded no per-image codes, only their mean.
         mean_code = float(np.mean(codes)) if None not in codes else e.get("top_code_mean")
@@ -412,7 +186,7 @@ def _dominant(d: ReportInputs, embeds: Embeds) -> list[dict]:
         cards.append(
             {
                 "anchor": f"class-{k}",
-                "title": f"{_name(d.classes, k)} — feature {f}",
+                "title": f"{class_name(d.classes, k)} — feature {f}",
                 "latent": f,
                 "facts": kv(items),
                 "raises_target": bool(ed and ed.get("raises_target", False)),
@@ -438,7 +212,7 @@ CONTROL_LABELS = {
 }
 
 
-def _edit(d: ReportInputs, embeds: Embeds) -> dict:
+def edit_curves(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.edit_metrics
     mode = m["checkpoint_edit"].get("mode", "")
     comp = m.get("companion")  # the other control on the same grid (absent in older runs)
@@ -486,13 +260,13 @@ def _edit(d: ReportInputs, embeds: Embeds) -> dict:
             )
     rows, flags = [], []
     for k, f in targets:
-        v = _edit_entry(d, k)
+        v = edit_entry(d, k)
         if v is None:
             continue
         raises = bool(v.get("raises_target", False))
         rows.append(
             (
-                _name(d.classes, k),
+                class_name(d.classes, k),
                 f,
                 v["target_acc_base"],
                 v["target_acc_full_suppression"],
@@ -545,7 +319,7 @@ def _companion_cells(comp: Mapping[str, Any] | None, name: str) -> tuple:
     return (v["target_acc_full_suppression"], v["off_target_mean_change"], v["score"])
 
 
-def _cross(d: ReportInputs, embeds: Embeds) -> dict:
+def cross_class(d: ReportInputs, embeds: Embeds) -> dict:
     cross, rule = d.edit_metrics["cross_class"], d.ranking["rule"]
     frac = fmt(rule["cross_class_fraction"])
     rule_text = (
@@ -568,7 +342,7 @@ def _cross(d: ReportInputs, embeds: Embeds) -> dict:
         mat.append(
             [ch.get(nm, math.nan) if nm in left_out else ch[nm] for nm in names[: len(d.classes)]]
         )
-        shared = ", ".join(_name(d.classes, int(j)) for j in c["classes"])
+        shared = ", ".join(class_name(d.classes, int(j)) for j in c["classes"])
         labels.append(f"f{c['feature']} ({shared})")
         changes = [(j, v) for j, v in enumerate(mat[-1]) if math.isfinite(v)]
         worst = min(changes, key=lambda t: t[1]) if changes else None
@@ -579,8 +353,12 @@ def _cross(d: ReportInputs, embeds: Embeds) -> dict:
                 shared,
                 c["suppress"]["target_acc_base"],
                 c["suppress"]["target_acc_edited"],
-                f"{_name(d.classes, worst[0])}: {fmt(worst[1])}" if worst else "–",
-                f"{_name(d.classes, best[0])}: {fmt(best[1])}" if best and best[1] > 0 else "–",
+                f"{class_name(d.classes, worst[0])}: {fmt(worst[1])}" if worst else "–",
+                (
+                    f"{class_name(d.classes, best[0])}: {fmt(best[1])}"
+                    if best and best[1] > 0
+                    else "–"
+                ),
                 c["enhance_min_class_change"],
             )
         )
@@ -644,8 +422,8 @@ def _most_shared(d: ReportInputs) -> dict:
             verdict = "yes: cross-class"
         return (
             f,
-            f"{_name(d.classes, k1)}: {fmt(d.class_means[k1][f])}",
-            f"{_name(d.classes, k2)}: {fmt(d.class_means[k2][f])}",
+            f"{class_name(d.classes, k1)}: {fmt(d.class_means[k1][f])}",
+            f"{class_name(d.classes, k2)}: {fmt(d.class_means[k2][f])}",
             ratio[f],
             verdict,
         )
@@ -689,7 +467,7 @@ def _interval(v: Mapping[str, Any]) -> str:
     return f"{fmt(v['mean'], 3)} [{fmt(lo, 3)}, {fmt(hi, 3)}]"
 
 
-def _baselines(d: ReportInputs, embeds: Embeds) -> dict:
+def baselines(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.evaluate_metrics
     methods = m["methods"]
     shown = [(k, label) for k, label in BASELINE_METRICS if any(k in v for v in methods.values())]
@@ -730,7 +508,7 @@ def _estimator_cell(s: Mapping[str, Any]) -> str:
     return " · ".join(bits) or "–"
 
 
-def _alpha(d: ReportInputs, embeds: Embeds) -> dict:
+def alpha_crit(d: ReportInputs, embeds: Embeds) -> dict:
     m = d.alpha_crit_metrics
     figure = embeds.figure(
         alpha_crit_figure(d.classes, d.alpha_values),
@@ -742,7 +520,7 @@ def _alpha(d: ReportInputs, embeds: Embeds) -> dict:
         v = m["per_class"][d.metric_class_names[k]]
         rows.append(
             (
-                _name(d.classes, k),
+                class_name(d.classes, k),
                 v[ESTIMATORS[0]]["count"],
                 *(_estimator_cell(v[est]) for est in ESTIMATORS),
             )
@@ -773,129 +551,4 @@ def _alpha(d: ReportInputs, embeds: Embeds) -> dict:
         "figure": figure,
         "table": table(("class", "n", *ESTIMATORS), rows),
         "checks": kv(checks),
-    }
-
-
-def _checkpoint(d: ReportInputs) -> dict:
-    rec, sc = d.edit_metrics["checkpoint_edit"], d.sidecars["edit"]
-    k = int(rec["class"])
-    name = _name(d.classes, k)
-    unit = rec["alpha_unit"]
-    scale = "" if unit == "absolute" else f", {fmt(rec['alpha_abs'])} in absolute units"
-    desc = (
-        f"The saved checkpoint (results/edit/model.safetensors) is the fine-tuned classifier "
-        f"with its head edited permanently: {rec['sign']} feature {rec['feature']} (the dominant "
-        f"feature of class {name}) with alpha = {fmt(rec['alpha'])} ({unit} units{scale}), "
-        f"{rec['mode']} rule."
-    )
-    if rec.get("mode") == "steer":
-        desc = (
-            "The saved model (results/edit/model.safetensors) is the fine-tuned classifier with "
-            f"its head input steered: {rec['sign']} feature {rec['feature']} (the dominant "
-            f"feature of class {name}) with alpha = {fmt(rec['alpha'])} (gain "
-            f"{fmt(rec.get('gain'))}), a' = a + (g - 1) z(a) c before the unchanged head. Load "
-            "it with salve.load_classifier (the file holds the classifier's state dict plus "
-            "the SAE parts the rule needs, under steer.)."
-        )
-    items = [("class name", name)] + [
-        (key.replace("_", " "), v) for key, v in sorted(rec.items()) if key != "class_name"
-    ]
-    ed = _edit_entry(d, k)
-    comparison = None
-    if ed is not None:
-        comparison = (
-            f"For comparison, full suppression of this feature on the sweep's grid (alpha = "
-            f"{fmt(d.edit_metrics['alpha_grid']['max'])}) takes class {name} from "
-            f"{fmt(ed['target_acc_base'])} to {fmt(ed['target_acc_full_suppression'])} val "
-            "accuracy."
-        )
-    recorded = (
-        f"Recorded with it: head {sc['head']}, image size {sc['image_size']}, device "
-        f"{sc['device']}."
-    )
-    return {"description": desc, "facts": kv(items), "comparison": comparison, "recorded": recorded}
-
-
-def _headline(d: ReportInputs) -> list[tuple[str, str, str, str]]:
-    """This run's key metrics, (label, value, better arrow, file:key): the ones `salve compare`,
-    `salve diff` and the nightly artifact lead with, declared once in tasks/keymetrics.py. Each
-    is looked up in the stage's metrics as the report holds them; rank's, extract's and
-    gradfam's are recomputed from the outputs the report reads, as those stages compute them."""
-    from tasks.keymetrics import KEY_METRICS_BY_STAGE
-
-    scored = [
-        (e["deletion_auc"], e["deletion_auc_random"])
-        for e in d.gradfam["latents"]
-        if e.get("deletion_auc") is not None and e.get("deletion_auc_random") is not None
-    ]
-    values: dict[str, Mapping[str, Any]] = {
-        "fetch": d.fetch_metrics,
-        "finetune": d.finetune_metrics,
-        "extract": {"dim": d.sidecars["fit_sae"].get("d_in")},
-        "fit_sae": d.sae_metrics,
-        "rank": {
-            "distinct_dominant_features": len({int(x["feature"]) for x in d.ranking["dominant"]}),
-            "cross_class_features": len(d.ranking["cross_class"]),
-        },
-        "edit": d.edit_metrics,
-        "alpha_crit": d.alpha_crit_metrics,
-        "gradfam": {
-            "deletion_auc": sum(a for a, _ in scored) / len(scored) if scored else None,
-            "maps_no_better_than_random": sum(a >= r for a, r in scored),
-        },
-        "evaluate": d.evaluate_metrics,
-    }
-    arrows = {"higher": "↑", "lower": "↓"}
-    out = []
-    for stage, kms in KEY_METRICS_BY_STAGE.items():
-        for km in kms:
-            node: Any = values.get(stage)
-            for part in km.key.split("."):
-                node = node.get(part) if isinstance(node, Mapping) else None
-            out.append((km.label, fmt(node), arrows.get(km.better, ""), f"{km.file}:{km.key}"))
-    return out
-
-
-def report_context(d: ReportInputs) -> tuple[dict, Embeds]:
-    """The report page's template context (plain data) and what it embeds."""
-    embeds = Embeds()
-    builders: dict[str, Callable[[], Any]] = {
-        "metadata": lambda: _metadata(d),
-        "training": lambda: _training(d, embeds),
-        "sae-quality": lambda: _sae(d, embeds),
-        "class-feature-heatmap": lambda: _heatmap(d, embeds),
-        "dominant-features": lambda: _dominant(d, embeds),
-        "edit-curves": lambda: _edit(d, embeds),
-        "cross-class": lambda: _cross(d, embeds),
-        "baselines": lambda: _baselines(d, embeds),
-        "alpha-crit": lambda: _alpha(d, embeds),
-        "edited-checkpoint": lambda: _checkpoint(d),
-    }
-    body = {sid.replace("-", "_"): _section(sid, build) for sid, build in builders.items()}
-    subtitle = f"{len(d.classes)} classes · {d.fetch_metrics['source']}"
-    nav = [(f"#{sid}", title, "") for sid, title in REPORT_SECTIONS]
-    if d.latents_page:
-        nav.append((d.latents_page, "Latent browser →", "page"))
-    context = {
-        "title": d.title,
-        "subtitle": subtitle,
-        "nav": nav,
-        "sections": REPORT_SECTIONS,
-        "latents_page": d.latents_page,
-        "gradfam_note": _gradfam_note(d.gradfam),
-        "headline": _section("headline", lambda: _headline(d)),
-        **body,
-    }
-    return context, embeds
-
-
-def build_report(d: ReportInputs) -> tuple[str, dict[str, int]]:
-    """The report page and a small summary (figures drawn, images embedded, sections)."""
-    context, embeds = report_context(d)
-    text = render("report.html", **context)
-    return text, {
-        "figures": embeds.figures,
-        "images": embeds.images,
-        "sections": len(REPORT_SECTIONS),
-        "classes": len(d.classes),
     }
