@@ -40,6 +40,13 @@ FANOUT_STAGES = ("evaluate",)
 COMPUTE = threading.Lock()
 
 
+def one_stage_at_a_time() -> threading.Lock:
+    """``COMPUTE``, reached through a function: Prefect's Dask runner pickles the stage task's
+    function by value (the module's name holds the Task), and a lock among its globals cannot be
+    pickled; a module-level function is pickled by reference."""
+    return COMPUTE
+
+
 def _retry_transient(task, task_run, state) -> bool:
     """Retry only what can succeed on a second try: a lost connection (Prefect's API, a Dask
     worker). A stage is deterministic, so bad input, a full or read-only disk, a missing device
@@ -63,7 +70,7 @@ def _retry_transient(task, task_run, state) -> bool:
 def stage_task(name: str, root: str, params: str, force: bool, progress: bool):
     cfg = load(params)
     kwargs = {"map_fn": dask_map} if name in FANOUT_STAGES else {}
-    with COMPUTE:
+    with one_stage_at_a_time():
         outcome = run_stage(name, cfg, Path(root), force=force, progress=progress, **kwargs)
     get_run_logger().info("stage %s %s in %.2f s", outcome.name, outcome.status, outcome.seconds)
     print(outcome.line(), flush=True)
