@@ -183,6 +183,13 @@ STUDY_KEY_METRICS_BY_STAGE: dict[str, tuple[KeyMetric, ...]] = {
     "study_report": (),
 }
 assert list(STUDY_KEY_METRICS_BY_STAGE) == list(STUDY_ORDER)
+STUDY_KEY_METRICS_BY_STAGE = {  # shown where a revision ran the study (KeyMetric.optional)
+    stage: tuple(dataclasses.replace(km, optional=True) for km in kms)
+    for stage, kms in STUDY_KEY_METRICS_BY_STAGE.items()
+}
+PIPELINE_KEY_METRICS: tuple[KeyMetric, ...] = tuple(
+    km for kms in KEY_METRICS_BY_STAGE.values() for km in kms
+)
 
 KEY_METRICS: tuple[KeyMetric, ...] = tuple(
     km

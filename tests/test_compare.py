@@ -201,9 +201,18 @@ def test_diff_text_leads_with_params_then_key_metrics_then_one_line_per_stage():
     p, k, o = (text.index(s) for s in ("Parameters", "Key metrics", "Other metric changes"))
     assert p < text.index("sae.width") < k < o
     lines = text[k:o].splitlines()[2:]
+    # every pipeline key metric; the study's only where a revision has its file (none here)
     assert [ln.split("  ")[1].strip() for ln in lines if ln.strip()] == [
-        km.label for km in KEY_METRICS
+        km.label for km in KEY_METRICS if not km.optional
     ]
+    assert any(km.optional for km in KEY_METRICS) and not any(
+        km.file in metrics for km in KEY_METRICS if km.optional
+    )
+    with_study = dict(metrics) | {
+        "metrics/study_adversarial.json": {"linf.spearman": {"old": 0.5, "new": 0.5}}
+    }
+    shown = metrics_diff_text(params, with_study, KEY_METRICS, **kw)
+    assert "Spearman: alpha_crit vs L-inf flip size" in shown
     fvu = next(ln for ln in lines if "SAE val FVU" in ln)
     assert "▼" in fvu and fvu.rstrip().endswith("better")
     feat = next(ln for ln in lines if "saved edit's feature" in ln)
@@ -358,7 +367,8 @@ def test_salve_compare_page_is_written_where_git_ignores_it(two_revisions: Path)
     from tasks.keymetrics import KEY_METRICS
 
     keys = text[text.index('id="key-metrics"') : text.index('id="other-metrics"')]
-    assert [k for k in KEY_METRICS if f'data-key="{k.file}:{k.key}"' not in keys] == []
+    # the pipeline's key metrics; the study's are not there (neither revision ran the study)
+    assert [k for k in KEY_METRICS if (f'data-key="{k.file}:{k.key}"' in keys) == k.optional] == []
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
 
 

@@ -656,7 +656,7 @@ def test_compare_two_commits(built_project: Path):
     assert 'data-key="edit.alpha_max"' in params
     assert ">1.5</td>" in params and ">1</td>" in params
     # Every declared key metric has its row, changed or not.
-    from tasks.keymetrics import KEY_METRICS
+    from tasks.keymetrics import PIPELINE_KEY_METRICS as KEY_METRICS
 
     keys = text[text.index('id="key-metrics"') : text.index('id="other-metrics"')]
     for k in KEY_METRICS:
@@ -698,7 +698,7 @@ def test_report_opens_with_the_key_metrics(built_project_template: Path):
     """Before the provenance tables: every key metric (tasks/keymetrics.py, as `salve compare`
     leads with them), valued as the stage's metrics file has it."""
     from salve.present.compare.experiments import lookup
-    from tasks.keymetrics import KEY_METRICS
+    from tasks.keymetrics import PIPELINE_KEY_METRICS as KEY_METRICS
     from tasks.report import load_inputs
 
     root = built_project_template
@@ -795,7 +795,7 @@ def test_report_first_screen_shows_the_headline(
     """At 1400x900 in headless Chromium every key metric's tile is on the first screen."""
     from selenium.webdriver.common.by import By
 
-    from tasks.keymetrics import KEY_METRICS
+    from tasks.keymetrics import PIPELINE_KEY_METRICS as KEY_METRICS
     from tasks.report import load_inputs
     from tests.test_report_browser import open_offline, start_driver
 

@@ -39,6 +39,7 @@ class KeyMetric:
     kind: str = "number"  # "number" | "identifier"
     short: str = ""  # name in terminal tables and one-line summaries (default: the key)
     relative_noise: float = 0.0  # a change below this fraction of max(|old|, |new|) is noise
+    optional: bool = False  # shown only where its file is at either revision (the study's)
 
     def __post_init__(self) -> None:
         if self.better not in BETTER:
@@ -200,7 +201,9 @@ def metric_change(
 
 
 def key_metric_changes(metrics_diff: Diff, key_metrics: Sequence[KeyMetric]) -> list[MetricChange]:
-    """Every key metric, in declared order, whether or not the diff lists it."""
+    """Every key metric, in declared order, whether or not the diff lists it; an optional one
+    only where the diff has its file (made with every entry, it has each file that is at
+    either revision): the study's metrics where neither revision ran the study are no news."""
     return [
         metric_change(
             km.file,
@@ -213,6 +216,7 @@ def key_metric_changes(metrics_diff: Diff, key_metrics: Sequence[KeyMetric]) -> 
             relative_noise=km.relative_noise,
         )
         for km in key_metrics
+        if not km.optional or km.file in metrics_diff
     ]
 
 
