@@ -21,7 +21,7 @@ stale file and each drift problem of the hand-written pages (README.md and docs/
 
 The rendering and checking functions take strings and return strings (or problems), so the
 tests feed them planted errors. Numbers go through the report's formatter (salve.report.fmt and
-salve.study.page's interval text): the same digits as the HTML report. Presentation only:
+salve.present.study_page's interval text): the same digits as the HTML report. Presentation only:
 nothing in salve/ or tasks/ imports this module.
 """
 

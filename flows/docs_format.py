@@ -72,9 +72,9 @@ def finite(x: Any) -> bool:
 
 
 def ci_cell(cell: Mapping[str, Any] | None) -> str:
-    """``mean [lo, hi]`` (salve.study.page.ci_text); the mean alone when the interval has no
+    """``mean [lo, hi]`` (salve.present.study_page.ci_text); the mean alone when the interval has no
     width (a method that does not depend on the SAE gives the same value for every seed)."""
-    from salve.study.page import ci_text
+    from salve.present.study_page import ci_text
 
     if not cell:
         return "–"

@@ -38,7 +38,12 @@ def study_record(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
 def study_readme_block(d: DocInputs) -> str:
     """The README's study table: each open question, its key numbers and the answer's first
     sentence, from metrics/study_*.json."""
-    from salve.study.page import answer_adversarial, answer_deeper, answer_variants, rho_text
+    from salve.present.study_page import (
+        answer_adversarial,
+        answer_deeper,
+        answer_variants,
+        rho_text,
+    )
 
     study = study_record(d.metrics)
     if not study:
@@ -91,7 +96,12 @@ def study_readme_block(d: DocInputs) -> str:
 
 
 def study_section(study: Mapping[str, Any], sae: Mapping[str, Any]) -> list[str]:
-    from salve.study.page import answer_adversarial, answer_deeper, answer_variants, rho_text
+    from salve.present.study_page import (
+        answer_adversarial,
+        answer_deeper,
+        answer_variants,
+        rho_text,
+    )
 
     lines = [
         "## The study (`salve study`)",

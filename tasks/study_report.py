@@ -9,7 +9,7 @@ from typing import Any
 
 from salve.config import Config
 from salve.io import read_json, write_json, write_text
-from salve.study.page import build_study_page
+from salve.present.study_page import build_study_page
 from tasks import STAGES, STUDY_PARTS
 from tasks.artifacts import load_dataset_meta, require
 

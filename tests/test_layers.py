@@ -13,9 +13,6 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PRESENT = REPO / "salve" / "present"
-# The study page and its figures move into salve/present/ with the study rework (issue #29);
-# until then they are the only method-side modules that draw.
-PENDING = {"salve/study/page.py", "salve/study/figures.py"}
 MAX_LINES = 600
 
 
@@ -57,7 +54,7 @@ def _offenders(paths: list[Path], *prefixes: str) -> dict[str, list[str]]:
 
 def test_the_method_imports_no_presentation_module():
     offenders = _offenders(method_modules(), "salve.present")
-    assert set(offenders) <= PENDING, offenders
+    assert offenders == {}, offenders
 
 
 def test_nothing_in_salve_imports_tasks_or_flows():

@@ -18,6 +18,14 @@ from torch import nn
 
 from salve.config import ConfigError, SaeConfig, from_dict
 from salve.params_file import apply_overrides, yaml_load
+from salve.present.study_figures import deeper_figure, variants_figure, vulnerability_figure
+from salve.present.study_page import (
+    answer_adversarial,
+    answer_deeper,
+    answer_variants,
+    build_study_page,
+    rho_verdict,
+)
 from salve.study.concept import (
     auto_layer,
     backbone_edit_effect,
@@ -28,14 +36,6 @@ from salve.study.concept import (
     resolve_layer,
 )
 from salve.study.deeper import pooled_activations
-from salve.study.figures import deeper_figure, variants_figure, vulnerability_figure
-from salve.study.page import (
-    answer_adversarial,
-    answer_deeper,
-    answer_variants,
-    build_study_page,
-    rho_verdict,
-)
 from salve.study.vulnerability import select_attack_samples, vulnerability_summary
 from salve.tv import import_torchvision
 from tests.conftest import REPO, copy_project
@@ -239,7 +239,7 @@ def test_study_stages_are_generated_into_their_own_dvc_yaml() -> None:
         "study_adversarial": {"adversarial.py", "vulnerability.py", "stats.py"},
         "study_sae_variants": {"variants.py", "variant_edits.py"},
         "study_deeper_layer": {"concept.py", "deeper.py", "variants.py"},
-        "study_report": {"page.py", "figures.py"},
+        "study_report": set(),  # its page and figures are presentation (salve/present/)
     }
     every = set().union(*own.values())
     for name, entry in study.items():
@@ -249,6 +249,9 @@ def test_study_stages_are_generated_into_their_own_dvc_yaml() -> None:
         assert f"tasks/{name}.py" in entry["deps"]
         assert entry["metrics"] == [{f"metrics/{name}.json": {"cache": False}}]
         assert not (mods & every) - own[name]
+    assert {"salve/present/study_page.py", "salve/present/study_figures.py"} <= set(
+        study["study_report"]["deps"]
+    )
     assert "salve/steering.py" in study["study_sae_variants"]["deps"]  # salve_steer per kind
     assert "results/alpha_crit" in study["study_adversarial"]["deps"]
     assert "study.attack_steps" in study["study_adversarial"]["params"]

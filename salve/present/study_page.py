@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from salve.present.kit import Embeds, fmt, kv, render, table
-from salve.study.figures import deeper_figure, variants_figure, vulnerability_figure
+from salve.present.study_figures import deeper_figure, variants_figure, vulnerability_figure
 
 PARTS: tuple[tuple[str, str], ...] = (
     ("adversarial", "1. Does a low alpha_crit predict adversarial vulnerability?"),
