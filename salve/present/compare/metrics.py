@@ -128,29 +128,7 @@ def metric_change(
     if old is None or new is None:
         what = "added" if old is None else "removed"
         return _row(file, key, label, old, new, change=what, verdict=what)
-    if identifier or not (_is_number(old) and _is_number(new)):
-        if old == new:
-            return _row(
-                file,
-                key,
-                label,
-                old,
-                new,
-                change="unchanged",
-                judgement="unchanged",
-                verdict="unchanged",
-            )
-        return _row(
-            file,
-            key,
-            label,
-            old,
-            new,
-            change=f"{fmt(old)} -> {fmt(new)} (changed)",
-            judgement="changed",
-            verdict="changed",
-        )
-    if old == new:
+    if old == new:  # NaN never equals itself: it falls through to the rules below
         return _row(
             file,
             key,
@@ -160,6 +138,17 @@ def metric_change(
             change="unchanged",
             judgement="unchanged",
             verdict="unchanged",
+        )
+    if identifier or not (_is_number(old) and _is_number(new)):
+        return _row(
+            file,
+            key,
+            label,
+            old,
+            new,
+            change=f"{fmt(old)} -> {fmt(new)} (changed)",
+            judgement="changed",
+            verdict="changed",
         )
     if not (math.isfinite(old) and math.isfinite(new)):
         up = new > old if not (math.isnan(old) or math.isnan(new)) else None
