@@ -118,7 +118,7 @@ class FinetuneConfig:
         max=10_000_000,
         auto=True,
         help="at least this many optimiser steps: a small dataset gets more epochs than "
-        "finetune.epochs (0: the epoch budget alone); auto: 360 for digits, 960 otherwise",
+        "finetune.epochs (0: the epoch budget alone); auto: 960 for any data",
     )
     batch_size: int = setting(
         16, min=2, max=4096, help="small batches give more disentangled features (min 2: BatchNorm)"

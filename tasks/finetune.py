@@ -91,7 +91,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     val_x, val_y = open_split(root, "val")
     meta = load_dataset_meta(root)
     source = meta["info"]["source"]
-    f = dataclasses.replace(f, min_steps=resolve_min_steps(f.min_steps, source))
+    f = dataclasses.replace(f, min_steps=resolve_min_steps(f.min_steps))
     classes = meta["classes"]
     num_classes = len(classes)
     image_size = int(train_x.shape[-1])
