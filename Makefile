@@ -111,10 +111,12 @@ format: $(DEV_STAMP)
 study: $(STAMP)
 	$(VENV)/bin/salve study
 
-# The component benchmarks, then the whole pipeline at paper scale (224 px, 1k/4k/16k images,
-# SAE widths 64 and 4096: hours on 2 CPU cores). Both merge into benchmarks/results.json.
+# The component benchmarks, the CPU kernel modes at 224 px (the pin's cost: about 35 minutes),
+# then the whole pipeline at paper scale (224 px, 1k/4k/16k images, SAE widths 64 and 4096:
+# hours on 2 CPU cores). All merge into benchmarks/results.json.
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_kernels.py --write
 	$(PY) benchmarks/bench_paper_scale.py --write
 
 # On a CUDA machine: the 224-px pipeline end to end on 4k images at both widths, stage times as

@@ -7,17 +7,24 @@ must not differ: every stage's tensor files and metrics file (tasks.STAGES).
     .venv/bin/python benchmarks/fingerprint.py --write   # record this machine's run
     .venv/bin/python benchmarks/fingerprint.py --check   # compare this run with the record
 
+The run is made for the purpose: the committed HEAD is cloned into a scratch folder and runs
+the default pipeline there on the cross-CPU kernel pin (`salve run --set
+common.reproducible=true`; the default, false, takes each CPU's fastest kernels and repeats
+only on one machine), about 10 minutes on 2 cores. `--root DIR` hashes what DIR holds instead.
 The record (benchmarks/fingerprint.json) names the CPU it was made on. Compare runs of the
-same commit with the same params.yaml (common.reproducible: true, the same num_threads).
-Exit status of --check: 0 identical, 1 some file differs or is missing.
+same commit (the same num_threads). Exit status of --check: 0 identical, 1 some file differs or
+is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from salve.download import file_checksums
@@ -38,6 +45,20 @@ def fingerprint(root: Path) -> dict[str, str]:
         for p in sorted(files)
         if p.is_file()
     }
+
+
+def pinned_run(scratch: Path) -> Path:
+    """Clone HEAD into ``scratch`` and run the default pipeline there on the cross-CPU pin."""
+    root = scratch / "salve"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(root)], check=True)
+    (root / ".venv").symlink_to(Path(sys.prefix))
+    env = dict(os.environ, PATH=f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--root", str(root), "run", "--no-progress",
+         "--set", "common.reproducible=true"],
+        cwd=root, env=env, check=True,
+    )  # fmt: skip
+    return root
 
 
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
@@ -77,9 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="record this run's hashes")
     mode.add_argument("--check", action="store_true", help="compare this run with the record")
-    parser.add_argument("--root", type=Path, default=ROOT, help="the project (default: this one)")
+    parser.add_argument(
+        "--root", type=Path, help="hash this project's results (default: a pinned run of HEAD)"
+    )
     parser.add_argument("--record", type=Path, default=RECORD)
     args = parser.parse_args(argv)
+    if args.root is None:
+        with tempfile.TemporaryDirectory(prefix="salve-fingerprint-") as scratch:
+            args.root = pinned_run(Path(scratch))
+            return compare_or_record(args)
+    return compare_or_record(args)
+
+
+def compare_or_record(args: argparse.Namespace) -> int:
     current = fingerprint(args.root)
     if not current:
         print(f"no results under {args.root}: run the pipeline first (make run)", file=sys.stderr)

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks import bench_kernels as bk  # noqa: E402
 from benchmarks import bench_memory as bm  # noqa: E402
 from benchmarks import bench_paper_scale as bps  # noqa: E402
 from benchmarks import bench_peers as bpe  # noqa: E402
@@ -31,7 +32,7 @@ from benchmarks import bench_pipeline as bp  # noqa: E402
 
 BENCHMARKS = ("stages", "extract", "sae", "control", "gradfam", "prefect", "finetune", "peers")
 # Sections written by their own script and merged in (bench_memory.py --write), rendered here too.
-MERGED_ONLY = ("memory", "paper_scale")
+MERGED_ONLY = ("memory", "kernels", "paper_scale")
 
 # Sizes per mode. "full" measures the real thing (the default params, the real shapes).
 SIZES: dict[str, dict[str, Any]] = {
@@ -451,6 +452,7 @@ RENDER = {
     "finetune": _render_finetune,
     "peers": _render_peers,
     "memory": bm.render,
+    "kernels": bk.render,
     "paper_scale": bps.render,
 }
 

@@ -62,9 +62,11 @@ class CommonConfig:
     )
     num_threads: int = setting(0, min=0, max=256, help="torch CPU threads; 0 = torch's default")
     reproducible: bool = setting(
-        True,
-        help="pin CPU kernels to CPU-independent code paths (MKL COMPATIBLE, oneDNN and ATen "
-        "at AVX2) so results repeat across CPU models; slower on CPU (see docs/REPRODUCIBILITY.md)",
+        False,
+        help="true: pin CPU kernels to CPU-independent code paths (MKL COMPATIBLE, oneDNN and "
+        "ATen at AVX2), the same bytes on every x86-64 CPU, 1.5x slower CNN passes; false: this "
+        "CPU's fastest kernels, the same bytes from run to run on this machine "
+        "(docs/REPRODUCIBILITY.md)",
     )
 
 

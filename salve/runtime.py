@@ -105,6 +105,14 @@ def pin_cpu_kernels(reproducible: bool) -> dict[str, str]:
     return kernel_settings()
 
 
+def kernel_mode(reproducible: bool, device_type: str = "cpu") -> str:
+    """What made a result's numbers, for sidecars and the report: on CPU, the cross-CPU pin or
+    this machine's fastest kernels (the same bytes from run to run on this machine only)."""
+    if device_type != "cpu":
+        return device_type
+    return "cross-CPU pin" if reproducible else "this CPU's fastest"
+
+
 def aten_capability() -> str:
     """The instruction set ATen's vectorised kernels run with in this process (fixes it)."""
     import torch

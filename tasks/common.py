@@ -28,7 +28,7 @@ import torch
 from salve import __version__
 from salve.config import Config
 from salve.io import write_csv, write_json
-from salve.runtime import aten_capability, kernel_settings
+from salve.runtime import aten_capability, kernel_mode, kernel_settings
 from tasks import STAGES
 from tasks.records import write_record
 
@@ -36,7 +36,8 @@ log = logging.getLogger("salve")
 
 # 2: the run-varying fields (git_revision, cuda_device, torch_threads, cpu_kernels, prefect's
 # and dvc's versions, libraries' build labels) moved from the sidecars to the run record.
-SCHEMA_VERSION = 2
+# 3: `kernels`, the kernel mode that made the numbers (salve.runtime.kernel_mode).
+SCHEMA_VERSION = 3
 # Libraries that compute or serialise the results: their versions go into the sidecars. The
 # orchestration (prefect, dvc) cannot change a byte of them: run record only.
 RESULT_LIBRARIES = ("torch", "torchvision", "safetensors", "numpy", "scikit-learn")
@@ -91,6 +92,7 @@ def run_metadata(root: Path, cfg: Config, device: torch.device, sections: tuple[
         "schema_version": SCHEMA_VERSION,
         "libraries": library_versions(RESULT_LIBRARIES),
         "device": str(device),
+        "kernels": kernel_mode(cfg.common.reproducible, device.type),
         "params": {s: params[s] for s in sections},
     }
 

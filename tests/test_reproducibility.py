@@ -83,7 +83,10 @@ def test_sidecar_records_provenance(two_runs, sidecar: str) -> None:
             assert libs[name] == importlib.metadata.version(name).split("+")[0], name
         assert libs["salve"] and libs["python"]
         assert meta["device"] == "cpu"
-        assert meta["schema_version"] >= 2
+        assert meta["kernels"] == "cross-CPU pin"  # TINY_PARAMS: common.reproducible true
+        assert meta["schema_version"] >= 3
+    report = (two_runs[0] / "reports/latest/index.html").read_text()
+    assert "<th>kernels</th>" in report and "cross-CPU pin" in report
 
 
 @pytest.mark.parametrize("stage", ["finetune", "fit_sae", "edit"])

@@ -51,3 +51,11 @@ def test_pin_first_gives_avx2_kernels_and_one_openblas_path() -> None:
     assert lines[0] == "AVX2"
     openblas = [line for line in lines[1:] if line]
     assert openblas and set(openblas) == {"Haswell 1"}, done.stdout
+
+
+def test_kernel_mode_names_what_made_the_numbers() -> None:
+    from salve.runtime import kernel_mode
+
+    assert kernel_mode(True) == "cross-CPU pin"
+    assert kernel_mode(False) == "this CPU's fastest"
+    assert kernel_mode(True, "cuda") == kernel_mode(False, "cuda") == "cuda"

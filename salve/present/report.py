@@ -112,12 +112,13 @@ def _metadata(d: ReportInputs) -> dict:
     it; it is not shown."""
     stages = list(dict.fromkeys([*d.output_hashes, *d.sidecars]))
     provenance = table(
-        ("stage", "outputs (md5 in dvc.lock)", "device"),
+        ("stage", "outputs (md5 in dvc.lock)", "device", "kernels"),
         [
             (
                 s,
                 d.output_hashes.get(s, "not in dvc.lock"),
                 str(d.sidecars[s]["device"]) if s in d.sidecars else "–",
+                str(d.sidecars[s].get("kernels", "–")) if s in d.sidecars else "–",
             )
             for s in stages
         ],
