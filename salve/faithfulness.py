@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from salve.activations import channels_last
 from salve.gradfam import check_images, upsample_normalise
 from salve.models import penultimate
 from salve.modes import eval_mode
@@ -127,13 +128,13 @@ def _deletion_codes(
     fill = images_nchw.mean(dim=(2, 3), keepdim=True)  # the mean colour, per image
     total = n * steps
     values = torch.empty(total, dtype=torch.float64)
-    with eval_mode(model, sae):
+    with eval_mode(model, sae), channels_last(model):  # as extract's passes (salve.activations)
         for start in range(0, total, batch_size):
             j = torch.arange(start, min(start + batch_size, total), device=device)
             i, k = j // steps, j % steps
             deleted = (ranks[i] < counts[k][:, None]).view(-1, 1, height, width)
             x = torch.where(deleted, fill[i], images_nchw[i])
-            codes = sae.encode(penultimate(model, x))
+            codes = sae.encode(penultimate(model, x.contiguous(memory_format=torch.channels_last)))
             own = codes[torch.arange(len(j), device=device), feats[i]]
             values[start : start + len(j)] = own.double().cpu()
     return values.view(n, steps)

@@ -94,3 +94,34 @@ def test_extract_names_fetch_when_its_split_is_missing_or_corrupt(tmp_path: Path
     val.unlink()
     with pytest.raises(ArtifactError, match="val.safetensors is missing: .* stage fetch"):
         extract.run(_cfg(batch_size=4), root, progress=False)
+
+
+def test_forward_passes_run_channels_last_and_leave_the_model_trainable() -> None:
+    """batched_forward switches the layout outside inference mode: the model comes back
+    contiguous, with ordinary (not inference) parameters that autograd can use, and its outputs
+    are the contiguous model's up to float rounding."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES), image_size=SIZE).eval()
+    images = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8)
+    seen = []
+    conv = model.conv1
+
+    def layout(_module, args, _out):
+        seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    handle = conv.register_forward_hook(layout)
+    acts = extract_activations(model, images, IMAGENET_MEAN, IMAGENET_STD, batch_size=2)
+    handle.remove()
+    assert seen == [True, True, True]
+    for p in model.parameters():
+        assert not p.is_inference() and p.is_contiguous()
+    from salve.data import normalise
+    from salve.models import penultimate
+
+    x = normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.no_grad():
+        expected = penultimate(model.eval(), x)
+    torch.testing.assert_close(acts, expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    model(x).sum().backward()  # raises on an inference-mode parameter
+    assert conv.weight.grad is not None
