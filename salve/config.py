@@ -262,6 +262,14 @@ class AlphaCritConfig:
 class GradfamConfig:
     top_k: int = setting(6, min=1, max=64, help="top-activating val images shown per feature")
     batch_size: int = setting(32, min=1, max=4096, help="images per Grad-FAM batch")
+    memory_mb: int = setting(
+        1024,
+        min=1,
+        max=1_000_000,
+        help="memory for a batch's backward state: fewer images per Grad-FAM and AM pass where "
+        "gradfam.batch_size would need more (at 224 px a ViT-B/16 keeps 113 MiB per image, a "
+        "ResNet-18 21 MiB)",
+    )
     layer: str = setting(
         "auto",
         help="feature map differentiated: auto (the deepest with a grid of at least 4x4), or a "

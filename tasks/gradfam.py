@@ -1,7 +1,7 @@
 """gradfam: for every SAE latent, its top-activating val images with Grad-FAM overlays;
 the deletion AUC (saliency order vs a random order) of the dominant and cross-class features and
-of a seeded sample of other latents; activation-maximisation images for the dominant and
-cross-class features.
+of a seeded sample of other latents; activation-maximisation images for the dominant features
+(where the report shows them).
 
 Cost bounded by what is shown: the top images come from the cached val codes, each distinct
 image's forward pass is shared by every latent that shows it (``gradfam_shared``), the deletion
@@ -10,9 +10,10 @@ on the top images where the latent is on (elsewhere its curve is NaN), and the s
 composited in batches and written without one fsync each (one sync at the end).
 
 Outputs (results/gradfam/): ``latent_<l>.png`` per latent that is ever active on val (a strip
-of its top images with their maps), ``overlay_<l>.png`` (the same with titles) and ``am_<l>.png``
-per dominant or cross-class feature, ``latents.json`` (every latent: frequency, top images,
-overlay, AM, AUCs; a latent never active on val is marked ``dead``, with no images),
+of its top images with their maps), ``overlay_<l>.png`` (the same with titles) per dominant or
+cross-class feature, ``am_<l>.png`` per dominant feature, ``latents.json`` (every latent:
+frequency, top images, overlay, AM, AUCs; a latent never active on val is marked ``dead``, with
+no images),
 ``index.json`` (the dominant and cross-class features, read by the report) and
 ``gradfam.safetensors`` (top indices, -1 for a dead latent; maps at the layer's grid; per-image
 AUCs, NaN outside the deletion test; the latents tested; AM images).
@@ -25,12 +26,13 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
 from tqdm.auto import tqdm
 
 from salve.config import Config
 from salve.data import normalise
 from salve.faithfulness import deletion_latents, latent_deletion_aucs, top_images
-from salve.feature_layers import select_layer
+from salve.feature_layers import images_per_pass, select_layer
 from salve.feature_vis import activation_maximisation_batch
 from salve.gradfam import gradfam_shared, upsample_normalise
 from salve.io import save_tensors, write_bytes
@@ -52,6 +54,10 @@ from tasks.records import GradfamIndex, GradfamLatents, GradfamMetrics, write_re
 
 # Latent/image pairs whose deletion curves (or strips) are computed together (bounds memory).
 PAIRS_PER_CHUNK = 256
+# Side of a browser strip's tiles: smaller images are enlarged by a whole factor up to it,
+# larger ones reduced to it (thumbnails, six to a row: at 224 px a third of the pixels to
+# composite and encode for every live latent). The report's figures keep the full size.
+STRIP_TILE = 128
 
 
 def _finite_mean(values: torch.Tensor) -> float | None:
@@ -73,6 +79,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     codes = sae.encode_batched(acts)
     size = int(images.shape[-1])
     layer = select_layer(model, size, g.layer)
+    per_pass = images_per_pass(model, size, g.batch_size, g.memory_mb)  # bounds the peak
     roles = _roles(ranking, classes)
     spec = STAGES["gradfam"]
     out = spec.folder(root)
@@ -81,7 +88,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     top = top_images(codes, g.top_k)
     top[~live] = -1
     transform = lambda batch: normalise(batch, mean, std)  # noqa: E731 - one line, used twice
-    maps_lkhw = _top_maps(model, sae, images, codes, top, live, layer, g.batch_size, transform)
+    maps_lkhw = _top_maps(model, sae, images, codes, top, live, layer, per_pass, transform)
     tested = deletion_latents(list(roles), live, g.deletion_sample, seed)
     auc_lk, auc_random_lk = latent_deletion_aucs(
         model,
@@ -98,8 +105,12 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         pairs_per_chunk=PAIRS_PER_CHUNK,
         progress=progress,
     )
-    am_feats = sorted(roles) if g.am_steps > 0 else []
-    am_images, am_codes = _activation_maximisation(cfg, model, sae, am_feats, size, mean, std)
+    # Only where it is shown: the report's card of each dominant feature. At 224 px one feature's
+    # AM costs about 300 forward passes' worth of optimisation steps.
+    am_feats = sorted({d["feature"] for d in ranking["dominant"]}) if g.am_steps > 0 else []
+    am_images, am_codes = _activation_maximisation(
+        cfg, model, sae, am_feats, size, mean, std, per_pass
+    )
     _write_images(
         out, images, labels, codes, top, maps_lkhw, roles, classes, am_images, am_feats, progress
     )
@@ -162,7 +173,8 @@ def _write_images(
     """Strips of every live latent, titled figures of the roles, AM images; images an earlier
     run (another SAE width) left are removed; one filesystem sync at the end."""
     size, k = int(images.shape[-1]), int(top.shape[1])
-    zoom = max(1, 128 // size)
+    zoom = max(1, STRIP_TILE // size)
+    side = min(size, STRIP_TILE)  # before the enlargement by zoom
     alive = torch.nonzero(top[:, 0] >= 0).flatten()
     written: set[str] = set()
     out.mkdir(parents=True, exist_ok=True)
@@ -175,11 +187,14 @@ def _write_images(
     chunks = range(0, len(alive), per_chunk)
     for c0 in tqdm(chunks, desc="gradfam strips", disable=not progress, leave=False):
         lats = alive[c0 : c0 + per_chunk]
-        saliency = upsample_normalise(maps_lkhw[lats].flatten(0, 1)[:, None], size)[:, 0]
+        saliency = upsample_normalise(maps_lkhw[lats].flatten(0, 1)[:, None], side)[:, 0]
         tiles = images[top[lats].flatten()]
+        if side < size:
+            tiles = F.interpolate(tiles.float(), size=(side, side), mode="area")
+            tiles = tiles.round().clamp(0, 255).to(torch.uint8)
         pngs = strip_pngs(
             tiles.view(len(lats), k, *tiles.shape[1:]),
-            saliency.view(len(lats), k, size, size),
+            saliency.view(len(lats), k, side, side),
             scale=zoom,
         )
         for j, (lat, png) in enumerate(zip(lats.tolist(), pngs, strict=True)):
@@ -187,7 +202,12 @@ def _write_images(
             if lat in roles:  # the report's figure: with class and code over each image
                 rows = top[lat]
                 titles = [f"{classes[int(labels[i])]} z={float(codes[i, lat]):.2f}" for i in rows]
-                sal = saliency[j * k : (j + 1) * k]
+                maps = maps_lkhw[lat][:, None]
+                sal = (
+                    upsample_normalise(maps, size)[:, 0]
+                    if side < size
+                    else saliency[j * k : (j + 1) * k]
+                )
                 put(
                     f"overlay_{lat}.png",
                     overlay_grid_png(images[rows], sal, titles, ncols=k, cell_inches=1.5),
@@ -273,7 +293,7 @@ def _summary(latents, index, tested, am_feats, top_k, layer) -> dict:
 
 
 def _activation_maximisation(
-    cfg: Config, model, sae, feats: list[int], size: int, mean: tuple, std: tuple
+    cfg: Config, model, sae, feats: list[int], size: int, mean: tuple, std: tuple, per_pass: int
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """AM images [F, 3, S, S] (one batched optimisation) and each one's code after 8-bit
     quantisation (what the PNG shows)."""
@@ -294,7 +314,7 @@ def _activation_maximisation(
         seed=cfg.common.seed,
         mean=mean,
         std=std,
-        batch_size=g.batch_size,
+        batch_size=per_pass,
     )
     with torch.no_grad():
         quantised = normalise((images * 255).round().to(torch.uint8), mean, std)
