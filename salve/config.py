@@ -318,6 +318,13 @@ class EvaluateConfig:
     paper_alpha: float = setting(
         8.0, min=0.0, help="strength of the paper-rule edit, per-feature units"
     )
+    probe_sample: int = setting(
+        2000,
+        min=10,
+        max=10_000_000,
+        help="probe recovery: logistic probes fitted on at most this many train rows (seeded), "
+        "so their cost stops growing with the data",
+    )
 
 
 # Sections only the study's stages read (study/dvc.yaml, `salve study`: docs/METHOD.md's open

@@ -466,7 +466,7 @@ def test_a_job_with_a_fitted_sae_uses_it_and_the_others_fit_their_seed(monkeypat
 
     monkeypatch.setattr(stage, "fit_sae", recording_fit)
     job = {
-        "known_probes": None, "reproducible": True, "sae": cfg,
+        "known_probes": None, "probe_sample": None, "reproducible": True, "sae": cfg,
         "train_acts": x_train, "train_labels": y_train, "val_acts": x_val, "val_labels": y_val,
         "weight": weight, "bias": torch.zeros(k), "shifted": {}, "projection_alpha": 1.0,
         "paper_alpha": 8.0, "min_base_accuracy": 0.5,
@@ -611,3 +611,43 @@ def test_tiny_project_edit_stage_in_steer_mode_ships_the_rule(built_project) -> 
     zero = batched_forward(steered, steered, images, tuple(norm["mean"]), tuple(norm["std"]))
     plain = batched_forward(base, base, images, tuple(norm["mean"]), tuple(norm["std"]))
     assert torch.equal(zero, plain)
+
+
+def test_probe_rows_all_up_to_the_sample_then_a_seeded_sorted_subset() -> None:
+    from salve.evaluate.seed import probe_rows
+
+    assert probe_rows(50, None) == slice(None) and probe_rows(50, 50) == slice(None)
+    rows = probe_rows(1000, 300)
+    assert rows.shape == (300,) and rows.unique().numel() == 300
+    assert bool((rows[1:] > rows[:-1]).all()) and int(rows.min()) >= 0 and int(rows.max()) < 1000
+    assert torch.equal(rows, probe_rows(1000, 300))  # the same rows for every probe
+
+
+def test_probe_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_rows_otherwise(
+    monkeypatch,
+) -> None:
+    from salve.evaluate import seed as seed_module
+
+    g = torch.Generator().manual_seed(1)
+    k, m, n = 3, 6, 60
+    x_train, y_train = torch.randn(n, m, generator=g), torch.arange(n) % k
+    x_val, y_val = torch.randn(30, m, generator=g), torch.arange(30) % k
+    weight, bias = torch.randn(k, m, generator=g), torch.zeros(k)
+    common = dict(projection_alpha=1.0, min_base_accuracy=0.0)
+    full = seed_module.seed_free_probes(weight, bias, x_train, y_train, x_val, y_val, **common)
+    same = seed_module.seed_free_probes(
+        weight, bias, x_train, y_train, x_val, y_val, probe_sample=n, **common
+    )
+    assert same == full
+    sizes = []
+    real = seed_module.probe_recovery
+
+    def recording(train_reps, *args, **kwargs):
+        sizes.append(train_reps.shape[0])
+        return real(train_reps, *args, **kwargs)
+
+    monkeypatch.setattr(seed_module, "probe_recovery", recording)
+    seed_module.seed_free_probes(
+        weight, bias, x_train, y_train, x_val, y_val, probe_sample=24, **common
+    )
+    assert sizes and set(sizes) == {24}

@@ -44,6 +44,7 @@ def evaluate_seed(
     methods: Sequence[str] | None = None,
     probe: bool = True,
     probe_max_iter: int = 500,
+    probe_sample: int | None = None,
     known_probes: Mapping[str, float] | None = None,
     sae=None,
     steer_alpha: float = STEER_ALPHA,
@@ -55,7 +56,8 @@ def evaluate_seed(
     cannot be suppressed). ``shifted_val_acts`` maps a shift kind to the activations of the
     shifted val images (same order and labels as ``val_acts_nm``); with it, ``generalisation``
     (mean over kinds) and ``generalisation_<kind>`` are the efficacy on those. ``probe=False``
-    skips ``probe_recovery`` (the costly part); ``known_probes`` (from :func:`seed_free_probes`
+    skips ``probe_recovery`` (the costly part), which fits on at most ``probe_sample`` train rows
+    (:func:`probe_rows`); ``known_probes`` (from :func:`seed_free_probes`
     on the same inputs) supplies the values that do not depend on the SAE. Returns a JSON-able
     dict: ``methods`` (metric means over the evaluated classes), ``per_class``,
     ``evaluated_classes``, ``left_out_classes``, ``base_accuracy``, ``latents`` (dominant and
@@ -97,6 +99,7 @@ def evaluate_seed(
     per_class: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     latents: dict[str, dict[str, int]] = {}
     probes = dict(known_probes or {})
+    rows = probe_rows(x_train.shape[0], probe_sample)
     basis = LeaceBasis.fit(x_train) if "leace" in methods and evaluated else None
     for target in evaluated:
         latents[str(target)] = {"dominant": dominant[target]}
@@ -139,7 +142,7 @@ def evaluate_seed(
                     out["probe_recovery"] = probes[key]
                 else:
                     out["probe_recovery"] = _edit_probe(
-                        edit, x_train, y_train, x_val, y_val, target, probe_max_iter
+                        edit, x_train[rows], y_train[rows], x_val, y_val, target, probe_max_iter
                     )
                     if key is not None:
                         probes[key] = out["probe_recovery"]
@@ -189,6 +192,7 @@ def seed_free_probes(
     projection_alpha: float,
     min_base_accuracy: float,
     probe_max_iter: int = 500,
+    probe_sample: int | None = None,
 ) -> dict[str, float]:
     """The probe recoveries that every SAE seed shares (the unedited representation, and the
     mean-difference and LEACE edits of each evaluated class), computed once for
@@ -203,6 +207,7 @@ def seed_free_probes(
     out: dict[str, float] = {}
     evaluated = evaluated_classes(base, min_base_accuracy)
     basis = LeaceBasis.fit(x_train) if evaluated else None
+    rows = probe_rows(x_train.shape[0], probe_sample)
     for target in evaluated:
         for name in ("zero_row", *SEED_FREE_REPRESENTATIONS):
             edit = build_edit(
@@ -210,8 +215,25 @@ def seed_free_probes(
                 projection_alpha=projection_alpha, paper_alpha=0.0, seed=0, leace_basis=basis,
             )  # fmt: skip
             key = _probe_key(name, edit, target)
-            out[key] = _edit_probe(edit, x_train, y_train, x_val, y_val, target, probe_max_iter)
+            out[key] = _edit_probe(
+                edit, x_train[rows], y_train[rows], x_val, y_val, target, probe_max_iter
+            )
     return out
+
+
+# The probes' train rows are drawn with this seed, the same for every method, class and SAE seed:
+# all probes of one evaluation see the same rows, so the seed-free ones are shared.
+PROBE_ROWS_SEED = 0
+
+
+def probe_rows(n: int, sample: int | None) -> slice | torch.Tensor:
+    """The train rows a probe is fitted on: all of them up to ``sample``, else ``sample`` rows
+    drawn without replacement (seeded, in ascending order). A probe's cost then stops growing
+    with the data: probe recovery is a balanced accuracy, which a few thousand rows estimate."""
+    if sample is None or n <= sample:
+        return slice(None)
+    g = torch.Generator().manual_seed(PROBE_ROWS_SEED)
+    return torch.randperm(n, generator=g)[:sample].sort().values
 
 
 def _edit_probe(edit: MethodEdit, x_train, y_train, x_val, y_val, target: int, max_iter: int):

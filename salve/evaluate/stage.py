@@ -38,6 +38,7 @@ def one_thread_probes(
             weight, bias, *train, *val,
             projection_alpha=cfg.evaluate.projection_alpha,
             min_base_accuracy=cfg.edit.min_base_accuracy,
+            probe_sample=cfg.evaluate.probe_sample,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -65,6 +66,7 @@ def fit_and_evaluate(job: dict) -> dict:
             projection_alpha=job["projection_alpha"], paper_alpha=job["paper_alpha"],
             min_base_accuracy=job["min_base_accuracy"], seed=job["seed"],
             shifted_val_acts=job["shifted"], known_probes=job["known_probes"],
+            probe_sample=job["probe_sample"],
             sae=sae,  # salve_steer reads its encode rule
         )  # fmt: skip
     finally:
