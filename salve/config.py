@@ -172,6 +172,13 @@ class SaeConfig:
     l1_l2_ratio: float = setting(0.0, min=0.0, help="topk: scale-invariant l1/l2 penalty")
     lr: float = setting(1e-3, min=0.0, max=10.0, min_exclusive=True, help="Adam learning rate")
     epochs: int = setting(300, min=1, max=100_000, help="passes over the training activations")
+    max_steps: int = setting(
+        2000,
+        min=0,
+        max=100_000_000,
+        help="at most this many optimiser steps: fewer epochs on a large dataset, so a fit's "
+        "cost stops growing with the data (0: sae.epochs alone)",
+    )
     batch_size: int = setting(256, min=1, max=1_000_000, help="SAE batch size")
     normalise_decoder: bool = setting(True, help="unit-norm decoder columns (sets alpha's scale)")
 

@@ -538,3 +538,36 @@ def test_load_sae_reads_new_and_earlier_sidecars(acts, tmp_path: Path) -> None:
         back, info = load_sae(tmp_path)
         assert info == sidecar and type(back) is type(sae)
         assert torch.equal(back.encode(acts), sae.encode(acts))
+
+
+@pytest.mark.parametrize(
+    ("n", "epochs", "max_steps", "expected"),
+    [
+        (1438, 300, 2000, 300),  # the digits default: 6 steps an epoch, under the cap
+        (4000, 300, 2000, 125),  # 16 steps an epoch
+        (16000, 300, 2000, 31),  # 63 steps an epoch
+        (16000, 300, 0, 300),  # no cap
+        (10**6, 300, 2000, 1),  # at least one epoch
+    ],
+)
+def test_fit_epochs_caps_the_optimiser_steps(n, epochs, max_steps, expected) -> None:
+    from salve.sae.fit import fit_epochs
+
+    cfg = SaeConfig(epochs=epochs, max_steps=max_steps, batch_size=256)
+    assert fit_epochs(n, cfg) == expected
+
+
+def test_fit_runs_the_capped_epochs_and_the_cap_above_them_changes_nothing() -> None:
+    import dataclasses
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(100, 8, generator=g)
+    base = SaeConfig(kind="relu", width=16, epochs=6, batch_size=25, max_steps=0)
+    _, history = fit_sae(acts, base, seed=0, progress=False)
+    capped_above = dataclasses.replace(base, max_steps=24)  # 4 steps an epoch: 6 epochs
+    sae_a, hist_a = fit_sae(acts, base, seed=0, progress=False)
+    sae_b, hist_b = fit_sae(acts, capped_above, seed=0, progress=False)
+    assert len(history) == 6 and hist_a == hist_b
+    assert torch.equal(sae_a.W_dec, sae_b.W_dec)
+    _, hist_c = fit_sae(acts, dataclasses.replace(base, max_steps=9), seed=0, progress=False)
+    assert len(hist_c) == 2 and hist_c == history[:2]  # the same first two epochs, then stop
