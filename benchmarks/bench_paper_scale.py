@@ -163,7 +163,12 @@ def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     for path in sorted((root / ".salve" / "timings").glob("*.json")):
         record = json.loads(path.read_text())
         stages[record["stage"]] = record["seconds"]
-    row = {"wall_s": wall, "peak_anon_mib": peak, "stages": stages, "rc": rc}
+    parts = {}  # the stages' own breakdown (tasks.common.PartTimes, in their run records)
+    for stage in PART_STAGES:
+        record = root / ".salve" / "runs" / f"{stage}.json"
+        if record.is_file():
+            parts[stage] = json.loads(record.read_text()).get("part_seconds", {})
+    row = {"wall_s": wall, "peak_anon_mib": peak, "stages": stages, "parts": parts, "rc": rc}
     if rc != 0:
         row["error"] = f"exit status {rc}: {bp.log_tail(log, 800)}"
     return row
@@ -173,20 +178,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     args.work.mkdir(parents=True, exist_ok=True)
     ips = bare_forward_ips(args)
     rows = []
-    for n in sorted(args.sizes):
+    for n, width in args.runs:
         folder, _ = bm.image_folder(args.work, n, args.image_size)
-        for width in args.widths:
-            root = make_project(args.work / f"project-n{n}-w{width}", folder, width, args)
-            print(f"[paper_scale] N {n}, width {width} ...", flush=True)
-            row = {"n": n, "width": width} | run_pipeline(root, args)
-            one_pass = n / ips
-            row["bare_pass_s"] = one_pass
-            row["passes"] = {s: sec / one_pass for s, sec in row["stages"].items()}
-            row["total_passes"] = row["wall_s"] / one_pass
-            rows.append(row)
-            print("\n".join(render_rows([row])), flush=True)
-            if not args.keep and "error" not in row:  # a failed run is kept, to be read
-                shutil.rmtree(root, ignore_errors=True)
+        root = make_project(args.work / f"project-n{n}-w{width}", folder, width, args)
+        print(f"[paper_scale] N {n}, width {width} ...", flush=True)
+        row = {"n": n, "width": width} | run_pipeline(root, args)
+        one_pass = n / ips
+        row["bare_pass_s"] = one_pass
+        row["passes"] = {s: sec / one_pass for s, sec in row["stages"].items()}
+        row["total_passes"] = row["wall_s"] / one_pass
+        rows.append(row)
+        print("\n".join(render_rows([row]) + [""] + render_parts([row])), flush=True)
+        if not args.keep and "error" not in row:  # a failed run is kept, to be read
+            shutil.rmtree(root, ignore_errors=True)
     return {
         "arch": args.arch,
         "image_size": args.image_size,
@@ -197,7 +201,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-STAGE_COLUMNS = ("fetch", "extract", "fit_sae", "gradfam", "evaluate", "report")
+STAGE_COLUMNS = ("fetch", "finetune", "extract", "fit_sae", "gradfam", "evaluate", "report")
+PART_STAGES = ("gradfam", "evaluate")
 
 
 def render_rows(rows: list[dict[str, Any]]) -> list[str]:
@@ -216,6 +221,22 @@ def render_rows(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def render_parts(rows: list[dict[str, Any]]) -> list[str]:
+    """What dominates gradfam and evaluate: each part's seconds over one bare pass."""
+    lines = ["| images | width | " + " | ".join(PART_STAGES) + " |", "|---|---|" + "---|" * 2]
+    for r in rows:
+        if "error" in r or not r.get("parts"):
+            continue
+        cells = [
+            ", ".join(f"{part} {sec / r['bare_pass_s']:.2f}" for part, sec in r["parts"][s].items())
+            if s in r["parts"]
+            else "–"
+            for s in PART_STAGES
+        ]
+        lines.append(f"| {r['n']:,} | {r['width']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(m: dict[str, Any]) -> list[str]:
     """The section for RESULTS.md: seconds as multiples of one bare forward pass."""
     return [
@@ -227,6 +248,10 @@ def render(m: dict[str, Any]) -> list[str]:
         "batch 64, same run). Cells: stage seconds / one bare pass over the same images.",
         "",
         *render_rows(m["rows"]),
+        "",
+        "Inside gradfam and evaluate (their run records), in bare passes:",
+        "",
+        *render_parts(m["rows"]),
     ]
 
 
@@ -234,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="NxW",
+        help="these (images x width) runs instead of every --sizes x --widths, e.g. 4000x4096",
+    )
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
@@ -246,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args(argv)
     args.work = args.work.resolve()
+    if args.runs:
+        try:
+            args.runs = [tuple(int(v) for v in r.lower().split("x")) for r in args.runs]
+        except ValueError:
+            ap.error(f"--runs takes IMAGESxWIDTH, e.g. 4000x4096: got {args.runs}")
+    else:
+        args.runs = [(n, w) for n in sorted(args.sizes) for w in args.widths]
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     result = bench(args)

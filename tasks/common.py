@@ -19,6 +19,7 @@ import logging
 import platform
 import socket
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,24 @@ def record_run(root: Path, stage: str, **details: Any) -> None:
         write_json(run_record_path(root, stage), record)
     except OSError as exc:
         log.warning("stage %s: run record not written (%s)", stage, exc)
+
+
+class PartTimes:
+    """Seconds spent in each part of a stage, for its run record (``write_metrics(run=...)``):
+    what dominates a stage at a user's scale, without a profiler."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """The time since the previous lap (or the start) is ``part``'s."""
+        now = time.perf_counter()
+        self.seconds[part] = round(self.seconds.get(part, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def record(self) -> dict[str, dict[str, float]]:
+        return {"part_seconds": dict(self.seconds)}
 
 
 def write_metrics(

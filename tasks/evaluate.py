@@ -49,7 +49,7 @@ from tasks.artifacts import (
     open_split,
     require,
 )
-from tasks.common import write_metrics, write_plot
+from tasks.common import PartTimes, write_metrics, write_plot
 from tasks.records import EvaluateMetrics
 
 Mapper = Callable[[Callable[[dict], dict], Sequence[dict]], list[dict]]
@@ -139,6 +139,7 @@ def load_shifted(root: Path) -> dict[str, torch.Tensor]:
 
 def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = None) -> dict:
     ev, spec = cfg.evaluate, STAGES["evaluate"]
+    parts = PartTimes()
     device = resolve_device(cfg.common.device)
     seed_everything(cfg.common.seed, num_threads=cfg.common.num_threads)
     classes = load_dataset_meta(root)["classes"]
@@ -148,9 +149,12 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
     train = load_activations(root, "train")
     val = load_activations(root, "val")
     val_images, _ = open_split(root, "val")
+    parts.lap("load")
     shifted = shifted_activations(model, val_images, sidecar["normalisation"], cfg, device)
     save_tensors(spec.path(root, "shifted"), {f"acts.{k}": v for k, v in shifted.items()})
+    parts.lap("shifted_images")
     known_probes = one_thread_probes(weight, bias, train, val, cfg)
+    parts.lap("seed_free_probes")
     pipeline_sae, _ = load_sae(root)  # fitted with common.seed: the first seed's SAE
     jobs = [  # paths and small parameters only (seed_job reads the activations)
         {
@@ -169,6 +173,7 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
         for i in range(ev.seeds)
     ]
     done = sorted((map_fn or serial_map)(seed_job, jobs), key=lambda r: r["seed"])
+    parts.lap("seeds")  # the fan-out: SAE refits, every method's edits and probes per seed
     cross = cross_class_changes(
         weight, bias, val, pipeline_sae, load_ranking(root)["cross_class"], classes,
         ev.projection_alpha,
@@ -179,7 +184,8 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
         {"seeds": [{k: v for k, v in r.items() if k != "stability"} for r in done]},
     )
     write_plot(root, "evaluate", "methods", method_rows(summary))
-    write_metrics(root, "evaluate", EvaluateMetrics, metrics)
+    parts.lap("cross_class_and_write")
+    write_metrics(root, "evaluate", EvaluateMetrics, metrics, run=parts.record())
     salve_projection = summary["salve_projection"]
     return {
         "seeds": len(done),

@@ -49,7 +49,7 @@ from tasks.artifacts import (
     load_sae,
     open_split,
 )
-from tasks.common import write_metrics
+from tasks.common import PartTimes, write_metrics
 from tasks.records import GradfamIndex, GradfamLatents, GradfamMetrics, write_record
 
 # Latent/image pairs whose deletion curves (or strips) are computed together (bounds memory).
@@ -66,7 +66,7 @@ def _finite_mean(values: torch.Tensor) -> float | None:
 
 
 def run(cfg: Config, root: Path, progress: bool = True) -> dict:
-    g, seed = cfg.gradfam, cfg.common.seed
+    g, seed, parts = cfg.gradfam, cfg.common.seed, PartTimes()
     seed_everything(seed, num_threads=cfg.common.num_threads)
     classes = load_dataset_meta(root)["classes"]
     ranking = load_ranking(root)
@@ -88,7 +88,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     top = top_images(codes, g.top_k)
     top[~live] = -1
     transform = lambda batch: normalise(batch, mean, std)  # noqa: E731 - one line, used twice
+    parts.lap("load")
     maps_lkhw = _top_maps(model, sae, images, codes, top, live, layer, per_pass, transform)
+    parts.lap("maps")
     tested = deletion_latents(list(roles), live, g.deletion_sample, seed)
     auc_lk, auc_random_lk = latent_deletion_aucs(
         model,
@@ -105,15 +107,18 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         pairs_per_chunk=PAIRS_PER_CHUNK,
         progress=progress,
     )
+    parts.lap("deletion_test")
     # Only where it is shown: the report's card of each dominant feature. At 224 px one feature's
     # AM costs about 300 forward passes' worth of optimisation steps.
     am_feats = sorted({d["feature"] for d in ranking["dominant"]}) if g.am_steps > 0 else []
     am_images, am_codes = _activation_maximisation(
         cfg, model, sae, am_feats, size, mean, std, per_pass
     )
+    parts.lap("activation_maximisation")
     _write_images(
         out, images, labels, codes, top, maps_lkhw, roles, classes, am_images, am_feats, progress
     )
+    parts.lap("images")
 
     header = {"image_size": size, "layer": layer.name, "map_grid": list(layer.grid)}
     latents = _latent_records(codes, labels, classes, top, am_codes, auc_lk, auc_random_lk)
@@ -132,7 +137,7 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
         tensors["am"] = am_images
     save_tensors(spec.path(root, "tensors"), tensors)
     summary = _summary(latents, index, tested, am_feats, g.top_k, layer)
-    write_metrics(root, "gradfam", GradfamMetrics, summary)
+    write_metrics(root, "gradfam", GradfamMetrics, summary, run=parts.record())
     return summary
 
 
