@@ -325,6 +325,13 @@ class EvaluateConfig:
     paper_alpha: float = setting(
         8.0, min=0.0, help="strength of the paper-rule edit, per-feature units"
     )
+    shift_sample: int = setting(
+        512,
+        min=10,
+        max=10_000_000,
+        help="generalisation: the shifted images (noise, blur, jitter) are made of at most this "
+        "many val images (seeded), three backbone passes over them",
+    )
     probe_sample: int = setting(
         2000,
         min=10,

@@ -27,6 +27,7 @@ import torch
 
 from salve.config import Config
 from salve.evaluate import SHIFTS, feature_stability
+from salve.evaluate.seed import sample_rows
 from salve.evaluate.stage import (
     cross_class_changes,
     dominant_latents,
@@ -92,6 +93,7 @@ def seed_job(job: dict) -> dict:
         val_acts, val_labels = load_activations(root, "val")
         pipeline_sae, _ = load_sae(root)
         model = require(root, "finetune", "model")
+        shifted, shifted_rows = load_shifted(root)
         out = fit_and_evaluate(
             {k: job[k] for k in _JOB_PARAMETERS}
             | {
@@ -102,7 +104,8 @@ def seed_job(job: dict) -> dict:
                 "train_labels": train_labels,
                 "val_acts": val_acts,
                 "val_labels": val_labels,
-                "shifted": load_shifted(root),
+                "shifted": shifted,
+                "shifted_rows": shifted_rows,
             }
         )
         stability = None
@@ -130,11 +133,12 @@ def _worker_root(path: str) -> Path:
     return root
 
 
-def load_shifted(root: Path) -> dict[str, torch.Tensor]:
-    """The shifted val activations `run` saved, in SHIFTS order (the order of their mean)."""
+def load_shifted(root: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The shifted val activations `run` saved, in SHIFTS order (the order of their mean), and
+    the val rows they were made of."""
     path = STAGES["evaluate"].path(root, "shifted")
-    tensors = load_tensors(path, [f"acts.{kind}" for kind in SHIFTS])
-    return {kind: tensors[f"acts.{kind}"] for kind in SHIFTS}
+    tensors = load_tensors(path, [*(f"acts.{kind}" for kind in SHIFTS), "rows"])
+    return {kind: tensors[f"acts.{kind}"] for kind in SHIFTS}, tensors["rows"]
 
 
 def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = None) -> dict:
@@ -150,8 +154,13 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
     val = load_activations(root, "val")
     val_images, _ = open_split(root, "val")
     parts.lap("load")
-    shifted = shifted_activations(model, val_images, sidecar["normalisation"], cfg, device)
-    save_tensors(spec.path(root, "shifted"), {f"acts.{k}": v for k, v in shifted.items()})
+    # The generalisation metric on a fixed-size sample of val: its cost stops growing with N.
+    rows = sample_rows(val_images.shape[0], ev.shift_sample, cfg.common.seed)
+    sampled = val_images if len(rows) == val_images.shape[0] else val_images[rows]
+    shifted = shifted_activations(model, sampled, sidecar["normalisation"], cfg, device)
+    save_tensors(
+        spec.path(root, "shifted"), {f"acts.{k}": v for k, v in shifted.items()} | {"rows": rows}
+    )
     parts.lap("shifted_images")
     known_probes = one_thread_probes(weight, bias, train, val, cfg)
     parts.lap("seed_free_probes")

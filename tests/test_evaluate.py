@@ -468,7 +468,8 @@ def test_a_job_with_a_fitted_sae_uses_it_and_the_others_fit_their_seed(monkeypat
     job = {
         "known_probes": None, "probe_sample": None, "reproducible": True, "sae": cfg,
         "train_acts": x_train, "train_labels": y_train, "val_acts": x_val, "val_labels": y_val,
-        "weight": weight, "bias": torch.zeros(k), "shifted": {}, "projection_alpha": 1.0,
+        "weight": weight, "bias": torch.zeros(k), "shifted": {}, "shifted_rows": None,
+        "projection_alpha": 1.0,
         "paper_alpha": 8.0, "min_base_accuracy": 0.5,
     }  # fmt: skip
     reused = stage.fit_and_evaluate(job | {"seed": 0, "fitted": given})
@@ -651,3 +652,40 @@ def test_probe_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_row
         weight, bias, x_train, y_train, x_val, y_val, probe_sample=24, **common
     )
     assert sizes and set(sizes) == {24}
+
+
+def test_generalisation_on_a_sample_of_val_is_the_efficacy_on_those_rows() -> None:
+    """Unshifted "shifted" activations of a sample of val rows: the generalisation is then the
+    efficacy an evaluation of those rows alone measures; all rows give the efficacy itself."""
+    g = torch.Generator().manual_seed(2)
+    k, m = 3, 5
+    x_train, y_train = torch.randn(90, m, generator=g), torch.arange(90) % k
+    x_val, y_val = torch.randn(40, m, generator=g), torch.arange(40) % k
+    weight = torch.randn(k, m, generator=g)
+    w_dec, b_dec = torch.randn(m, 4, generator=g), torch.zeros(m)
+    common = dict(
+        projection_alpha=1.0, paper_alpha=1.0, min_base_accuracy=0.0, seed=0,
+        methods=("salve_projection", "zero_row"), probe=False,
+    )  # fmt: skip
+    args = (weight, torch.zeros(k), x_train, y_train)
+    rows = torch.tensor([1, 4, 5, 9, 11, 20, 21, 30, 33, 39])
+    sampled = evaluate_seed(
+        *args, x_val, y_val, w_dec, b_dec, [0, 1, 2],
+        shifted_val_acts={"noise": x_val[rows]}, shifted_rows=rows, **common,
+    )  # fmt: skip
+    alone = evaluate_seed(*args, x_val[rows], y_val[rows], w_dec, b_dec, [0, 1, 2], **common)
+    whole = evaluate_seed(
+        *args, x_val, y_val, w_dec, b_dec, [0, 1, 2],
+        shifted_val_acts={"noise": x_val}, shifted_rows=torch.arange(40), **common,
+    )  # fmt: skip
+    for method in ("salve_projection", "zero_row"):
+        for target in ("0", "1", "2"):
+            got = sampled["per_class"][method][target]["generalisation_noise"]
+            assert got == pytest.approx(alone["per_class"][method][target]["efficacy"])
+            w = whole["per_class"][method][target]
+            assert w["generalisation_noise"] == pytest.approx(w["efficacy"])
+    with pytest.raises(ValueError, match="val rows shifted"):
+        evaluate_seed(
+            *args, x_val, y_val, w_dec, b_dec, [0, 1, 2],
+            shifted_val_acts={"noise": x_val}, shifted_rows=rows, **common,
+        )  # fmt: skip

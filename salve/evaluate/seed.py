@@ -41,6 +41,7 @@ def evaluate_seed(
     min_base_accuracy: float,
     seed: int,
     shifted_val_acts: Mapping[str, torch.Tensor] | None = None,
+    shifted_rows: torch.Tensor | None = None,
     methods: Sequence[str] | None = None,
     probe: bool = True,
     probe_max_iter: int = 500,
@@ -54,7 +55,8 @@ def evaluate_seed(
 
     Only classes with base val accuracy >= ``min_base_accuracy`` are evaluated (a failing class
     cannot be suppressed). ``shifted_val_acts`` maps a shift kind to the activations of the
-    shifted val images (same order and labels as ``val_acts_nm``); with it, ``generalisation``
+    shifted val images (same order and labels as ``val_acts_nm``, or as its ``shifted_rows``
+    when the shifted images are a sample of val: :func:`sample_rows`); with it, ``generalisation``
     (mean over kinds) and ``generalisation_<kind>`` are the efficacy on those. ``probe=False``
     skips ``probe_recovery`` (the costly part), which fits on at most ``probe_sample`` train rows
     (:func:`probe_rows`); ``known_probes`` (from :func:`seed_free_probes`
@@ -82,19 +84,22 @@ def evaluate_seed(
     if sae is None and set(methods) & set(SAE_METHODS):
         raise ValueError(f"{sorted(set(methods) & set(SAE_METHODS))} need the SAE: pass sae=")
     shifted = {}
+    y_shift = (
+        y_val if shifted_rows is None else y_val[torch.as_tensor(shifted_rows, dtype=torch.long)]
+    )
     for kind, acts in (shifted_val_acts or {}).items():
         if kind not in SHIFTS:
             raise ValueError(f"unknown shift {kind!r}; choose from {SHIFTS}")
         shifted[kind] = _acts64(acts, m, f"shifted ({kind})")
-        if shifted[kind].shape[0] != x_val.shape[0]:
-            raise ValueError(f"shifted ({kind}) activations must match the val set's N")
+        if shifted[kind].shape[0] != y_shift.shape[0]:
+            raise ValueError(f"shifted ({kind}) activations must match the val rows shifted")
 
     preds_val = (x_val @ w.T + b).argmax(1)
     base = per_class_accuracy(preds_val, y_val, k)
     evaluated = evaluated_classes(base, min_base_accuracy)
     left_out = [c for c in range(k) if c not in evaluated]
     preds_shift = {kind: (xs @ w.T + b).argmax(1) for kind, xs in shifted.items()}
-    base_shift = {kind: per_class_accuracy(p, y_val, k) for kind, p in preds_shift.items()}
+    base_shift = {kind: per_class_accuracy(p, y_shift, k) for kind, p in preds_shift.items()}
 
     per_class: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     latents: dict[str, dict[str, int]] = {}
@@ -130,7 +135,7 @@ def evaluate_seed(
                 per_kind = {
                     kind: float(
                         base_shift[kind][target]
-                        - per_class_accuracy(edit.logits(xs).argmax(1), y_val, k)[target]
+                        - per_class_accuracy(edit.logits(xs).argmax(1), y_shift, k)[target]
                     )
                     for kind, xs in shifted.items()
                 }
@@ -232,7 +237,15 @@ def probe_rows(n: int, sample: int | None) -> slice | torch.Tensor:
     with the data: probe recovery is a balanced accuracy, which a few thousand rows estimate."""
     if sample is None or n <= sample:
         return slice(None)
-    g = torch.Generator().manual_seed(PROBE_ROWS_SEED)
+    return sample_rows(n, sample, PROBE_ROWS_SEED)
+
+
+def sample_rows(n: int, sample: int, seed: int) -> torch.Tensor:
+    """``min(n, sample)`` distinct rows of ``n``, seeded, in ascending order (all rows when
+    ``n <= sample``)."""
+    if n <= sample:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:sample].sort().values
 
 

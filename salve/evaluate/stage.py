@@ -65,7 +65,8 @@ def fit_and_evaluate(job: dict) -> dict:
             job["val_labels"], sae.W_dec.detach(), sae.b_dec.detach(), dominant,
             projection_alpha=job["projection_alpha"], paper_alpha=job["paper_alpha"],
             min_base_accuracy=job["min_base_accuracy"], seed=job["seed"],
-            shifted_val_acts=job["shifted"], known_probes=job["known_probes"],
+            shifted_val_acts=job["shifted"], shifted_rows=job["shifted_rows"],
+            known_probes=job["known_probes"],
             probe_sample=job["probe_sample"],
             sae=sae,  # salve_steer reads its encode rule
         )  # fmt: skip
