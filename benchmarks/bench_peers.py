@@ -268,7 +268,9 @@ def bench_sae_vs_peers(
     from salve.sae import fit_sae
 
     n, d = acts.shape
-    cfg = SaeConfig(kind="topk", width=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr)
+    cfg = SaeConfig(
+        kind="topk", width=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=0
+    )  # the same epochs as the peers
     results: dict[str, torch.Tensor] = {}
     fns: dict[str, Callable[[], Any]] = {}
     peers: dict[str, dict[str, Any]] = {}

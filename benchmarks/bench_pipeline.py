@@ -328,7 +328,9 @@ def bench_sae(n: int, d: int, width: int, epochs: int, batch_size: int, k: int) 
     fit_sae(acts[:batch_size], warm_up, seed=0, progress=False)
     rows = []
     for kind in SAE_KINDS:
-        s = SaeConfig(kind=kind, width=width, epochs=epochs, batch_size=batch_size, k=k)
+        s = SaeConfig(
+            kind=kind, width=width, epochs=epochs, batch_size=batch_size, k=k, max_steps=0
+        )
         t0 = time.perf_counter()
         fit_sae(acts, s, seed=0, progress=False)
         seconds = time.perf_counter() - t0
