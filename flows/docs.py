@@ -401,6 +401,37 @@ def _bench_section(bench: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _paper_scale_section(bench: Mapping[str, Any]) -> list[str]:
+    """The whole pipeline at 224 px on thousands of images (bench_paper_scale.py)."""
+    ps = get_path(bench, "results.paper_scale", {})
+    rows = [r for r in ps.get("rows", []) if "error" not in r and r.get("passes")]
+    if not rows:
+        return []
+    cpu = get_path(ps, "run.machine.cpu_model", "?")
+    passes = ("extract", "fit_sae", "gradfam", "evaluate")
+    table = [
+        (f"{r['n']:,}", r["width"], f"{r['total_passes']:.2f} ({r['wall_s']:.0f} s)")
+        + tuple(f"{r['passes'].get(s, float('nan')):.2f}" for s in passes)
+        + (f"{r['peak_anon_mib']:,.0f}",)
+        for r in rows
+    ]
+    return [
+        "## Paper scale",
+        "",
+        f"From `{BENCH_JSON}` (`benchmarks/bench_paper_scale.py`): `salve run` explaining a "
+        f"seeded {ps.get('arch', '?')} as it is at {ps.get('image_size', '?')} px on a synthetic "
+        f"6-class folder, {ps.get('threads', '?')} threads on {cpu}. Seconds as multiples of "
+        f"one bare forward pass over the same images ({ps.get('bare_forward_images_per_s', 0):.1f}"
+        " images/s, `inference_mode`, measured in the same run); peak anonymous memory of every "
+        "process of the run.",
+        "",
+        *md_table(
+            ("images", "SAE width", "whole run", *passes, "peak anon MiB"),
+            table,
+        ),
+    ]
+
+
 def results_markdown(d: DocInputs) -> str:
     """docs/RESULTS.md, whole."""
     m = d.metrics
@@ -446,6 +477,7 @@ def results_markdown(d: DocInputs) -> str:
     )
     if d.bench:
         sections.append(_bench_section(d.bench))
+        sections.append(_paper_scale_section(d.bench))
     for section in sections:
         if section:
             lines += [*section, ""]
