@@ -98,7 +98,16 @@ def setup_sentence(d: DocInputs) -> str:
         f"edit; seed {get_path(p, 'common.seed', '?')}, "
         f"{get_path(p, 'common.num_threads', '?')} CPU "
         f"threads, `common.reproducible: {str(get_path(p, 'common.reproducible', '?')).lower()}`"
+        + KERNEL_NOTE.get(get_path(p, "common.reproducible", None), "")
     )
+
+
+# What the kernel mode means for a reader comparing their own run with these numbers.
+KERNEL_NOTE = {
+    False: " (the CPU's fastest kernels: another CPU model can differ in the last digits; "
+    "`--set common.reproducible=true` gives the same bytes on every x86-64 CPU)",
+    True: " (the cross-CPU kernel pin: the same bytes on every x86-64 CPU)",
+}
 
 
 def _lowest_class(fine: Mapping[str, Any]) -> str:
