@@ -13,8 +13,9 @@ anonymous resident memory (RssAnon: file-backed pages of memory-mapped tensors e
 every process in that group every 0.2 s.
 
 The unit is one bare forward pass over the same N images: the model in `inference_mode`, batch
-64, the same threads, measured in a separate process of the same run, on images already
-decoded (so fetch's decoding is charged to fetch). Each stage's seconds (.salve/timings) and the
+64, the same threads, measured in a separate process right before and right after each
+pipeline run (their mean; both are kept), on images already decoded (so fetch's decoding is
+charged to fetch). Each stage's seconds (.salve/timings) and the
 whole run are reported as multiples of it. Nothing here asserts on time.
 """
 
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -176,13 +178,20 @@ def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     args.work.mkdir(parents=True, exist_ok=True)
-    ips = bare_forward_ips(args)
-    rows = []
+    rows, references = [], []
     for n, width in args.runs:
         folder, _ = bm.image_folder(args.work, n, args.image_size)
         root = make_project(args.work / f"project-n{n}-w{width}", folder, width, args)
+        # The reference right before and right after the run: this machine's speed drifts (a
+        # bare ResNet-18 pass measured 29 to 44 images/s here within an hour), so each row is
+        # read against the mean of the two around it.
+        before = references[-1] if references else bare_forward_ips(args)
         print(f"[paper_scale] N {n}, width {width} ...", flush=True)
         row = {"n": n, "width": width} | run_pipeline(root, args)
+        after = bare_forward_ips(args)
+        references += [after] if references else [before, after]
+        ips = (before + after) / 2
+        row["bare_forward_images_per_s"] = {"before": before, "after": after, "used": ips}
         one_pass = n / ips
         row["bare_pass_s"] = one_pass
         row["passes"] = {s: sec / one_pass for s, sec in row["stages"].items()}
@@ -196,7 +205,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "threads": args.threads,
         "device": args.device,
-        "bare_forward_images_per_s": ips,
+        "bare_forward_images_per_s": statistics.median(references),
+        "bare_forward_measurements": references,
         "rows": rows,
     }
 
@@ -237,6 +247,11 @@ def render_parts(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _spread(m: dict[str, Any]) -> str:
+    refs = m.get("bare_forward_measurements") or [m["bare_forward_images_per_s"]]
+    return f"{min(refs):.1f} to {max(refs):.1f} images/s"
+
+
 def render(m: dict[str, Any]) -> list[str]:
     """The section for RESULTS.md: seconds as multiples of one bare forward pass."""
     return [
@@ -245,7 +260,9 @@ def render(m: dict[str, Any]) -> list[str]:
         f"Explain-as-is of a seeded {m['arch']} at {m['image_size']} px on "
         f"{m.get('device', 'cpu')}, {m['threads']} threads; "
         f"one bare forward pass: {m['bare_forward_images_per_s']:.1f} images/s (inference_mode, "
-        "batch 64, same run). Cells: stage seconds / one bare pass over the same images.",
+        "batch 64, contiguous layout; the median of measurements before and after every run, "
+        f"which ranged {_spread(m)}). Cells: stage seconds / one bare pass over the same images, "
+        "each row against the mean of the measurements right before and after it.",
         "",
         *render_rows(m["rows"]),
         "",
