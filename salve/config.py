@@ -293,10 +293,10 @@ class GradfamConfig:
         16,
         min=0,
         max=100_000,
-        help="faithfulness: the deletion test runs on the dominant and cross-class features and "
-        "this many other latents, drawn (seeded) from those active on val: a fixed cost at any "
-        "SAE width (each latent 20 forward passes per top image: at 224 px the test was 0.7 of "
-        "a pass over 4k images with 32)",
+        help="faithfulness: the deletion test runs on the dominant features, this many of the "
+        "cross-class features and this many other latents, each drawn (seeded) from those "
+        "active on val: a fixed cost at any SAE width (each latent costs 20 forward passes per "
+        "top image: at 224 px the test was 0.7 of a pass over 4k images)",
     )
     am_steps: int = setting(64, min=0, max=100_000, help="activation-maximisation steps")
     am_lr: float = setting(

@@ -210,15 +210,25 @@ def top_images(codes_nl: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def deletion_latents(
-    roles: Sequence[int], live_l: torch.Tensor, sample: int, seed: int
+    dominant: Sequence[int],
+    cross_class: Sequence[int],
+    live_l: torch.Tensor,
+    sample: int,
+    seed: int,
 ) -> list[int]:
-    """The latents the deletion test runs on: the roles, and ``sample`` others drawn (seeded)
-    from the rest; all of them when there are no more. Only latents active on val (``live_l``)."""
-    alive, chosen = torch.nonzero(live_l).flatten().tolist(), set(roles)
-    others = [lat for lat in alive if lat not in chosen]
-    gen = torch.Generator().manual_seed(int(seed))
-    drawn = torch.randperm(len(others), generator=gen)[: max(0, int(sample))]
-    return sorted({lat for lat in roles if live_l[lat]} | {others[i] for i in drawn.tolist()})
+    """The latents the deletion test runs on: every dominant feature, ``sample`` of the
+    cross-class features and ``sample`` of the other latents, each drawn (seeded) where there are
+    more; only latents active on val (``live_l``). Bounded whatever the SAE's width: the
+    cross-class features grow with it (14 at width 64, 51 at 4096 on a 6-class folder)."""
+    keep = {lat for lat in dominant if live_l[lat]}
+    cross = [lat for lat in dict.fromkeys(cross_class) if live_l[lat] and lat not in keep]
+    taken = keep | set(cross)
+    others = [lat for lat in torch.nonzero(live_l).flatten().tolist() if lat not in taken]
+    for offset, pool in enumerate((cross, others)):
+        gen = torch.Generator().manual_seed(int(seed) + offset)
+        drawn = torch.randperm(len(pool), generator=gen)[: max(0, int(sample))]
+        keep |= {pool[i] for i in drawn.tolist()}
+    return sorted(keep)
 
 
 def latent_deletion_aucs(

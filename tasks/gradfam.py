@@ -1,13 +1,15 @@
 """gradfam: for every SAE latent, its top-activating val images with Grad-FAM overlays;
-the deletion AUC (saliency order vs a random order) of the dominant and cross-class features and
-of a seeded sample of other latents; activation-maximisation images for the dominant features
-(where the report shows them).
+the deletion AUC (saliency order vs a random order) of the dominant features and of seeded
+samples of the cross-class features and of the other latents; activation-maximisation images
+for the dominant features (where the report shows them).
 
 Cost bounded by what is shown: the top images come from the cached val codes, each distinct
 image's forward pass is shared by every latent that shows it (``gradfam_shared``), the deletion
-test runs on a fixed number of latents (``gradfam.deletion_sample`` besides the roles) and only
-on the top images where the latent is on (elsewhere its curve is NaN), and the strips are
-composited in batches and written without one fsync each (one sync at the end).
+test runs on a fixed number of latents (the dominant features, and ``gradfam.deletion_sample``
+each of the cross-class features and of the others) and only on the top images where the
+latent is on (elsewhere its curve is NaN), and the strips are composited in batches and
+written without one fsync each (one sync at the end). What still grows with the width: one
+strip per live latent, and the maps' forward passes, at most one per val image.
 
 Outputs (results/gradfam/): ``latent_<l>.png`` per latent that is ever active on val (a strip
 of its top images with their maps), ``overlay_<l>.png`` (the same with titles) per dominant or
@@ -91,7 +93,9 @@ def run(cfg: Config, root: Path, progress: bool = True) -> dict:
     parts.lap("load")
     maps_lkhw = _top_maps(model, sae, images, codes, top, live, layer, per_pass, transform)
     parts.lap("maps")
-    tested = deletion_latents(list(roles), live, g.deletion_sample, seed)
+    dominant = [d["feature"] for d in ranking["dominant"]]
+    cross = [c["feature"] for c in ranking["cross_class"]]
+    tested = deletion_latents(dominant, cross, live, g.deletion_sample, seed)
     auc_lk, auc_random_lk = latent_deletion_aucs(
         model,
         sae,

@@ -775,12 +775,19 @@ def test_top_images_and_the_deletion_sample():
     assert top_images(codes, 99).shape == (12, 30)
     live = torch.ones(12, dtype=torch.bool)
     live[[0, 5]] = False
-    picked = deletion_latents([3, 9], live, 4, seed=1)
+    picked = deletion_latents([3, 9], [], live, 4, seed=1)
     assert len(picked) == 6 and {3, 9} <= set(picked) and not {0, 5} & set(picked)
-    assert picked == deletion_latents([3, 9], live, 4, seed=1) == sorted(picked)
-    assert picked != deletion_latents([3, 9], live, 4, seed=2)
-    assert deletion_latents([3, 9], live, 100, seed=1) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
-    assert deletion_latents([3, 5], live, 0, seed=1) == [3]  # a role never active: no test
+    assert picked == deletion_latents([3, 9], [], live, 4, seed=1) == sorted(picked)
+    assert picked != deletion_latents([3, 9], [], live, 4, seed=2)
+    assert deletion_latents([3, 9], [], live, 100, seed=1) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert deletion_latents([3, 5], [], live, 0, seed=1) == [3]  # a role never active: no test
+    # Cross-class features: all of them up to the sample, then a seeded sample of that size
+    cross = [1, 2, 4, 6, 7]
+    assert deletion_latents([3], cross, live, 0, seed=1) == [3]
+    assert set(deletion_latents([3], cross, live, 5, seed=1)) >= {1, 2, 3, 4, 6, 7}
+    few = deletion_latents([3], cross, live, 2, seed=1)
+    assert len(few) == 1 + 2 + 2 and len(set(few) & set(cross)) >= 2
+    assert len(set(few) - set(cross) - {3}) <= 2
 
 
 def test_backward_state_per_image_scales_with_the_pixels_and_bounds_the_batch() -> None:
