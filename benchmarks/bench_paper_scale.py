@@ -265,6 +265,8 @@ def render(m: dict[str, Any]) -> list[str]:
         "each row against the mean of the measurements right before and after it.",
         "",
         *render_rows(m["rows"]),
+        *[f"\n- {r['n']:,} x {r['width']}: {r['note']}" for r in m["rows"] if r.get("note")],
+        *([f"\n{m['note']}"] if m.get("note") else []),
         "",
         "Inside gradfam and evaluate (their run records), in bare passes:",
         "",

@@ -438,6 +438,7 @@ def _paper_scale_section(bench: Mapping[str, Any]) -> list[str]:
             ("images", "SAE width", "whole run", *passes, "peak anon MiB"),
             table,
         ),
+        *[f"\n- {r['n']:,} x {r['width']}: {r['note']}" for r in rows if r.get("note")],
     ]
 
 
