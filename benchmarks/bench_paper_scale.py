@@ -71,9 +71,33 @@ with torch.inference_mode():
 """
 
 
-def rss_anon_mib(pgid: int) -> float:
-    """Anonymous resident memory of every live process in a process group, in MiB."""
-    total_kib = 0
+def process_role(pid: str) -> str:
+    """A short name for what a process in the run is, from its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    line = " ".join(a.decode(errors="replace") for a in argv if a)
+    for needle, role in (
+        ("prefect server", "prefect server"),
+        ("uvicorn", "prefect server"),
+        ("flows.api", "prefect server"),
+        ("distributed.cli.dask_worker", "dask worker"),
+        ("dask worker", "dask worker"),
+        ("dask-worker", "dask worker"),
+        ("multiprocessing.forkserver", "forkserver"),
+        ("from multiprocessing", "dask worker"),
+        ("flows.cli", "salve run (flow)"),
+        ("dvc", "dvc"),
+    ):
+        if needle in line:
+            return role
+    return line[:60] or "?"
+
+
+def rss_anon_by_pid(pgid: int) -> dict[str, float]:
+    """Anonymous resident memory (MiB) of every live process in a process group."""
+    by_pid = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -82,30 +106,63 @@ def rss_anon_mib(pgid: int) -> float:
                 continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("RssAnon:"):
-                    total_kib += int(line.split()[1])
+                    by_pid[pid] = int(line.split()[1]) / 1024
         except (OSError, ValueError):
             continue
-    return total_kib / 1024
+    return by_pid
 
 
 class PeakSampler:
-    """The peak of `rss_anon_mib` over a process group, sampled in a thread."""
+    """The peak of a process group's summed anonymous RSS, sampled in a thread.
+
+    Besides the peak it keeps who held it (each process's share at that moment, by role) and
+    every process's own peak: the sum's peak depends on which stages overlap, the roles' on
+    what each one holds.
+    """
 
     def __init__(self, pgid: int, interval_s: float = 0.2) -> None:
-        self.pgid, self.interval_s, self.peak = pgid, interval_s, 0.0
+        self.pgid, self.interval_s, self.peak, self.peak_time = pgid, interval_s, 0.0, 0.0
+        self.at_peak: dict[str, float] = {}
+        self.timeline: list[tuple[float, float]] = []  # (wall time, summed MiB), 1 s apart
+        self.own_peaks: dict[str, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon_mib(self.pgid))
+            by_pid = rss_anon_by_pid(self.pgid)
+            for pid, mib in by_pid.items():
+                role, before = self.own_peaks.get(pid, (None, 0.0))
+                if mib > before:
+                    self.own_peaks[pid] = (role or process_role(pid), mib)
+            total = sum(by_pid.values())
+            now = time.time()
+            if not self.timeline or now - self.timeline[-1][0] >= 1.0:
+                self.timeline.append((now, total))
+            elif total > self.timeline[-1][1]:
+                self.timeline[-1] = (self.timeline[-1][0], total)
+            if total > self.peak:
+                self.peak, self.peak_time = total, now
+                self.at_peak = {}
+                for pid, mib in by_pid.items():
+                    role = self.own_peaks[pid][0] if pid in self.own_peaks else "?"
+                    self.at_peak[role] = self.at_peak.get(role, 0.0) + mib
             self._stop.wait(self.interval_s)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+    def breakdown(self) -> dict[str, Any]:
+        """MiB at the peak by role, and each process's own peak (largest first)."""
+        own = sorted(self.own_peaks.items(), key=lambda kv: -kv[1][1])
+        return {
+            "at_peak_mib": {k: round(v) for k, v in sorted(self.at_peak.items())},
+            "own_peaks_mib": [[role, round(mib)] for _, (role, mib) in own[:12]],
+            "timeline": [[round(t, 1), round(mib)] for t, mib in self.timeline],
+        }
 
 
 def bare_forward_ips(args: argparse.Namespace) -> float:
@@ -161,16 +218,20 @@ def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             peak = sampler.stop()
         wall = time.perf_counter() - t0
-    stages = {}
+    stages, running_at_peak = {}, []
     for path in sorted((root / ".salve" / "timings").glob("*.json")):
         record = json.loads(path.read_text())
         stages[record["stage"]] = record["seconds"]
+        if record["finished"] - record["seconds"] <= sampler.peak_time <= record["finished"]:
+            running_at_peak.append(record["stage"])
     parts = {}  # the stages' own breakdown (tasks.common.PartTimes, in their run records)
     for stage in PART_STAGES:
         record = root / ".salve" / "runs" / f"{stage}.json"
         if record.is_file():
             parts[stage] = json.loads(record.read_text()).get("part_seconds", {})
-    row = {"wall_s": wall, "peak_anon_mib": peak, "stages": stages, "parts": parts, "rc": rc}
+    memory = sampler.breakdown() | {"stages_running_at_peak": running_at_peak}
+    row = {"wall_s": wall, "peak_anon_mib": peak, "memory": memory}
+    row |= {"stages": stages, "parts": parts, "rc": rc}
     if rc != 0:
         row["error"] = f"exit status {rc}: {bp.log_tail(log, 800)}"
     return row
@@ -198,6 +259,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         row["total_passes"] = row["wall_s"] / one_pass
         rows.append(row)
         print("\n".join(render_rows([row]) + [""] + render_parts([row])), flush=True)
+        (args.work / f"row-n{n}-w{width}.json").write_text(json.dumps(row))  # with the timeline
+        shown = {k: v for k, v in row["memory"].items() if k != "timeline"}
+        print(f"[paper_scale] memory: {json.dumps(shown)}", flush=True)
         if not args.keep and "error" not in row:  # a failed run is kept, to be read
             shutil.rmtree(root, ignore_errors=True)
     return {
