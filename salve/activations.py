@@ -4,6 +4,11 @@ and anything else computed per batch.
 The images are a tensor, or a `salve.io.TensorRows` (a file's tensor read by row slices), so a
 split of any size passes through with one batch of images in memory at a time.
 
+A batch holds at most `FORWARD_MEMORY_MB` of activations at once (`images_per_forward`): at
+224 px a ResNet-18 batch of 256 held 1.5 GiB in its first layers alone, the largest allocation
+of an explain-as-is run; capped at 83 images, extract ran as fast (benchmarks/bench_paper_scale.py
+at 4k images: 0.73 bare passes, against 0.76 to 0.82 with batches of 256).
+
 The passes run channels-last (model and batches, the model restored after): a ResNet-18 at
 224 px ran 1.6x faster on CPU than in the default layout, whichever kernel mode
 (benchmarks/bench_kernels.py); a ViT has one convolution and is unaffected.
@@ -21,6 +26,44 @@ from tqdm.auto import tqdm
 from salve.data import normalise
 from salve.io import TensorRows
 from salve.models import penultimate
+
+FORWARD_MEMORY_MB = 512
+
+
+def forward_bytes_per_image(
+    model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], image_shape: tuple[int, ...]
+) -> int:
+    """The most any one leaf module holds for one image in an inference pass of ``fn``: its
+    inputs plus its output, the two alive together (ResNet-18 at 224 px: 6.1 MiB, its first
+    BatchNorm). A batch's transient memory grows by about this much per image."""
+    most = 0
+
+    def hold(_module: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal most
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        most = max(most, sum(t.numel() * t.element_size() for t in tensors))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hold) for m in leaves]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            fn(torch.zeros(1, *image_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return most
+
+
+def images_per_forward(
+    model: nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image_shape: tuple[int, ...],
+    batch_size: int,
+) -> int:
+    """``batch_size``, lowered so that a batch's activations fit in ``FORWARD_MEMORY_MB``."""
+    per_image = forward_bytes_per_image(model, fn, image_shape)
+    return max(1, min(batch_size, int(FORWARD_MEMORY_MB * 2**20) // max(per_image, 1)))
 
 
 @contextmanager
@@ -55,6 +98,8 @@ def batched_forward(
     model.eval().to(device)
     chunks = []
     try:
+        if images_u8.shape[0] > 1:
+            batch_size = images_per_forward(model, fn, tuple(images_u8.shape[1:]), batch_size)
         # The layout changes outside inference mode: parameters made in it could not be used
         # by autograd afterwards (training, Grad-FAM).
         with channels_last(model), torch.inference_mode():
