@@ -333,12 +333,13 @@ class EvaluateConfig:
         help="generalisation: the shifted images (noise, blur, jitter) are made of at most this "
         "many val images (seeded), three backbone passes over them",
     )
-    probe_sample: int = setting(
+    train_sample: int = setting(
         2000,
         min=10,
         max=10_000_000,
-        help="probe recovery: logistic probes fitted on at most this many train rows (seeded), "
-        "so their cost stops growing with the data",
+        help="the baselines fitted on train activations (mean difference, LEACE) and the probe "
+        "recovery's logistic probes use at most this many train rows (seeded), so their cost "
+        "and memory stop growing with the data (the seeds' SAE refits use every row)",
     )
 
 

@@ -64,7 +64,7 @@ def serial_map(fn: Callable[[dict], dict], jobs: Sequence[dict]) -> list[dict]:
 _JOB_PARAMETERS = (
     "seed",
     "known_probes",
-    "probe_sample",
+    "train_sample",
     "reproducible",
     "sae",
     "projection_alpha",
@@ -172,7 +172,7 @@ def run(cfg: Config, root: Path, progress: bool = True, map_fn: Mapper | None = 
             "seed": cfg.common.seed + i,
             "pipeline_sae": i == 0,
             "known_probes": known_probes,
-            "probe_sample": ev.probe_sample,
+            "train_sample": ev.train_sample,
             "reproducible": cfg.common.reproducible,
             "sae": cfg.sae,
             "projection_alpha": ev.projection_alpha,

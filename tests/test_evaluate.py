@@ -466,7 +466,7 @@ def test_a_job_with_a_fitted_sae_uses_it_and_the_others_fit_their_seed(monkeypat
 
     monkeypatch.setattr(stage, "fit_sae", recording_fit)
     job = {
-        "known_probes": None, "probe_sample": None, "reproducible": True, "sae": cfg,
+        "known_probes": None, "train_sample": None, "reproducible": True, "sae": cfg,
         "train_acts": x_train, "train_labels": y_train, "val_acts": x_val, "val_labels": y_val,
         "weight": weight, "bias": torch.zeros(k), "shifted": {}, "shifted_rows": None,
         "projection_alpha": 1.0,
@@ -614,17 +614,17 @@ def test_tiny_project_edit_stage_in_steer_mode_ships_the_rule(built_project) -> 
     assert torch.equal(zero, plain)
 
 
-def test_probe_rows_all_up_to_the_sample_then_a_seeded_sorted_subset() -> None:
-    from salve.evaluate.seed import probe_rows
+def test_train_rows_all_up_to_the_sample_then_a_seeded_sorted_subset() -> None:
+    from salve.evaluate.seed import train_rows
 
-    assert probe_rows(50, None) == slice(None) and probe_rows(50, 50) == slice(None)
-    rows = probe_rows(1000, 300)
+    assert train_rows(50, None) == slice(None) and train_rows(50, 50) == slice(None)
+    rows = train_rows(1000, 300)
     assert rows.shape == (300,) and rows.unique().numel() == 300
     assert bool((rows[1:] > rows[:-1]).all()) and int(rows.min()) >= 0 and int(rows.max()) < 1000
-    assert torch.equal(rows, probe_rows(1000, 300))  # the same rows for every probe
+    assert torch.equal(rows, train_rows(1000, 300))  # the same rows for every probe
 
 
-def test_probe_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_rows_otherwise(
+def test_train_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_rows_otherwise(
     monkeypatch,
 ) -> None:
     from salve.evaluate import seed as seed_module
@@ -637,7 +637,7 @@ def test_probe_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_row
     common = dict(projection_alpha=1.0, min_base_accuracy=0.0)
     full = seed_module.seed_free_probes(weight, bias, x_train, y_train, x_val, y_val, **common)
     same = seed_module.seed_free_probes(
-        weight, bias, x_train, y_train, x_val, y_val, probe_sample=n, **common
+        weight, bias, x_train, y_train, x_val, y_val, train_sample=n, **common
     )
     assert same == full
     sizes = []
@@ -648,10 +648,43 @@ def test_probe_sample_changes_nothing_when_the_train_set_fits_and_bounds_the_row
         return real(train_reps, *args, **kwargs)
 
     monkeypatch.setattr(seed_module, "probe_recovery", recording)
-    seed_module.seed_free_probes(
-        weight, bias, x_train, y_train, x_val, y_val, probe_sample=24, **common
+    sampled = seed_module.seed_free_probes(
+        weight, bias, x_train, y_train, x_val, y_val, train_sample=24, **common
     )
     assert sizes and set(sizes) == {24}
+    # the baselines (mean difference, LEACE) are fitted on those rows too: the same numbers as
+    # an evaluation given only them
+    rows = seed_module.train_rows(n, 24)
+    monkeypatch.setattr(seed_module, "probe_recovery", real)
+    only = seed_module.seed_free_probes(
+        weight, bias, x_train[rows], y_train[rows], x_val, y_val, **common
+    )
+    assert sampled == only
+
+
+def test_evaluate_seed_on_a_train_sample_is_evaluate_seed_on_those_rows() -> None:
+    """Every method's numbers with ``train_sample`` are those of an evaluation given only the
+    sampled train rows (mean difference and LEACE fitted on them, probes too)."""
+    from salve.evaluate.seed import evaluate_seed, train_rows
+
+    g = torch.Generator().manual_seed(3)
+    k, m, n = 3, 6, 90
+    x_train, y_train = torch.randn(n, m, generator=g), torch.arange(n) % k
+    x_val, y_val = torch.randn(30, m, generator=g), torch.arange(30) % k
+    weight = torch.randn(k, m, generator=g)
+    w_dec, b_dec = torch.randn(m, 4, generator=g), torch.zeros(m)
+    common = dict(
+        projection_alpha=1.0, paper_alpha=1.0, min_base_accuracy=0.0, seed=0,
+        methods=("mean_difference", "leace", "salve_projection"),
+    )  # fmt: skip
+    rest = (x_val, y_val, w_dec, b_dec, torch.tensor([0, 1, 2]))
+    rows = train_rows(n, 40)
+    sampled = evaluate_seed(weight, torch.zeros(k), x_train, y_train, *rest, train_sample=40,
+                            **common)  # fmt: skip
+    only = evaluate_seed(weight, torch.zeros(k), x_train[rows], y_train[rows], *rest, **common)
+    assert sampled == only
+    whole = evaluate_seed(weight, torch.zeros(k), x_train, y_train, *rest, **common)
+    assert whole["methods"]["mean_difference"] != sampled["methods"]["mean_difference"]
 
 
 def test_generalisation_on_a_sample_of_val_is_the_efficacy_on_those_rows() -> None:

@@ -45,7 +45,7 @@ def evaluate_seed(
     methods: Sequence[str] | None = None,
     probe: bool = True,
     probe_max_iter: int = 500,
-    probe_sample: int | None = None,
+    train_sample: int | None = None,
     known_probes: Mapping[str, float] | None = None,
     sae=None,
     steer_alpha: float = STEER_ALPHA,
@@ -57,10 +57,11 @@ def evaluate_seed(
     cannot be suppressed). ``shifted_val_acts`` maps a shift kind to the activations of the
     shifted val images (same order and labels as ``val_acts_nm``, or as its ``shifted_rows``
     when the shifted images are a sample of val: :func:`sample_rows`); with it, ``generalisation``
-    (mean over kinds) and ``generalisation_<kind>`` are the efficacy on those. ``probe=False``
-    skips ``probe_recovery`` (the costly part), which fits on at most ``probe_sample`` train rows
-    (:func:`probe_rows`); ``known_probes`` (from :func:`seed_free_probes`
-    on the same inputs) supplies the values that do not depend on the SAE. Returns a JSON-able
+    (mean over kinds) and ``generalisation_<kind>`` are the efficacy on those. The baselines
+    fitted on train activations (mean difference, LEACE) and the probes use at most
+    ``train_sample`` train rows (:func:`train_rows`). ``probe=False`` skips
+    ``probe_recovery`` (the costly part); ``known_probes`` (from :func:`seed_free_probes` on
+    the same inputs) supplies the values that do not depend on the SAE. Returns a JSON-able
     dict: ``methods`` (metric means over the evaluated classes), ``per_class``,
     ``evaluated_classes``, ``left_out_classes``, ``base_accuracy``, ``latents`` (dominant and
     random latent per class). ``sae``: the SAE of ``w_dec_ml``/``b_dec_m``; with it the default
@@ -70,8 +71,9 @@ def evaluate_seed(
         methods = METHODS + SAE_METHODS if sae is not None else METHODS
     w, b = head64(weight_km, bias_k)
     k, m = w.shape
-    x_train, x_val = _acts64(train_acts_nm, m, "train"), _acts64(val_acts_nm, m, "val")
-    y_train, y_val = _labels(train_labels_n, x_train, k), _labels(val_labels_n, x_val, k)
+    x_train, y_train = _train_sample64(train_acts_nm, train_labels_n, m, k, train_sample)
+    x_val = _acts64(val_acts_nm, m, "val")
+    y_val = _labels(val_labels_n, x_val, k)
     dominant = [int(v) for v in torch.as_tensor(dominant_k).reshape(-1).tolist()]
     w_dec = w_dec_ml.detach().to(F64)
     if w_dec.dim() != 2 or w_dec.shape[0] != m or tuple(b_dec_m.shape) != (m,):
@@ -104,7 +106,6 @@ def evaluate_seed(
     per_class: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     latents: dict[str, dict[str, int]] = {}
     probes = dict(known_probes or {})
-    rows = probe_rows(x_train.shape[0], probe_sample)
     basis = LeaceBasis.fit(x_train) if "leace" in methods and evaluated else None
     for target in evaluated:
         latents[str(target)] = {"dominant": dominant[target]}
@@ -147,7 +148,7 @@ def evaluate_seed(
                     out["probe_recovery"] = probes[key]
                 else:
                     out["probe_recovery"] = _edit_probe(
-                        edit, x_train[rows], y_train[rows], x_val, y_val, target, probe_max_iter
+                        edit, x_train, y_train, x_val, y_val, target, probe_max_iter
                     )
                     if key is not None:
                         probes[key] = out["probe_recovery"]
@@ -197,7 +198,7 @@ def seed_free_probes(
     projection_alpha: float,
     min_base_accuracy: float,
     probe_max_iter: int = 500,
-    probe_sample: int | None = None,
+    train_sample: int | None = None,
 ) -> dict[str, float]:
     """The probe recoveries that every SAE seed shares (the unedited representation, and the
     mean-difference and LEACE edits of each evaluated class), computed once for
@@ -205,14 +206,14 @@ def seed_free_probes(
     Same inputs, same numbers as evaluate_seed computes them itself."""
     w, b = head64(weight_km, bias_k)
     k, m = w.shape
-    x_train, x_val = _acts64(train_acts_nm, m, "train"), _acts64(val_acts_nm, m, "val")
-    y_train, y_val = _labels(train_labels_n, x_train, k), _labels(val_labels_n, x_val, k)
+    x_train, y_train = _train_sample64(train_acts_nm, train_labels_n, m, k, train_sample)
+    x_val = _acts64(val_acts_nm, m, "val")
+    y_val = _labels(val_labels_n, x_val, k)
     base = per_class_accuracy((x_val @ w.T + b).argmax(1), y_val, k)
     no_sae = torch.zeros(m, 1, dtype=F64)  # the SAE-free methods do not read it
     out: dict[str, float] = {}
     evaluated = evaluated_classes(base, min_base_accuracy)
     basis = LeaceBasis.fit(x_train) if evaluated else None
-    rows = probe_rows(x_train.shape[0], probe_sample)
     for target in evaluated:
         for name in ("zero_row", *SEED_FREE_REPRESENTATIONS):
             edit = build_edit(
@@ -220,24 +221,23 @@ def seed_free_probes(
                 projection_alpha=projection_alpha, paper_alpha=0.0, seed=0, leace_basis=basis,
             )  # fmt: skip
             key = _probe_key(name, edit, target)
-            out[key] = _edit_probe(
-                edit, x_train[rows], y_train[rows], x_val, y_val, target, probe_max_iter
-            )
+            out[key] = _edit_probe(edit, x_train, y_train, x_val, y_val, target, probe_max_iter)
     return out
 
 
-# The probes' train rows are drawn with this seed, the same for every method, class and SAE seed:
-# all probes of one evaluation see the same rows, so the seed-free ones are shared.
-PROBE_ROWS_SEED = 0
+# evaluate's train rows are drawn with this seed, the same for every method, class and SAE seed:
+# every fit of one evaluation sees the same rows, so the seed-free probes are shared.
+TRAIN_ROWS_SEED = 0
 
 
-def probe_rows(n: int, sample: int | None) -> slice | torch.Tensor:
-    """The train rows a probe is fitted on: all of them up to ``sample``, else ``sample`` rows
-    drawn without replacement (seeded, in ascending order). A probe's cost then stops growing
-    with the data: probe recovery is a balanced accuracy, which a few thousand rows estimate."""
+def train_rows(n: int, sample: int | None) -> slice | torch.Tensor:
+    """The train rows evaluate fits on (the mean-difference and LEACE baselines, the probes):
+    all of them up to ``sample``, else ``sample`` rows drawn without replacement (seeded, in
+    ascending order). Their cost and memory then stop growing with the data: probe recovery is a
+    balanced accuracy, and class means and a covariance, which a few thousand rows estimate."""
     if sample is None or n <= sample:
         return slice(None)
-    return sample_rows(n, sample, PROBE_ROWS_SEED)
+    return sample_rows(n, sample, TRAIN_ROWS_SEED)
 
 
 def sample_rows(n: int, sample: int, seed: int) -> torch.Tensor:
@@ -254,6 +254,16 @@ def _edit_probe(edit: MethodEdit, x_train, y_train, x_val, y_val, target: int, m
     return probe_recovery(
         edit.represent(x_train), y_train, edit.represent(x_val), y_val, target, max_iter=max_iter
     )
+
+
+def _train_sample64(
+    acts_nm: torch.Tensor, labels_n: torch.Tensor, m: int, k: int, sample: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train rows evaluate fits on (:func:`train_rows`), in float64, with their labels:
+    only the sample is ever copied, so a job's memory stops growing with the data."""
+    labels = _labels(labels_n, acts_nm, k)
+    rows = train_rows(acts_nm.shape[0], sample)
+    return _acts64(acts_nm[rows], m, "train"), labels[rows]
 
 
 def _acts64(acts_nm: torch.Tensor, m: int, what: str) -> torch.Tensor:

@@ -38,7 +38,7 @@ def one_thread_probes(
             weight, bias, *train, *val,
             projection_alpha=cfg.evaluate.projection_alpha,
             min_base_accuracy=cfg.edit.min_base_accuracy,
-            probe_sample=cfg.evaluate.probe_sample,
+            train_sample=cfg.evaluate.train_sample,
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -67,7 +67,7 @@ def fit_and_evaluate(job: dict) -> dict:
             min_base_accuracy=job["min_base_accuracy"], seed=job["seed"],
             shifted_val_acts=job["shifted"], shifted_rows=job["shifted_rows"],
             known_probes=job["known_probes"],
-            probe_sample=job["probe_sample"],
+            train_sample=job["train_sample"],
             sae=sae,  # salve_steer reads its encode rule
         )  # fmt: skip
     finally:
