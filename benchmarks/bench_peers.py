@@ -12,6 +12,9 @@
   training activations, float64 sums). Plus the matmul floor: the six matrix products a batch
   needs (encoder and decoder forward, their weight and input gradients) timed alone, so the
   FLOP rate salve achieves can be read against what the machine does on the same shapes.
+  Then time to the same FVU: the target is the FVU salve's fit reaches at the epoch budget, and
+  each library trains until its FVU first reaches it (checked after every epoch, the checks off
+  the clock), up to ``max_epochs``: per-epoch speed alone says nothing of how much an epoch buys.
 - Activation extraction vs a bare ``torch.inference_mode`` forward (bench_pipeline.bench_extract).
 
 Every ratio is peer time / salve time (> 1: salve faster), both sides interleaved in the same
@@ -21,12 +24,14 @@ Peer packages come from the optional ``bench`` extra: ``pip install -e '.[bench]
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,30 +254,184 @@ def matmul_floor(n: int, d: int, width: int, epochs: int, batch_size: int) -> fl
     return time.perf_counter() - t0
 
 
-def _batches(acts: torch.Tensor, batch_size: int, epochs: int, seed: int):
-    """Shuffled batches, epoch after epoch (SAELens reads its data from an iterator)."""
+class StopFit(Exception):
+    """Raised from a data iterator to end a trainer's fit there (target FVU reached, or the cap)."""
+
+
+def _batches(
+    acts: torch.Tensor,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    after_epoch: Callable[[], bool] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Shuffled batches, epoch after epoch (SAELens reads its data from an iterator).
+
+    ``after_epoch`` runs when the consumer asks for the batch after an epoch's last one, so the
+    step on that batch is done: the only epoch boundary a trainer that pulls its data exposes.
+    It returning True raises StopFit. A consumer that stops after the last epoch never gets there:
+    it calls ``after_epoch`` itself."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(acts.shape[0], generator=gen)
         for start in range(0, acts.shape[0], batch_size):
             yield acts[order[start : start + batch_size]]
+        if after_epoch is not None and after_epoch():
+            raise StopFit
+
+
+class EpochClock:
+    """Training seconds until the FVU first reaches a target, checked at every epoch boundary.
+
+    The checks are off the clock: an FVU pass over all the activations costs about an epoch's
+    forwards, and counted it would bill the measuring to the library measured."""
+
+    def __init__(
+        self, target_fvu: float, max_epochs: int, current_fvu: Callable[[], float]
+    ) -> None:
+        self.target_fvu, self.max_epochs, self._current_fvu = target_fvu, max_epochs, current_fvu
+        self.epochs, self.seconds, self.check_seconds = 0, 0.0, 0.0
+        self.fvu = float("nan")
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    @property
+    def reached(self) -> bool:
+        return self.fvu <= self.target_fvu  # False while unchecked (NaN)
+
+    @property
+    def done(self) -> bool:
+        return self.reached or self.epochs >= self.max_epochs
+
+    def epoch_done(self) -> bool:
+        """Stop the clock, check the FVU, restart the clock; True when training should stop."""
+        if self._since is None:
+            raise RuntimeError("EpochClock.start() was not called")
+        stopped = time.perf_counter()
+        self.seconds += stopped - self._since
+        self.epochs += 1
+        self.fvu = self._current_fvu()
+        self._since = time.perf_counter()
+        self.check_seconds += self._since - stopped
+        return self.done
+
+    def row(self) -> dict[str, Any]:
+        return {"reached": self.reached, "epochs": self.epochs, "seconds": self.seconds,
+                "fvu": self.fvu, "fvu_check_seconds": self.check_seconds}  # fmt: skip
+
+
+def time_epochs_to_fvu(
+    train_epoch: Callable[[], Any],
+    current_fvu: Callable[[], float],
+    target_fvu: float,
+    max_epochs: int,
+) -> dict[str, Any]:
+    """One continuous run driven here: ``train_epoch`` (one epoch on the same model and
+    optimizer each call) until the FVU reaches the target or ``max_epochs``."""
+    clock = EpochClock(target_fvu, max_epochs, current_fvu)
+    clock.start()
+    while True:
+        train_epoch()
+        if clock.epoch_done():
+            return clock.row()
+
+
+def time_pulled_fit_to_fvu(
+    make_fit: Callable[[Iterator[torch.Tensor]], Callable[[], Any]],
+    acts: torch.Tensor,
+    batch_size: int,
+    current_fvu: Callable[[], float],
+    target_fvu: float,
+    max_epochs: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One continuous run driven by a trainer that pulls its batches: ``make_fit(batches)``
+    builds it (off the clock) and returns its fit, set for ``max_epochs`` epochs of ``batches``.
+    The FVU is checked in the iterator between epochs; reaching the target ends the fit."""
+    clock = EpochClock(target_fvu, max_epochs, current_fvu)
+    fit = make_fit(_batches(acts, batch_size, max_epochs, seed, after_epoch=clock.epoch_done))
+    clock.start()
+    with contextlib.suppress(StopFit):  # the iterator ended the fit: target reached, or the cap
+        fit()
+    # the trainer stopped after the last epoch without asking for more: checked here, its
+    # end-of-fit bookkeeping (SAELens: sparsity statistics into the metadata) on the clock
+    if not clock.done:
+        clock.epoch_done()
+    return clock.row()
+
+
+def time_separate_fits_to_fvu(
+    fit: Callable[[int], Any],
+    current_fvu: Callable[[Any], float],
+    target_fvu: float,
+    max_epochs: int,
+) -> dict[str, Any]:
+    """Independent fits of 1, 2, ... epochs until one reaches the target: for a fit without a
+    per-epoch hook. Seconds: the whole fit that first reached it (what a user who knew that epoch
+    count would pay), or the one of ``max_epochs`` epochs; the FVU checks are off the clock."""
+    seconds_by_epochs: list[float] = []
+    fvu_by_epochs: list[float] = []
+    check_seconds = 0.0
+    for epochs in range(1, max_epochs + 1):
+        t0 = time.perf_counter()
+        model = fit(epochs)
+        t1 = time.perf_counter()
+        fvu_by_epochs.append(current_fvu(model))
+        check_seconds += time.perf_counter() - t1
+        seconds_by_epochs.append(t1 - t0)
+        if fvu_by_epochs[-1] <= target_fvu:
+            break
+    return {
+        "reached": fvu_by_epochs[-1] <= target_fvu,
+        "epochs": len(fvu_by_epochs),
+        "seconds": seconds_by_epochs[-1],
+        "fvu": fvu_by_epochs[-1],
+        "fvu_check_seconds": check_seconds,
+        "seconds_by_epochs": seconds_by_epochs,
+        "fvu_by_epochs": fvu_by_epochs,
+    }
+
+
+def _eval_fvu(model: torch.nn.Module, acts: torch.Tensor, recon: Callable[[Any], Any]) -> float:
+    """FVU of ``recon(model(acts))`` in eval mode without gradients; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return fvu(acts, recon(model(acts)))
+    finally:
+        model.train(was_training)
 
 
 def bench_sae_vs_peers(
-    acts: torch.Tensor, width: int, k: int, epochs: int, batch_size: int, lr: float, repeats: int
+    acts: torch.Tensor,
+    width: int,
+    k: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    repeats: int,
+    max_epochs: int | None = None,
 ) -> dict[str, Any]:
-    """TopK SAE, the same activations and settings for every library; samples/s and FVU."""
+    """TopK SAE, the same activations and settings for every library; samples/s and FVU at
+    ``epochs``, then the training seconds each needs to reach the FVU salve reaches at
+    ``epochs`` (up to ``max_epochs``, default 10 x ``epochs``): "time_to_fvu"."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from salve.config import SaeConfig
     from salve.sae import fit_sae
 
     n, d = acts.shape
+    max_epochs = max_epochs or 10 * epochs
     cfg = SaeConfig(
         kind="topk", width=width, k=k, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=0
     )  # the same epochs as the peers
     results: dict[str, torch.Tensor] = {}
     fns: dict[str, Callable[[], Any]] = {}
+    # per library: target FVU -> its time-to-FVU row (the protocol under "protocol")
+    to_fvu: dict[str, Callable[[float], dict[str, Any]]] = {}
     peers: dict[str, dict[str, Any]] = {}
 
     def salve_fit() -> None:
@@ -280,13 +439,28 @@ def bench_sae_vs_peers(
         with torch.no_grad():
             results["salve"] = sae(acts)[0]
 
-    fns["salve"] = salve_fit
+    def salve_to_fvu(target: float) -> dict[str, Any]:
+        def fit(e: int) -> torch.nn.Module:
+            return fit_sae(acts, replace(cfg, epochs=e), seed=0, progress=False)[0]
+
+        row = time_separate_fits_to_fvu(
+            fit, lambda sae: _eval_fvu(sae, acts, lambda out: out[0]), target, epochs
+        )
+        return row | {
+            "protocol": "separate fits of 1, 2, ... epochs (fit_sae has no per-epoch hook), "
+            "each timed whole (init, fit, calibration); seconds of the first that reaches"
+        }
+
+    fns["salve"], to_fvu["salve"] = salve_fit, salve_to_fvu
 
     overcomplete, peers["overcomplete"] = import_peer("overcomplete")
     if overcomplete is not None:
         from overcomplete.sae import TopKSAE, train_sae
 
-        def overcomplete_fit() -> None:
+        def mse(x, x_hat, *_):
+            return (x - x_hat).square().mean()
+
+        def overcomplete_setup() -> tuple[torch.nn.Module, DataLoader, torch.optim.Optimizer]:
             torch.manual_seed(0)
             model = TopKSAE(d, nb_concepts=width, top_k=k, device="cpu")
             loader = DataLoader(
@@ -295,17 +469,29 @@ def bench_sae_vs_peers(
                 shuffle=True,
                 generator=torch.Generator().manual_seed(0),
             )
-            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            return model, loader, torch.optim.Adam(model.parameters(), lr=lr)
 
-            def mse(x, x_hat, *_):
-                return (x - x_hat).square().mean()
-
+        def overcomplete_fit() -> None:
+            model, loader, opt = overcomplete_setup()
             train_sae(model, loader, mse, opt, nb_epochs=epochs, monitoring=0)
             model.eval()
             with torch.no_grad():
                 results["overcomplete"] = model(acts)[2]
 
-        fns["overcomplete"] = overcomplete_fit
+        def overcomplete_to_fvu(target: float) -> dict[str, Any]:
+            model, loader, opt = overcomplete_setup()
+            row = time_epochs_to_fvu(
+                lambda: train_sae(model, loader, mse, opt, nb_epochs=1, monitoring=0),
+                lambda: _eval_fvu(model, acts, lambda out: out[2]),
+                target,
+                max_epochs,
+            )
+            return row | {
+                "protocol": "one run: train_sae(nb_epochs=1) called per epoch on the same model "
+                "and optimizer, FVU checked between calls (off the clock)"
+            }
+
+        fns["overcomplete"], to_fvu["overcomplete"] = overcomplete_fit, overcomplete_to_fvu
         peers["overcomplete"]["setup"] = (
             "default encoder (Linear + BatchNorm), Adam, MSE loss, train_sae(monitoring=0, "
             "clip_grad=1.0 default)"
@@ -322,26 +508,51 @@ def bench_sae_vs_peers(
 
         sae_trainer.tqdm = functools.partial(tqdm.tqdm, disable=True)  # no bar in the log
 
-        def sae_lens_fit() -> None:
+        def sae_lens_setup(batches: Iterator[torch.Tensor], fit_epochs: int):
             torch.manual_seed(0)
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu"))
             trainer = sae_trainer.SAETrainer(
                 cfg=SAETrainerConfig(
-                    total_training_samples=n * epochs,
+                    total_training_samples=n * fit_epochs,
                     train_batch_size_samples=batch_size,
                     lr=lr,
                     lr_end=lr / 10,  # what SAELens's runner config sets (unused: constant lr)
                     device="cpu",
                 ),
                 sae=sae,
-                data_provider=_batches(acts, batch_size, epochs, seed=0),
+                data_provider=batches,
             )
+            return sae, trainer
+
+        def sae_lens_fit() -> None:
+            sae, trainer = sae_lens_setup(_batches(acts, batch_size, epochs, seed=0), epochs)
             trainer.fit()
             sae.eval()
             with torch.no_grad():
                 results["SAELens"] = sae(acts)
 
-        fns["SAELens"] = sae_lens_fit
+        def sae_lens_to_fvu(target: float) -> dict[str, Any]:
+            state: dict[str, torch.nn.Module] = {}
+
+            def make_fit(batches: Iterator[torch.Tensor]) -> Callable[[], Any]:
+                state["sae"], trainer = sae_lens_setup(batches, max_epochs)
+                return trainer.fit
+
+            row = time_pulled_fit_to_fvu(
+                make_fit,
+                acts,
+                batch_size,
+                lambda: _eval_fvu(state["sae"], acts, lambda out: out),
+                target,
+                max_epochs,
+            )
+            return row | {
+                "protocol": f"one run: SAETrainer.fit set for {max_epochs} epochs, FVU checked "
+                "in its data iterator at each epoch boundary (off the clock), stopped there "
+                "once reached"
+            }
+
+        fns["SAELens"], to_fvu["SAELens"] = sae_lens_fit, sae_lens_to_fvu
         peers["SAELens"]["setup"] = (
             "TopKTrainingSAE defaults (aux loss on dead latents, decoder-norm rescaling), "
             "SAETrainer with Adam, constant lr, grad-norm clipping 1.0"
@@ -374,6 +585,10 @@ def bench_sae_vs_peers(
         if name != "salve":
             row |= peers[name] | {"ratio_peer_over_salve": best[name] / best["salve"]}
         rows.append(row)
+    info = {"salve": {}} | {name: peers[name] for name in ("overcomplete", "SAELens")}
+    time_to_fvu = time_to_salve_fvu(
+        to_fvu, info, fvu(acts, results["salve"]), epochs, max_epochs
+    )  # after the timings above: the target is the FVU of salve's fit at the epoch budget
     return {
         "n": n,
         "d": d,
@@ -386,7 +601,39 @@ def bench_sae_vs_peers(
         "matmul_floor_s": floor_s,
         "matmul_floor_gflop_per_s": flops / floor_s / 1e9,
         "salve_fraction_of_matmul_floor": floor_s / best["salve"],
+        "time_to_fvu": time_to_fvu,
     }
+
+
+def time_to_salve_fvu(
+    to_fvu: dict[str, Callable[[float], dict[str, Any]]],
+    info: dict[str, dict[str, Any]],
+    target_fvu: float,
+    epochs: int,
+    max_epochs: int,
+) -> dict[str, Any]:
+    """Every library of ``info`` (name -> peer info; "salve" first) but the skipped ones timed to
+    ``target_fvu`` with its ``to_fvu``. Ratio: peer seconds / salve seconds, a lower bound when
+    the peer did not reach the target (its seconds are those to the cap)."""
+    rows: list[dict[str, Any]] = []
+    for name, about in info.items():
+        if "skipped" in about:
+            rows.append({"library": name, "skipped": about["skipped"]})
+            continue
+        head = {"library": name} | ({"version": about["version"]} if "version" in about else {})
+        try:
+            rows.append(head | to_fvu[name](target_fvu))
+        except Exception as exc:  # noqa: BLE001 - reported in the table; salve's is fatal
+            if name == "salve":
+                raise
+            rows.append(head | {"error": f"{type(exc).__name__}: {exc}"[:300],
+                                "traceback": traceback.format_exc(limit=4)})  # fmt: skip
+    salve = rows[0]
+    for row in rows[1:]:
+        if "seconds" in row and salve["reached"]:
+            row["ratio_peer_over_salve"] = row["seconds"] / salve["seconds"]
+            row["ratio_is_lower_bound"] = not row["reached"]
+    return {"target_fvu": target_fvu, "epochs": epochs, "max_epochs": max_epochs, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,3 +153,106 @@ def test_no_benchmark_script_shadows_an_installed_package():
         if p.stem != "__init__" and importlib.util.find_spec(p.stem) is not None
     ]
     assert shadows == [], f"rename these benchmark scripts: {shadows}"
+
+
+# --------------------------------------------------------------------------------------------
+# Time to salve's FVU: the protocols on fakes (no timing asserted beyond what must hold)
+# --------------------------------------------------------------------------------------------
+
+
+def test_time_to_fvu_salve_alone_reaches_its_own_target_within_the_budget(monkeypatch):
+    _no_peers(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(256, 16, generator=g).relu()
+    out = bpe.bench_sae_vs_peers(
+        acts, width=8, k=2, epochs=2, batch_size=64, lr=1e-3, repeats=1, max_epochs=4
+    )
+    t = out["time_to_fvu"]
+    rows = {r["library"]: r for r in t["rows"]}
+    assert (t["epochs"], t["max_epochs"]) == (2, 4)
+    assert t["target_fvu"] == out["rows"][0]["fvu"]  # salve's FVU at the epoch budget
+    salve = rows["salve"]
+    assert salve["reached"] and 1 <= salve["epochs"] <= 2 and salve["fvu"] <= t["target_fvu"]
+    assert len(salve["fvu_by_epochs"]) == salve["epochs"] and salve["seconds"] > 0
+    assert "separate fits" in salve["protocol"]
+    assert "not installed" in rows["overcomplete"]["skipped"]
+    assert "not installed" in rows["SAELens"]["skipped"]
+    text = "\n".join(run_all._render_time_to_fvu(t))
+    assert "Time to reach salve's FVU at 2 epochs" in text and "| skipped |" in text
+
+
+def test_time_to_fvu_stops_once_reached_and_reports_a_never_improving_run_at_the_cap():
+    trained = []
+    falling = iter([0.9, 0.6, 0.4, 0.1])
+    row = bpe.time_epochs_to_fvu(lambda: trained.append(1), lambda: next(falling), 0.5, 10)
+    assert row["reached"] and row["epochs"] == 3 and row["fvu"] == 0.4 and len(trained) == 3
+    trained.clear()
+    row = bpe.time_epochs_to_fvu(lambda: trained.append(1), lambda: 0.9, 0.5, 4)
+    assert not row["reached"] and row["epochs"] == 4 and row["fvu"] == 0.9 and len(trained) == 4
+    # through the table: salve reached, the peer not: its ratio is a lower bound, said so
+    to_fvu = {
+        "salve": lambda target: (
+            bpe.time_separate_fits_to_fvu(lambda e: e, lambda e: 1.0 / e, target, max_epochs=2)
+            | {"protocol": "fits"}
+        ),
+        "stuck": lambda target: (
+            bpe.time_epochs_to_fvu(lambda: None, lambda: 0.9, target, 4) | {"protocol": "one run"}
+        ),
+    }
+    t = bpe.time_to_salve_fvu(to_fvu, {"salve": {}, "stuck": {"version": "0"}}, 0.5, 2, 4)
+    salve, stuck = t["rows"]
+    assert salve["reached"] and salve["epochs"] == 2 and salve["fvu_by_epochs"] == [1.0, 0.5]
+    assert not stuck["reached"] and stuck["ratio_is_lower_bound"]
+    assert stuck["ratio_peer_over_salve"] == pytest.approx(stuck["seconds"] / salve["seconds"])
+    text = "\n".join(run_all._render_time_to_fvu(t))
+    assert "not reached in 4 epochs (FVU 0.9 at the cap)" in text and "| >= **x" in text
+
+
+def test_a_pulling_trainer_is_checked_after_each_epochs_last_step_and_stopped_there():
+    acts = torch.arange(10.0).view(10, 1)
+    seen = []  # samples stepped on, as SAELens counts them: stop at the total, ask no more
+
+    def make_fit(batches, total=10 * 5):
+        def fit():
+            while sum(seen) < total:
+                seen.append(len(next(batches)))
+
+        return fit
+
+    at_check = []
+
+    def current_fvu():
+        at_check.append(sum(seen))
+        return 1.0 / len(at_check)
+
+    row = bpe.time_pulled_fit_to_fvu(make_fit, acts, 4, current_fvu, 0.34, max_epochs=5)
+    assert row["reached"] and row["epochs"] == 3 and at_check == [10, 20, 30]
+    assert sum(seen) == 30  # the fit ended at the boundary: no batch of a 4th epoch stepped
+    seen.clear()
+    row = bpe.time_pulled_fit_to_fvu(make_fit, acts, 4, lambda: 0.9, 0.5, max_epochs=5)
+    assert not row["reached"] and row["epochs"] == 5 and sum(seen) == 50  # the last checked too
+
+
+@pytest.mark.parametrize("protocol", ["one run", "pulled", "separate fits"])
+def test_time_to_fvu_excludes_the_time_spent_checking(protocol):
+    import time
+
+    def slow_check(*_):
+        time.sleep(0.2)
+        return 0.9  # never reached: every epoch up to the cap is checked
+
+    epochs, sleeps = 4, 4 * 0.2
+    if protocol == "one run":
+        row = bpe.time_epochs_to_fvu(lambda: None, slow_check, 0.5, epochs)
+    elif protocol == "pulled":
+        acts = torch.zeros(8, 2)
+
+        def make_fit(batches):
+            return lambda: [None for _ in batches]  # a trainer that steps on nothing
+
+        row = bpe.time_pulled_fit_to_fvu(make_fit, acts, 4, slow_check, 0.5, epochs)
+    else:
+        row = bpe.time_separate_fits_to_fvu(lambda e: e, slow_check, 0.5, epochs)
+    assert row["epochs"] == epochs and not row["reached"]
+    assert row["fvu_check_seconds"] >= sleeps
+    assert row["seconds"] < sleeps  # the training here does nothing: the sleeps are not in it
