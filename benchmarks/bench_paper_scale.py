@@ -5,8 +5,10 @@
     .venv/bin/python benchmarks/bench_paper_scale.py --write           # into results.json
 
 Explain-as-is, as a new user starts: a seeded ResNet-18 (--arch) saved as safetensors under
-weights/, `finetune.epochs: 0`, the quality gate off, a synthetic image folder of N images
-(the `shapes` family of benchmarks/synthetic_images.py, six classes, JPEG, cached under --work).
+weights/, `finetune.epochs: 0` (--finetune-epochs: fine-tune it first; on CUDA in bf16 autocast,
+as make bench-gpu does), the quality gate off, a synthetic image folder of N images (the `shapes`
+family of benchmarks/synthetic_images.py, six classes, JPEG, cached under --work). A run counts
+only when its outputs check out (`check_outputs`: counts, finite numbers, the report).
 For every (N, width) a fresh git + DVC project runs `salve run` (the real path: Prefect, the
 Dask fan-out, concurrent stages) in its own process group, while a sampler adds up the
 anonymous resident memory (RssAnon: file-backed pages of memory-mapped tensors excluded) of
@@ -185,7 +187,8 @@ def make_project(root: Path, folder: Path, width: int, args: argparse.Namespace)
     overlay = {
         "common": {"seed": 0, "num_threads": args.threads, "device": args.device},
         "data": {"source": "imagefolder", "path": str(folder), "image_size": args.image_size},
-        "finetune": {"arch": args.arch, "epochs": 0, "weights": "weights/model.safetensors",
+        "finetune": {"arch": args.arch, "epochs": args.finetune_epochs,
+                     "weights": "weights/model.safetensors",
                      "min_val_accuracy": 0.0, "min_class_accuracy": 0.0},
         "sae": {"width": width},
         "edit": {"min_base_accuracy": 0.0},
@@ -200,7 +203,7 @@ def make_project(root: Path, folder: Path, width: int, args: argparse.Namespace)
     return root
 
 
-def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_pipeline(root: Path, n_images: int, args: argparse.Namespace) -> dict[str, Any]:
     log = root / "bench.log"
     env = bp.child_env(SALVE_CPU_CHECK="0")
     with open(log, "wb") as fh:
@@ -234,7 +237,49 @@ def run_pipeline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     row |= {"stages": stages, "parts": parts, "rc": rc}
     if rc != 0:
         row["error"] = f"exit status {rc}: {bp.log_tail(log, 800)}"
+    elif problems := check_outputs(root, n_images):
+        row["error"] = "outputs: " + "; ".join(problems)
     return row
+
+
+def check_outputs(root: Path, n_images: int) -> list[str]:
+    """What a finished run must have produced, as problems (none: all holds): every image in
+    fetch's and extract's counts, an SAE that reconstructs (finite FVU under 1), finite deletion
+    AUCs and AM counts that add up, every edit method evaluated, the report."""
+    problems: list[str] = []
+
+    def metrics(stage: str) -> dict[str, Any]:
+        path = root / "metrics" / f"{stage}.json"
+        if not path.is_file():
+            problems.append(f"metrics/{stage}.json is missing")
+            return {}
+        return json.loads(path.read_text())
+
+    def finite(value: Any) -> bool:
+        return isinstance(value, int | float) and value == value and abs(value) != float("inf")
+
+    fetch, extract = metrics("fetch"), metrics("extract")
+    counts = (fetch.get("train_samples", 0), fetch.get("val_samples", 0))
+    if fetch and sum(counts) != n_images:
+        problems.append(f"fetch found {sum(counts)} images, not {n_images}")
+    if extract and (extract.get("train_samples"), extract.get("val_samples")) != counts:
+        problems.append(f"extract's samples differ from fetch's {counts}")
+    fvu = metrics("fit_sae").get("train_fvu")
+    if not (finite(fvu) and 0 <= fvu < 1):
+        problems.append(f"fit_sae's train FVU is {fvu}")
+    gradfam = metrics("gradfam")
+    for key in ("deletion_auc", "deletion_auc_random"):
+        if gradfam and not finite(gradfam.get(key)):
+            problems.append(f"gradfam's {key} is {gradfam.get(key)}")
+    if gradfam and not 0 <= gradfam.get("am_activating", -1) <= gradfam.get("am_features", -1):
+        problems.append("gradfam's AM counts do not add up")
+    methods = metrics("evaluate").get("methods", {})
+    efficacies = [m.get("efficacy", {}).get("mean") for m in methods.values()]
+    if not methods or not all(finite(e) for e in efficacies):
+        problems.append(f"evaluate's efficacies are {efficacies}")
+    if not (root / "reports" / "latest" / "index.html").is_file():
+        problems.append("reports/latest/index.html is missing")
+    return problems
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,7 +293,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         # read against the mean of the two around it.
         before = references[-1] if references else bare_forward_ips(args)
         print(f"[paper_scale] N {n}, width {width} ...", flush=True)
-        row = {"n": n, "width": width} | run_pipeline(root, args)
+        row = {"n": n, "width": width} | run_pipeline(root, n, args)
         after = bare_forward_ips(args)
         references += [after] if references else [before, after]
         ips = (before + after) / 2
@@ -352,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="make bench-gpu: cuda")
+    ap.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="0: explain the seeded model as it is; make bench-gpu: 1 (bf16 autocast on CUDA)",
+    )
     ap.add_argument("--bare-images", type=int, default=512, help="images the reference times")
     ap.add_argument("--work", type=Path, default=Path("/tmp/salve-bench-paper-scale"))
     ap.add_argument("--keep", action="store_true", help="keep each project")

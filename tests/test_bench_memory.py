@@ -61,3 +61,42 @@ def test_write_merges_the_memory_section_and_regenerates_results_md(tmp_path: Pa
         section
     )
     assert "| 400 | streamed | error | MemoryError |" in section and "peaks at 363 MiB" in section
+
+
+def test_paper_scale_checks_a_runs_outputs(tmp_path: Path) -> None:
+    """A run counts only when its outputs check out: a complete tree passes, and each planted
+    fault is named."""
+    import json
+
+    from benchmarks.bench_paper_scale import check_outputs
+
+    metrics = {
+        "fetch": {"train_samples": 8, "val_samples": 2},
+        "extract": {"train_samples": 8, "val_samples": 2},
+        "fit_sae": {"train_fvu": 0.2},
+        "gradfam": {"deletion_auc": 0.3, "deletion_auc_random": 0.5, "am_activating": 5,
+                    "am_features": 6},
+        "evaluate": {"methods": {"salve_paper": {"efficacy": {"mean": 0.9}}}},
+    }  # fmt: skip
+
+    def write(values: dict) -> None:
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        for stage, body in values.items():
+            (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(body))
+
+    write(metrics)
+    (tmp_path / "reports" / "latest").mkdir(parents=True)
+    (tmp_path / "reports" / "latest" / "index.html").write_text("<html></html>")
+    assert check_outputs(tmp_path, 10) == []
+    assert check_outputs(tmp_path, 11) == ["fetch found 10 images, not 11"]
+    write({"fit_sae": {"train_fvu": float("nan")}, "gradfam": metrics["gradfam"] | {
+        "am_activating": 7}})  # fmt: skip
+    assert check_outputs(tmp_path, 10) == [
+        "fit_sae's train FVU is nan",
+        "gradfam's AM counts do not add up",
+    ]
+    (tmp_path / "metrics" / "evaluate.json").unlink()
+    (tmp_path / "reports" / "latest" / "index.html").unlink()
+    problems = check_outputs(tmp_path, 10)
+    assert "metrics/evaluate.json is missing" in problems
+    assert "reports/latest/index.html is missing" in problems
