@@ -434,12 +434,22 @@ def _paper_scale_section(bench: Mapping[str, Any]) -> list[str]:
         " images/s, `inference_mode`, measured in the same run); peak anonymous memory of every "
         "process of the run.",
         "",
-        *md_table(
-            ("images", "SAE width", "whole run", *passes, "peak anon MiB"),
-            table,
-        ),
+        *md_table(("images", "SAE width", "whole run", *passes, "peak anon MiB"), table),
         *[f"\n- {r['n']:,} x {r['width']}: {r['note']}" for r in rows if r.get("note")],
+        *_memory_growth(rows),
     ]
+
+
+def _memory_growth(rows: list[dict[str, Any]]) -> list[str]:
+    """How the peak grows from the fewest images to the most, at the narrowest SAE."""
+    width = min(r["width"] for r in rows)
+    same_width = sorted((r for r in rows if r["width"] == width), key=lambda r: r["n"])
+    low, high = same_width[0], same_width[-1]
+    growth = high["peak_anon_mib"] / low["peak_anon_mib"] - 1
+    return [] if low["n"] == high["n"] else [
+        f"\nPeak anonymous memory from {low['n']:,} to {high['n']:,} images (width {width}): "
+        f"{low['peak_anon_mib']:,.0f} to {high['peak_anon_mib']:,.0f} MiB ({growth:+.0%})."
+    ]  # fmt: skip
 
 
 def results_markdown(d: DocInputs) -> str:
