@@ -187,7 +187,7 @@ def make_project(root: Path, folder: Path, width: int, args: argparse.Namespace)
     overlay = {
         "common": {"seed": 0, "num_threads": args.threads, "device": args.device},
         "data": {"source": "imagefolder", "path": str(folder), "image_size": args.image_size},
-        "finetune": {"arch": args.arch, "epochs": args.finetune_epochs,
+        "finetune": {"arch": args.arch, "epochs": args.finetune_epochs, "min_steps": 0,
                      "weights": "weights/model.safetensors",
                      "min_val_accuracy": 0.0, "min_class_accuracy": 0.0},
         "sae": {"width": width},
