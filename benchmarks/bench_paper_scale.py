@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -81,16 +82,11 @@ def process_role(pid: str) -> str:
         return "gone"
     line = " ".join(a.decode(errors="replace") for a in argv if a)
     for needle, role in (
+        ("flows.api", "prefect server"),  # salve run's temporary Prefect API
         ("prefect server", "prefect server"),
-        ("uvicorn", "prefect server"),
-        ("flows.api", "prefect server"),
-        ("distributed.cli.dask_worker", "dask worker"),
-        ("dask worker", "dask worker"),
-        ("dask-worker", "dask worker"),
-        ("multiprocessing.forkserver", "forkserver"),
-        ("from multiprocessing", "dask worker"),
+        ("resource_tracker", "multiprocessing resource tracker"),
+        ("spawn_main", "dask worker"),  # the local cluster's workers are spawned processes
         ("flows.cli", "salve run (flow)"),
-        ("dvc", "dvc"),
     ):
         if needle in line:
             return role
@@ -256,7 +252,7 @@ def check_outputs(root: Path, n_images: int) -> list[str]:
         return json.loads(path.read_text())
 
     def finite(value: Any) -> bool:
-        return isinstance(value, int | float) and value == value and abs(value) != float("inf")
+        return isinstance(value, int | float) and math.isfinite(value)
 
     fetch, extract = metrics("fetch"), metrics("extract")
     counts = (fetch.get("train_samples", 0), fetch.get("val_samples", 0))
